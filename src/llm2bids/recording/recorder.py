@@ -1,0 +1,352 @@
+"""``record``: present stimuli to a model and write every run as BIDS."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import _io
+from .._version import __version__
+from ..bids import dataset as bids_dataset
+from ..bids.events import events_frame, write_events
+from ..bids.geometry import VoxelGeometry
+from ..bids.names import bids_name, check_label, func_dir, strip_prefix
+from ..bids.nifti import write_run
+from ..exceptions import DiskSpaceError, InputError, NumericalError
+from ..models import HOOK_POINTS, LoadedModel, clean_label, load_model, neuron_hooks
+from ..models.hooks import layer_count, neurons_per_layer
+from ..stimuli import BUILTIN_SETS, RunStimulus, StimulusSet, builtin_set, read_stimuli, tokenize_runs
+
+logger = logging.getLogger("llm2bids.recording")
+
+
+@dataclass
+class _Job:
+    runs: list[RunStimulus]
+    acts: dict[int, torch.Tensor]  # layer -> (batch, tokens, neurons) on the CPU
+    paths: list[tuple[Path, Path]]  # (bold, events) per run
+
+
+class _StopForward(Exception):
+    """Raised by the last recorded layer's hook: nothing after it is needed."""
+
+
+def record(
+    bids_dir: str | Path,
+    model: str | LoadedModel | None = None,
+    task: str | Sequence[str] | None = None,
+    stimuli: str | Path | StimulusSet | None = None,
+    subject: str | None = None,
+    session: str | None = None,
+    max_tokens: int = 512,
+    batch_size: int = 4,
+    device: str = "auto",
+    dtype: str = "float32",
+    hook_point: str = "mlp",
+    layers: Sequence[int] | None = None,
+    compress: bool = False,
+    overwrite: bool = False,
+    prepend_bos: bool = True,
+    verbose: int = 1,
+) -> list[Path]:
+    """Record a model's activations over stimuli into a BIDS dataset.
+
+    Parameters
+    ----------
+    bids_dir : str or Path
+        The dataset (created if missing; a second model or task is added to it).
+    model : str or LoadedModel or None, default=None
+        A hub id, a folder, a ``.gguf`` file, an already loaded model, or ``None`` for the
+        embedded SmolLM2-135M-Instruct.
+    task : str or list of str or None, default=None
+        Built-in stimulus set(s) to record, or the task name of ``stimuli``. With neither
+        ``task`` nor ``stimuli``, every built-in set is recorded.
+    stimuli : str or Path or StimulusSet or None, default=None
+        A text file, a folder of text files, a TSV (``text`` and optional ``condition`` and
+        ``run`` columns), or a :class:`~llm2bids.stimuli.StimulusSet`.
+    subject : str or None, default=None
+        Subject label; default: the model name reduced to ``[a-zA-Z0-9]``.
+    session : str or None, default=None
+        Optional session label (a checkpoint or revision of the model).
+    max_tokens : int, default=512
+        Longest run, in tokens; longer documents are split into several runs.
+    batch_size : int, default=4
+        Runs per forward pass (right-padded; padding is never written).
+    device : {"auto", "cpu", "cuda", "mps"}, default="auto"
+    dtype : {"float32", "bfloat16", "float16"}, default="float32"
+        Model dtype; activations are written as float32 (exact for all three).
+    hook_point : {"mlp", "resid"}, default="mlp"
+        ``"mlp"``: MLP neurons (input of the down projection). ``"resid"``: residual stream.
+    layers : sequence of int or None, default=None
+        Record only these layers (z-slice ``i`` holds ``layers[i]``); default all.
+    compress : bool, default=False
+        Write ``.nii.gz`` instead of ``.nii``. Activations barely compress and gzip is ~50x
+        slower than the disk, so the default is uncompressed.
+    overwrite : bool, default=False
+        Replace a recording made with other parameters (otherwise that is an error; a
+        recording with the same parameters is resumed).
+    prepend_bos : bool, default=True
+        Start every run with the tokenizer's BOS token (marked special in the events).
+    verbose : int, default=1
+        0: silent; 1: progress bars and a summary.
+
+    Returns
+    -------
+    list of Path
+        The ``_bold`` files of all runs (written now or before).
+    """
+    if hook_point not in HOOK_POINTS:
+        raise InputError(f"hook_point must be one of {HOOK_POINTS}, got {hook_point!r}.")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    stimulus_sets = _stimulus_sets(task, stimuli)
+    if subject is not None:
+        check_label(clean_label(strip_prefix(subject)), "subject")
+    if session is not None:
+        check_label(strip_prefix(session, "ses-"), "session")
+    bids_dir = Path(bids_dir)
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    sub = clean_label(strip_prefix(subject)) if subject else lm.label
+    ses = strip_prefix(session, "ses-") if session else None
+    layers = _check_layers(lm, layers)
+    widths = {neurons_per_layer(lm.model, hook_point)[i] for i in layers}
+    if len(widths) != 1:
+        raise InputError(
+            f"the recorded layers have different widths {sorted(widths)}; record them separately "
+            "with --layers."
+        )
+    geometry = VoxelGeometry(len(layers), widths.pop())
+
+    bids_dataset.init_dataset(bids_dir)
+    _io.remove_stale_temporaries(bids_dir)
+    bids_dataset.add_participant(bids_dir, _participant_row(lm, sub))
+    written: list[Path] = []
+    for stimset in stimulus_sets:
+        written += _record_task(
+            bids_dir, lm, stimset, sub, ses, geometry, layers, hook_point, max_tokens,
+            batch_size, compress, overwrite, prepend_bos, verbose,
+        )
+    return written
+
+
+def _stimulus_sets(task, stimuli) -> list[StimulusSet]:
+    if isinstance(stimuli, StimulusSet):
+        return [stimuli]
+    if stimuli is not None:
+        if not task or not isinstance(task, str):
+            raise InputError("--stimuli needs --task to name the task (one name, e.g. 'mytexts').")
+        check_label(task, "task")
+        return [read_stimuli(stimuli, task)]
+    if task is None:
+        return [builtin_set(name) for name in BUILTIN_SETS]
+    names = [task] if isinstance(task, str) else list(task)
+    return [builtin_set(name) for name in names]
+
+
+def _check_layers(lm: LoadedModel, layers) -> list[int]:
+    n = layer_count(lm.model)
+    if layers is None:
+        return list(range(n))
+    layers = sorted({int(i) for i in layers})
+    if not layers or layers[0] < 0 or layers[-1] >= n:
+        raise InputError(f"layers must be indices in [0, {n}) for this model, got {layers}.")
+    return layers
+
+
+def _participant_row(lm: LoadedModel, sub: str) -> dict:
+    return {
+        "participant_id": f"sub-{sub}",
+        "model_id": lm.model_id,
+        "model_spec": lm.spec,
+        "revision": lm.revision,
+        "source": lm.source,
+        "architecture": lm.architecture,
+        "n_parameters": lm.n_parameters,
+        "n_layers": layer_count(lm.model),
+        "mlp_neurons_per_layer": neurons_per_layer(lm.model)[0],
+    }
+
+
+def _record_task(
+    root, lm, stimset, sub, ses, geometry, layers, hook_point, max_tokens, batch_size,
+    compress, overwrite, prepend_bos, verbose,
+) -> list[Path]:
+    runs = tokenize_runs(stimset, lm.tokenizer, max_tokens, prepend_bos)
+    bids_dataset.register_task(root, stimset, overwrite=overwrite)
+    ents = {"sub": sub, "ses": ses, "task": stimset.task, "acq": hook_point}
+    folder = func_dir(root, sub, ses)
+    sidecar = folder / bids_name("bold", ".json", **ents)
+    params = {
+        "model_spec": lm.spec,
+        "revision": lm.revision,
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "hook_point": hook_point,
+        "layers": layers,
+        "max_tokens": int(max_tokens),
+        "prepend_bos": bool(prepend_bos),
+        "stimuli_sha256": stimset.fingerprint(),
+        "n_runs": len(runs),
+    }
+    resume = bids_dataset.check_recording_params(sidecar, params, overwrite)
+    ext = ".nii.gz" if compress else ".nii"
+    paths = {
+        r.index: (
+            folder / bids_name("bold", ext, **ents, run=r.index),
+            folder / bids_name("events", ".tsv", **ents, run=r.index),
+        )
+        for r in runs
+    }
+    if not resume:
+        _remove_runs(folder, ents)
+    _io.write_json(sidecar, _sidecar(lm, geometry, layers, hook_point, params))
+    done = {i for i, (bold, events) in paths.items() if bold.exists() and events.exists()}
+    todo = [r for r in runs if r.index not in done]
+    if done and verbose:
+        logger.info("task %s: %d of %d runs already recorded; resuming", stimset.task, len(done), len(runs))
+    if not todo:
+        return [paths[r.index][0] for r in runs]
+    _check_disk(root, todo, geometry)
+
+    # Batches are fixed by the full run list (longest first), so a resumed recording computes
+    # every run in the same batch, with the same padding, as an uninterrupted one would.
+    order = sorted(runs, key=lambda r: -len(r))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    writer = BackgroundWriterFor(lm.tokenizer, geometry, layers)
+    bar = tqdm(
+        total=sum(len(r) for r in todo), unit="tok", disable=not verbose,
+        desc=f"sub-{sub} task-{stimset.task}",
+    )
+    try:
+        for batch in batches:
+            missing = [r for r in batch if r.index not in done]
+            if not missing:
+                continue
+            acts = _forward(lm, batch, layers, hook_point)
+            keep = [i for i, r in enumerate(batch) if r.index not in done]
+            writer.submit(
+                _Job(
+                    runs=[batch[i] for i in keep],
+                    acts={l: a[keep] for l, a in acts.items()},
+                    paths=[paths[batch[i].index] for i in keep],
+                )
+            )
+            bar.update(sum(len(r) for r in missing))
+    finally:
+        bar.close()
+        writer.close()
+    return [paths[r.index][0] for r in runs]
+
+
+def BackgroundWriterFor(tokenizer, geometry: VoxelGeometry, layers: list[int]):
+    """A :class:`BackgroundWriter` that writes jobs of this recording."""
+    from .writer import BackgroundWriter
+
+    def write_job(job: _Job) -> None:
+        for b, (run, (bold, events)) in enumerate(zip(job.runs, job.paths)):
+            n = len(run)
+            block = geometry.empty_block(n)
+            for z, layer in enumerate(layers):
+                block[:, z, : geometry.n_neurons] = job.acts[layer][b, :n].numpy()
+            _check_finite(block, run, layers)
+            tokens = [tokenizer.decode([int(t)]) for t in run.token_ids]
+            write_events(events, events_frame(run.token_ids, tokens, run.conditions, run.special))
+            write_run(bold, block, geometry)  # last: a run is complete once its bold exists
+
+    return BackgroundWriter(write_job)
+
+
+def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> dict:
+    """One batched forward pass; returns layer -> (batch, tokens, neurons) float32 CPU tensors."""
+    device = lm.device
+    longest = max(len(r) for r in batch)
+    pad = lm.tokenizer.pad_token_id or 0
+    ids = torch.full((len(batch), longest), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), longest), dtype=torch.long)
+    for i, r in enumerate(batch):
+        ids[i, : len(r)] = torch.from_numpy(r.token_ids)
+        mask[i, : len(r)] = 1
+    captured: dict[int, torch.Tensor] = {}
+    last = max(layers)
+    on_cpu_f32 = device.type == "cpu" and lm.dtype == torch.float32
+
+    def capture(layer: int, x: torch.Tensor):
+        # On the CPU in float32 the hooked tensor is fresh and never modified afterwards, so a
+        # reference is enough: no copy on the hot path. Elsewhere: one cast-and-copy to the CPU.
+        x = x.view(ids.shape[0], ids.shape[1], -1)  # OPT flattens (batch, tokens) in its MLP
+        captured[layer] = x if on_cpu_f32 else x.to("cpu", torch.float32, non_blocking=True)
+        if layer == last and stop_early:
+            raise _StopForward
+
+    stop_early = last < layer_count(lm.model) - 1
+    with torch.inference_mode(), neuron_hooks(lm.model, capture, layers, hook_point):
+        try:
+            lm.model.base_model(
+                input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
+            )
+        except _StopForward:
+            pass
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return captured
+
+
+def _check_finite(block: np.ndarray, run: RunStimulus, layers: list[int]) -> None:
+    if np.isfinite(block.sum(dtype=np.float64)):
+        return
+    bad = ~np.isfinite(block)
+    if not bad.any():
+        return
+    t, z, _ = np.argwhere(bad)[0]
+    raise NumericalError(
+        f"run {run.index} ({run.document}): NaN or Inf activation at layer {layers[z]}, token "
+        f"{t} (token id {int(run.token_ids[t])}); {int(bad.sum())} values in all. In float16 "
+        "this is usually overflow: record with --dtype bfloat16 or float32. Nothing of this "
+        "run was written."
+    )
+
+
+def _check_disk(root: Path, todo: list[RunStimulus], geometry: VoxelGeometry) -> None:
+    need = sum(len(r) for r in todo) * geometry.n_layers * geometry.slice_size * 4
+    free = shutil.disk_usage(root).free
+    logger.info("about to write %.1f MB (%d runs); %.1f MB free", need / 1e6, len(todo), free / 1e6)
+    if need * 1.05 + 50e6 > free:
+        raise DiskSpaceError(
+            f"recording needs about {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free at "
+            f"{root}; free some space, record fewer layers (--layers) or shorter runs."
+        )
+
+
+def _remove_runs(folder: Path, ents: dict) -> None:
+    pattern = bids_name("run-*", "", **ents).replace("_run-*", "_run-*_")
+    for path in folder.glob(pattern + "*"):
+        path.unlink()
+
+
+def _sidecar(lm: LoadedModel, geometry: VoxelGeometry, layers, hook_point, params) -> dict:
+    return {
+        "RepetitionTime": bids_dataset.REPETITION_TIME,
+        "Manufacturer": "n/a (language model)",
+        "ModelID": lm.model_id,
+        "ModelRevision": lm.revision,
+        "ModelSource": lm.source,
+        "Architecture": lm.architecture,
+        "HookPoint": hook_point,
+        "HookPointDescription": (
+            "MLP neurons: input of the down projection (after the activation and gate product)"
+            if hook_point == "mlp"
+            else "residual stream: output of each transformer block"
+        ),
+        "RecordedLayers": layers,
+        "ModelDtype": params["dtype"],
+        "DataDtype": "float32",
+        **geometry.to_sidecar(),
+        "RecordingParameters": params,
+        "GeneratedBy": [{"Name": "llm2bids", "Version": __version__}],
+    }

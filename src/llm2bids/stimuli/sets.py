@@ -1,0 +1,199 @@
+"""Stimulus sets: what a task presents, as documents made of condition-labelled segments."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from ..exceptions import InputError
+
+
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of text and the condition (``trial_type``) of its tokens."""
+
+    text: str
+    condition: str
+
+
+@dataclass
+class Document:
+    """One text, recorded as one run (or several, when longer than ``max_tokens``)."""
+
+    name: str
+    segments: list[Segment]
+
+    @property
+    def text(self) -> str:
+        """The segments joined by single spaces, as presented."""
+        return " ".join(s.text for s in self.segments)
+
+
+@dataclass
+class StimulusSet:
+    """A task: a named list of documents.
+
+    Attributes
+    ----------
+    task : str
+        BIDS task label.
+    description : str
+        ``TaskDescription`` for the sidecar.
+    documents : list of Document
+    license : str
+        Where the texts come from and under which terms.
+    """
+
+    task: str
+    description: str
+    documents: list[Document]
+    license: str = "n/a"
+    conditions: dict[str, str] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the texts and conditions: two sets with the same fingerprint are equal."""
+        payload = [[d.name, [[s.text, s.condition] for s in d.segments]] for d in self.documents]
+        return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+CC0 = "CC0 1.0: written for llm2bids, no rights reserved."
+
+
+def _data_documents(name: str) -> list[str]:
+    text = resources.files(__package__).joinpath("data", name).read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    return [doc.strip() for doc in "\n".join(lines).split("\n---\n") if doc.strip()]
+
+
+def heldout_text() -> str:
+    """Built-in held-out prose (CC0) for perplexity; never used as a recording stimulus."""
+    return "\n\n".join(_data_documents("heldout.txt"))
+
+
+def narrative() -> StimulusSet:
+    """Four short stories (CC0)."""
+    docs = [
+        Document(f"story{i + 1}", [Segment(t, "narrative")])
+        for i, t in enumerate(_data_documents("narrative.txt"))
+    ]
+    return StimulusSet("narrative", "Reading short stories (narrative prose).", docs, CC0)
+
+
+def expository() -> StimulusSet:
+    """Four short encyclopedic texts (CC0)."""
+    docs = [
+        Document(f"article{i + 1}", [Segment(t, "expository")])
+        for i, t in enumerate(_data_documents("expository.txt"))
+    ]
+    return StimulusSet("expository", "Reading expository (encyclopedic) prose.", docs, CC0)
+
+
+CODE_MODULES = ("bisect", "colorsys", "keyword")
+
+
+def code() -> StimulusSet:
+    """Real Python source from the standard library of the running interpreter."""
+    import importlib
+
+    docs = []
+    for name in CODE_MODULES:
+        path = Path(importlib.import_module(name).__file__)
+        docs.append(Document(name, [Segment(path.read_text(encoding="utf-8").strip(), "code")]))
+    return StimulusSet(
+        "code",
+        "Reading Python source code (modules of the Python standard library).",
+        docs,
+        "Python standard library source, PSF License Agreement.",
+    )
+
+
+def arithmetic(n_documents: int = 4, n_problems: int = 24, seed: int = 0) -> StimulusSet:
+    """Generated addition, subtraction and multiplication problems with their answers."""
+    rng = random.Random(seed)
+    docs = []
+    for d in range(n_documents):
+        segments = []
+        for _ in range(n_problems):
+            op = rng.choice("+-*")
+            a, b = rng.randint(2, 99), rng.randint(2, 99 if op != "*" else 12)
+            value = a + b if op == "+" else a - b if op == "-" else a * b
+            segments.append(Segment(f"{a} {op} {b} =", "problem"))
+            segments.append(Segment(f"{value}.", "answer"))
+        docs.append(Document(f"sheet{d + 1}", segments))
+    return StimulusSet(
+        "arithmetic",
+        "Reading arithmetic problems (problem tokens) followed by their answers (answer tokens).",
+        docs,
+        CC0,
+        {"problem": "tokens of 'a op b ='", "answer": "tokens of the result"},
+    )
+
+
+_ONSETS = "b d f g k l m n p r s t v z br dr fl gr pl st tr".split()
+_VOWELS = "a e i o u ai ee oo".split()
+_CODAS = ["", "", "", "n", "s", "t", "m", "ck", "sh", "l"]
+
+
+def _nonword(rng: random.Random) -> str:
+    return "".join(
+        rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+        for _ in range(rng.randint(1, 3))
+    )
+
+
+def langloc(n_runs: int = 4, items_per_block: int = 2, seed: int = 0) -> StimulusSet:
+    """Language localizer: sentences versus strings of pronounceable nonwords, block design.
+
+    After Fedorenko et al. (2010). Each run alternates sentence and nonword blocks (runs start
+    with either condition in turn); every nonword string has as many words as its sentence.
+    """
+    sentences = _data_documents("langloc_sentences.txt")[0].splitlines()
+    rng = random.Random(seed)
+    per_run = len(sentences) // n_runs
+    if per_run < items_per_block:
+        raise InputError("not enough localizer sentences for the requested blocks.")
+    docs = []
+    for r in range(n_runs):
+        run_sentences = sentences[r * per_run : (r + 1) * per_run]
+        blocks = []
+        for b in range(0, per_run, items_per_block):
+            items = run_sentences[b : b + items_per_block]
+            nonwords = [
+                " ".join(_nonword(rng) for _ in s.split()).capitalize() + "." for s in items
+            ]
+            pair = [("sentence", items), ("nonword", nonwords)]
+            blocks.extend(pair if (r + b // items_per_block) % 2 == 0 else pair[::-1])
+        segments = [Segment(text, cond) for cond, texts in blocks for text in texts]
+        docs.append(Document(f"localizer{r + 1}", segments))
+    return StimulusSet(
+        "langloc",
+        "Language localizer (block design): sentences versus strings of pronounceable "
+        "nonwords, after Fedorenko et al. (2010).",
+        docs,
+        CC0,
+        {"sentence": "tokens of English sentences", "nonword": "tokens of nonword strings"},
+    )
+
+
+BUILTIN_SETS = {
+    "narrative": narrative,
+    "expository": expository,
+    "code": code,
+    "arithmetic": arithmetic,
+    "langloc": langloc,
+}
+
+
+def builtin_set(name: str) -> StimulusSet:
+    """Return the built-in stimulus set ``name``."""
+    if name not in BUILTIN_SETS:
+        raise InputError(
+            f"unknown built-in task {name!r}; built-in tasks: {', '.join(BUILTIN_SETS)}. To "
+            "record your own text, pass --stimuli with a file, a folder or a TSV and name the "
+            "task with --task."
+        )
+    return BUILTIN_SETS[name]()

@@ -1,0 +1,94 @@
+"""Tiny randomly initialised models and a tiny tokenizer, built offline for the tests."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import transformers
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from transformers import PreTrainedTokenizerFast
+
+HIDDEN, NEURONS, LAYERS, VOCAB = 32, 40, 3, 512
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on the built-in stimuli (deterministic, < 1 s)."""
+    from llm2bids.stimuli import BUILTIN_SETS, heldout_text
+
+    corpus = [heldout_text()] + [
+        d.text for name, make in BUILTIN_SETS.items() for d in make().documents
+    ]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<bos>", "<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
+
+
+def _llama_like(cls, **extra):
+    return cls(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, **extra,
+    )
+
+
+CONFIGS = {
+    "llama": lambda: _llama_like(transformers.LlamaConfig),
+    "qwen2": lambda: _llama_like(transformers.Qwen2Config),
+    "mistral": lambda: _llama_like(transformers.MistralConfig),
+    "gemma": lambda: _llama_like(transformers.GemmaConfig, head_dim=8),
+    "phi3": lambda: transformers.Phi3Config(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS,
+        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=2048, pad_token_id=2, bos_token_id=0, eos_token_id=1,
+    ),
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_inner=NEURONS,
+        n_positions=2048, bos_token_id=0, eos_token_id=1,
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+        intermediate_size=NEURONS, max_position_embeddings=2048,
+    ),
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, ffn_dim=NEURONS,
+        num_attention_heads=4, max_position_embeddings=2048, word_embed_proj_dim=HIDDEN,
+        pad_token_id=2, bos_token_id=0, eos_token_id=1,
+    ),
+    "phi": lambda: transformers.PhiConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS,
+        num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=2048,
+    ),
+    "bloom": lambda: transformers.BloomConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=4
+    ),
+    "falcon": lambda: transformers.FalconConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+        ffn_hidden_size=NEURONS, new_decoder_architecture=False, multi_query=True,
+    ),
+}
+
+
+def tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
+    """A randomly initialised causal LM of architecture ``arch`` (float32, eval mode)."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[arch]())
+    return model.eval()
+
+
+def save_tiny(arch: str, folder, seed: int = 0):
+    """Save a tiny model and the tiny tokenizer to ``folder`` (loadable by load_model)."""
+    model = tiny_model(arch, seed)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
