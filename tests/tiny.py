@@ -6,7 +6,7 @@ import functools
 
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 HIDDEN, NEURONS, LAYERS, VOCAB = 32, 40, 3, 512
@@ -37,8 +37,14 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def _llama_like(cls, **extra):
     return cls(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, **extra,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=NEURONS,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        **extra,
     )
 
 
@@ -48,33 +54,66 @@ CONFIGS = {
     "mistral": lambda: _llama_like(transformers.MistralConfig),
     "gemma": lambda: _llama_like(transformers.GemmaConfig, head_dim=8),
     "phi3": lambda: transformers.Phi3Config(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS,
-        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=2048, pad_token_id=2, bos_token_id=0, eos_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=NEURONS,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=2048,
+        pad_token_id=2,
+        bos_token_id=0,
+        eos_token_id=1,
     ),
     "gpt2": lambda: transformers.GPT2Config(
-        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_inner=NEURONS,
-        n_positions=2048, bos_token_id=0, eos_token_id=1,
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_layer=LAYERS,
+        n_head=4,
+        n_inner=NEURONS,
+        n_positions=2048,
+        bos_token_id=0,
+        eos_token_id=1,
     ),
     "gpt_neox": lambda: transformers.GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-        intermediate_size=NEURONS, max_position_embeddings=2048,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=NEURONS,
+        max_position_embeddings=2048,
     ),
     "opt": lambda: transformers.OPTConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, ffn_dim=NEURONS,
-        num_attention_heads=4, max_position_embeddings=2048, word_embed_proj_dim=HIDDEN,
-        pad_token_id=2, bos_token_id=0, eos_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        ffn_dim=NEURONS,
+        num_attention_heads=4,
+        max_position_embeddings=2048,
+        word_embed_proj_dim=HIDDEN,
+        pad_token_id=2,
+        bos_token_id=0,
+        eos_token_id=1,
     ),
     "phi": lambda: transformers.PhiConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=NEURONS,
-        num_hidden_layers=LAYERS, num_attention_heads=4, max_position_embeddings=2048,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=NEURONS,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        max_position_embeddings=2048,
     ),
     "bloom": lambda: transformers.BloomConfig(
         vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=4
     ),
     "falcon": lambda: transformers.FalconConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
-        ffn_hidden_size=NEURONS, new_decoder_architecture=False, multi_query=True,
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        ffn_hidden_size=NEURONS,
+        new_decoder_architecture=False,
+        multi_query=True,
     ),
 }
 

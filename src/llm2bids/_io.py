@@ -49,7 +49,9 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:
     """Write ``data`` as indented JSON atomically."""
-    return write_text(path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return write_text(
+        path, json.dumps(data, indent=2, sort_keys=False, default=_json_default) + "\n"
+    )
 
 
 def write_tsv(path: str | os.PathLike, frame: pd.DataFrame) -> Path:

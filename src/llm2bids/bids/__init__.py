@@ -2,7 +2,15 @@
 
 from .events import escape_token, read_events, unescape_token
 from .geometry import VoxelGeometry
-from .reader import RunData, find_runs, load_img, load_run, neuron_masker, run_geometry, run_metadata
+from .reader import (
+    RunData,
+    find_runs,
+    load_img,
+    load_run,
+    neuron_masker,
+    run_geometry,
+    run_metadata,
+)
 from .validate import ValidationResult, validate
 
 __all__ = [

@@ -199,8 +199,10 @@ def register_task(root: str | Path, stimuli: StimulusSet, overwrite: bool = Fals
             _io.write_text(folder / f"{doc.name}.txt", doc.text + "\n")
             if len({s.condition for s in doc.segments}) > 1:
                 segs = pd.DataFrame(
-                    {"text": [s.text for s in doc.segments],
-                     "condition": [s.condition for s in doc.segments]}
+                    {
+                        "text": [s.text for s in doc.segments],
+                        "condition": [s.condition for s in doc.segments],
+                    }
                 )
                 _io.write_tsv(folder / f"{doc.name}.tsv", segs)
     return path

@@ -48,7 +48,6 @@ EVENTS_SIDECAR = {
 }
 
 
-
 def events_sidecar() -> dict:
     """The ``task-<label>_events.json`` describing the columns."""
     return {
@@ -71,7 +70,13 @@ def _escape_char(ch: str) -> str:
         return _NAMED[ch]
     if unicodedata.category(ch) in ("Cc", "Zl", "Zp") or ch in "\x85\ufeff":
         code = ord(ch)
-        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+        return (
+            f"\\x{code:02x}"
+            if code < 0x100
+            else f"\\u{code:04x}"
+            if code < 0x10000
+            else f"\\U{code:08x}"
+        )
     return ch
 
 

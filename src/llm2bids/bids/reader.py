@@ -200,7 +200,7 @@ def neuron_masker(geometry: VoxelGeometry, **kwargs):
     """
     from nilearn.maskers import NiftiMasker
 
-    options = {"standardize": False, "smoothing_fwhm": None, "detrend": False}
+    options = {"standardize": None, "smoothing_fwhm": None, "detrend": False}
     options.update(kwargs)
     return NiftiMasker(mask_img=geometry.mask_img(), **options).fit()
 

@@ -81,6 +81,10 @@ def validate(root: str | Path, recursive: bool = False, timeout: float = 600) ->
     -------
     ValidationResult
     """
+    if not Path(root).is_dir():
+        from ..exceptions import DatasetError
+
+        raise DatasetError(f"{str(root)!r} is not a folder; pass the dataset to validate.")
     cmd = [validator_executable(), "--format", "json", "--config", str(config_path())]
     if recursive:
         cmd.append("--recursive")

@@ -53,7 +53,9 @@ def neuron_hooks(
                 )
             elif hook_point == "resid":
                 module = spec.blocks(model)[layer]
-                handles.append(module.register_forward_hook(functools.partial(_post_hook, fn, layer)))
+                handles.append(
+                    module.register_forward_hook(functools.partial(_post_hook, fn, layer))
+                )
             else:
                 raise ValueError(f"hook_point must be one of {HOOK_POINTS}, got {hook_point!r}.")
         yield

@@ -75,12 +75,12 @@ class LoadedModel:
         return clean_label(self.model_id.split("/")[-1])
 
 
-def clean_label(text: str) -> str:
+def clean_label(text: str, entity: str = "subject") -> str:
     """Reduce ``text`` to a BIDS label (``[a-zA-Z0-9]``); raise if nothing is left."""
     label = re.sub(r"[^a-zA-Z0-9]", "", str(text))
     if not label:
         raise InputError(
-            f"label {text!r} has no letters or digits left after removing everything outside "
+            f"{entity} label {text!r} has no letters or digits left after removing everything outside "
             "[a-zA-Z0-9]; pass a label such as 'gpt2' or 'smollm2'."
         )
     return label
@@ -97,8 +97,12 @@ def resolve_device(device: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} was asked for, but CUDA is not available here; use 'cpu'.")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError(
+            f"device {device!r} was asked for, but CUDA is not available here; use 'cpu'."
+        )
+    if device == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
         raise InputError("device 'mps' was asked for, but MPS is not available here; use 'cpu'.")
     return torch.device(device)
 

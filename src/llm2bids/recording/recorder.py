@@ -22,7 +22,14 @@ from ..bids.nifti import write_run
 from ..exceptions import DiskSpaceError, InputError, NumericalError
 from ..models import HOOK_POINTS, LoadedModel, clean_label, load_model, neuron_hooks
 from ..models.hooks import layer_count, neurons_per_layer
-from ..stimuli import BUILTIN_SETS, RunStimulus, StimulusSet, builtin_set, read_stimuli, tokenize_runs
+from ..stimuli import (
+    BUILTIN_SETS,
+    RunStimulus,
+    StimulusSet,
+    builtin_set,
+    read_stimuli,
+    tokenize_runs,
+)
 
 logger = logging.getLogger("llm2bids.recording")
 
@@ -130,8 +137,20 @@ def record(
     written: list[Path] = []
     for stimset in stimulus_sets:
         written += _record_task(
-            bids_dir, lm, stimset, sub, ses, geometry, layers, hook_point, max_tokens,
-            batch_size, compress, overwrite, prepend_bos, verbose,
+            bids_dir,
+            lm,
+            stimset,
+            sub,
+            ses,
+            geometry,
+            layers,
+            hook_point,
+            max_tokens,
+            batch_size,
+            compress,
+            overwrite,
+            prepend_bos,
+            verbose,
         )
     return written
 
@@ -175,8 +194,20 @@ def _participant_row(lm: LoadedModel, sub: str) -> dict:
 
 
 def _record_task(
-    root, lm, stimset, sub, ses, geometry, layers, hook_point, max_tokens, batch_size,
-    compress, overwrite, prepend_bos, verbose,
+    root,
+    lm,
+    stimset,
+    sub,
+    ses,
+    geometry,
+    layers,
+    hook_point,
+    max_tokens,
+    batch_size,
+    compress,
+    overwrite,
+    prepend_bos,
+    verbose,
 ) -> list[Path]:
     runs = tokenize_runs(stimset, lm.tokenizer, max_tokens, prepend_bos)
     bids_dataset.register_task(root, stimset, overwrite=overwrite)
@@ -209,7 +240,9 @@ def _record_task(
     done = {i for i, (bold, events) in paths.items() if bold.exists() and events.exists()}
     todo = [r for r in runs if r.index not in done]
     if done and verbose:
-        logger.info("task %s: %d of %d runs already recorded; resuming", stimset.task, len(done), len(runs))
+        logger.info(
+            "task %s: %d of %d runs already recorded; resuming", stimset.task, len(done), len(runs)
+        )
     if not todo:
         return [paths[r.index][0] for r in runs]
     _check_disk(root, todo, geometry)
@@ -220,7 +253,9 @@ def _record_task(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     writer = BackgroundWriterFor(lm.tokenizer, geometry, layers)
     bar = tqdm(
-        total=sum(len(r) for r in todo), unit="tok", disable=not verbose,
+        total=sum(len(r) for r in todo),
+        unit="tok",
+        disable=not verbose,
         desc=f"sub-{sub} task-{stimset.task}",
     )
     try:
@@ -233,7 +268,7 @@ def _record_task(
             writer.submit(
                 _Job(
                     runs=[batch[i] for i in keep],
-                    acts={l: a[keep] for l, a in acts.items()},
+                    acts={layer: a[keep] for layer, a in acts.items()},
                     paths=[paths[batch[i].index] for i in keep],
                 )
             )

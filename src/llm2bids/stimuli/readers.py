@@ -23,7 +23,8 @@ def read_stimuli(path: str | Path, task: str) -> StimulusSet:
         - a ``.tsv`` file with a ``text`` column and optional ``condition`` and ``run`` columns:
           each row is a segment whose tokens get its condition (``trial_type``); rows sharing
           a ``run`` value are joined, in order, into one document; without ``run`` each row
-          is its own document.
+          is its own document. Cells holding tabs, line breaks or quotes must be quoted
+          with double quotes (standard CSV quoting, as ``pandas.to_csv`` writes them).
     task : str
         The task label.
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..exceptions import InputError
 from ..bids.geometry import MAX_NIFTI_AXIS
+from ..exceptions import InputError
 from .sets import StimulusSet
 
 SPECIAL_CONDITION = "special"
@@ -53,7 +53,9 @@ def tokenize_runs(
     outlier activations, and this makes that position a known special token.
     """
     if not isinstance(max_tokens, (int, np.integer)) or not 2 <= max_tokens <= MAX_NIFTI_AXIS:
-        raise InputError(f"max_tokens must be an integer in [2, {MAX_NIFTI_AXIS}], got {max_tokens!r}.")
+        raise InputError(
+            f"max_tokens must be an integer in [2, {MAX_NIFTI_AXIS}], got {max_tokens!r}."
+        )
     bos = tokenizer.bos_token_id if prepend_bos else None
     prefix = [] if bos is None else [bos]
     room = max_tokens - len(prefix)

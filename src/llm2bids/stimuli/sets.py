@@ -166,7 +166,7 @@ def langloc(n_runs: int = 4, items_per_block: int = 2, seed: int = 0) -> Stimulu
                 " ".join(_nonword(rng) for _ in s.split()).capitalize() + "." for s in items
             ]
             pair = [("sentence", items), ("nonword", nonwords)]
-            blocks.extend(pair if (r + b // items_per_block) % 2 == 0 else pair[::-1])
+            blocks.extend(pair if r % 2 == 0 else pair[::-1])
         segments = [Segment(text, cond) for cond, texts in blocks for text in texts]
         docs.append(Document(f"localizer{r + 1}", segments))
     return StimulusSet(

@@ -1,0 +1,110 @@
+"""The sub-commands. Each parses its arguments and calls one public function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..models import DEFAULT_MODEL, HOOK_POINTS
+from ..models.loading import DEVICES, DTYPES
+from .main import add_bids_app_arguments, check_output_dir, command
+
+
+def _one_task(args):
+    """``--task`` as record() takes it: one name with --stimuli, else a list or None."""
+    if args.task and args.stimuli is not None:
+        if len(args.task) > 1:
+            from ..exceptions import InputError
+
+            raise InputError("with --stimuli, --task takes one name (the task of those texts).")
+        return args.task[0]
+    return args.task
+
+
+def _record_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bids_dir", type=Path, help="dataset to create or add to")
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="hub id, local folder or .gguf file; default: embedded SmolLM2-135M",
+    )
+    g.add_argument("--device", default="auto", choices=DEVICES)
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    g = p.add_argument_group("stimuli")
+    g.add_argument(
+        "--task",
+        nargs="+",
+        default=None,
+        help="built-in task(s), or the name of the task given by --stimuli; "
+        "default: every built-in task",
+    )
+    g.add_argument(
+        "--stimuli",
+        type=Path,
+        default=None,
+        help="a text file, a folder of .txt files, or a TSV with a 'text' column",
+    )
+    g.add_argument("--max-tokens", type=int, default=512, help="longest run, in tokens")
+    g = p.add_argument_group("output")
+    g.add_argument("--subject", default=None, help="subject label; default: from the model name")
+    g.add_argument("--session", default=None, help="session label (checkpoint or revision)")
+    g.add_argument("--hook-point", default="mlp", choices=HOOK_POINTS)
+    g.add_argument("--layers", type=int, nargs="+", default=None, help="record only these layers")
+    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--compress", action="store_true", help="write .nii.gz instead of .nii")
+    g.add_argument(
+        "--overwrite", action="store_true", help="replace a recording made with other parameters"
+    )
+
+
+@command("record", "record a model's neurons over stimuli into a BIDS dataset", _record_args)
+def _record(args) -> int:
+    from ..recording import record
+
+    paths = record(
+        args.bids_dir,
+        model=args.model,
+        task=_one_task(args),
+        stimuli=args.stimuli,
+        subject=args.subject,
+        session=args.session,
+        max_tokens=args.max_tokens,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        hook_point=args.hook_point,
+        layers=args.layers,
+        compress=args.compress,
+        overwrite=args.overwrite,
+        verbose=args.verbose,
+    )
+    print(f"{len(paths)} runs in {args.bids_dir}")
+    return 0
+
+
+def _validate_args(p):
+    p.add_argument("bids_dir", type=Path, help="dataset (or derivatives folder) to validate")
+    p.add_argument("--recursive", action="store_true", help="also validate derivatives/")
+    p.add_argument("--json", action="store_true", help="print the issues as JSON")
+
+
+@command("validate", "run the official BIDS validator (bids-validator-deno)", _validate_args)
+def _validate(args) -> int:
+    from ..bids import validate
+
+    result = validate(args.bids_dir, recursive=args.recursive)
+    if args.json:
+        json.dump({"errors": result.errors, "warnings": result.warnings}, sys.stdout, indent=1)
+    else:
+        print(
+            result.summary()
+            if args.verbose > 1 or not result.valid
+            else result.summary().splitlines()[0]
+        )
+    return 0 if result.valid else 1
+
+
+__all__ = ["add_bids_app_arguments", "check_output_dir"]

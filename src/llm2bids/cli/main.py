@@ -1,0 +1,104 @@
+"""``llm2bids`` command line: parse arguments, call the public functions, report errors.
+
+Analysis stages follow the BIDS-Apps convention (``BIDS_DIR OUTPUT_DIR participant``);
+``record`` is a converter and takes only the dataset to write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .._version import __version__
+from ..exceptions import Llm2BidsError
+
+logger = logging.getLogger("llm2bids")
+
+COMMANDS = {}
+
+
+def command(name: str, help: str, add_arguments):
+    """Register ``fn(args)`` as sub-command ``name``; ``add_arguments(parser)`` declares its flags."""
+
+    def wrap(fn):
+        COMMANDS[name] = (fn, help, add_arguments)
+        return fn
+
+    return wrap
+
+
+def _formatter(prog):
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+
+
+def add_bids_app_arguments(parser: argparse.ArgumentParser) -> None:
+    """The BIDS-Apps positionals and participant filter."""
+    parser.add_argument("bids_dir", type=Path, help="the raw dataset written by `llm2bids record`")
+    parser.add_argument("output_dir", type=Path, help="where the derivatives go")
+    parser.add_argument("analysis_level", choices=["participant"], help="analysis level")
+    parser.add_argument(
+        "--participant-label",
+        nargs="+",
+        default=None,
+        metavar="LABEL",
+        help="subjects (models) to analyse, with or without 'sub-'; default all",
+    )
+
+
+def check_output_dir(bids_dir: Path, output_dir: Path) -> None:
+    """Refuse OUTPUT_DIR == BIDS_DIR (the raw dataset is never written by analyses)."""
+    if bids_dir.resolve() == output_dir.resolve():
+        raise Llm2BidsError(
+            "OUTPUT_DIR must differ from BIDS_DIR: analyses never write into the raw dataset. "
+            f"Use for example {bids_dir / 'derivatives' / 'llm2bids'}."
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every sub-command."""
+    from . import commands  # noqa: F401  (registers the sub-commands)
+
+    parser = argparse.ArgumentParser(
+        prog="llm2bids",
+        description="Neuroimaging for language models: record LLM neurons as BIDS fMRI data, "
+        "find functional networks with nilearn, and lesion them.",
+        formatter_class=_formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"llm2bids {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=1, help="more messages")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (fn, help_text, add_arguments) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=_formatter)
+        add_arguments(p)
+        p.set_defaults(func=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``llm2bids`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = 0 if args.quiet else args.verbose
+    logging.basicConfig(
+        level=logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    args.verbose = verbose
+    try:
+        return int(args.func(args) or 0)
+    except Llm2BidsError as err:
+        print(f"llm2bids {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(
+            f"llm2bids {args.command}: interrupted; finished runs are kept, rerun to resume.",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,314 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from bids import BIDSLayout
+
+import llm2bids
+from llm2bids.bids import find_runs, load_img, load_run, neuron_masker, read_events
+from llm2bids.exceptions import (
+    DiskSpaceError,
+    InputError,
+    ModelLoadError,
+    ParameterClashError,
+    StimuliError,
+    UnsupportedArchitectureError,
+)
+from llm2bids.models import arch_spec, neuron_hooks, wrap_model
+from llm2bids.stimuli import builtin_set, tokenize_runs
+from tiny import tiny_model, tiny_tokenizer
+
+
+def _direct_activations(model, token_ids):
+    """Activations captured straight from each layer's down-projection module."""
+    spec = arch_spec(model)
+    seen = {}
+    handles = [
+        spec.down_module(model, layer).register_forward_pre_hook(
+            lambda m, args, layer=layer: seen.__setitem__(layer, args[0].detach().clone())
+        )
+        for layer in range(len(spec.blocks(model)))
+    ]
+    try:
+        with torch.inference_mode():
+            model.base_model(input_ids=torch.as_tensor(token_ids)[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return np.stack([seen[i].reshape(len(token_ids), -1).numpy() for i in sorted(seen)], axis=1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+def test_round_trip_is_exact(tmp_path, tiny_dir, arch):
+    """(layer, neuron, token) -> (x, y, z, t) -> value equals the hooked activation exactly."""
+    root = tmp_path / "bids"
+    llm2bids.record(
+        root, model=str(tiny_dir(arch)), task="narrative", max_tokens=64, batch_size=1, verbose=0
+    )
+    lm = llm2bids.load_model(str(tiny_dir(arch)), device="cpu")
+    runs = tokenize_runs(builtin_set("narrative"), lm.tokenizer, max_tokens=64)
+    rng = np.random.default_rng(0)
+    for bold in find_runs(root)[:3]:
+        run = load_run(bold)
+        ents = dict(p.split("-") for p in bold.name.split("_")[:-1])
+        stim = runs[int(ents["run"]) - 1]
+        expected = _direct_activations(lm.model, stim.token_ids)
+        np.testing.assert_array_equal(
+            read_events(str(bold).replace("_bold.nii", "_events.tsv"))["token_id"], stim.token_ids
+        )
+        volume = np.asarray(load_img(bold).dataobj)
+        geom = run.geometry
+        for _ in range(50):
+            t, layer, neuron = (rng.integers(s) for s in expected.shape)
+            x, y, z = geom.voxel_of(layer, neuron)
+            assert volume[x, y, z, t] == expected[t, layer, neuron]
+        np.testing.assert_array_equal(run.by_layer(), expected)
+
+
+def test_batched_padding_does_not_leak(tmp_path, tiny_dir):
+    """Runs recorded in padded batches match runs recorded one at a time."""
+    one, many = tmp_path / "one", tmp_path / "many"
+    for root, bs in ((one, 1), (many, 4)):
+        llm2bids.record(
+            root,
+            model=str(tiny_dir("llama")),
+            task="langloc",
+            max_tokens=80,
+            batch_size=bs,
+            verbose=0,
+        )
+    for a, b in zip(find_runs(one), find_runs(many)):
+        np.testing.assert_allclose(load_run(a).data, load_run(b).data, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3", "gpt_neox", "phi", "bloom", "falcon", "gemma"])
+def test_architectures_record_to_valid_datasets(tmp_path, tiny_dir, valid, arch):
+    root = tmp_path / "bids"
+    paths = llm2bids.record(
+        root, model=str(tiny_dir(arch)), task="arithmetic", max_tokens=64, verbose=0
+    )
+    assert paths and all(p.exists() for p in paths)
+    run = load_run(paths[0])
+    assert run.data.shape[0] == len(run.events)
+    assert np.abs(run.data).sum() > 0
+    valid(root)
+
+
+def test_dataset_contents_and_validator(recorded, valid):
+    valid(recorded)
+    description = json.loads((recorded / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "raw"
+    assert "NOT BRAIN DATA" in (recorded / "README.md").read_text()
+    participants = pd.read_csv(recorded / "participants.tsv", sep="\t")
+    row = participants.iloc[0]
+    assert row.participant_id == "sub-tinyllama" and row.architecture == "llama"
+    assert row.n_layers == 3 and row.mlp_neurons_per_layer == 40
+    task = json.loads((recorded / "task-langloc_bold.json").read_text())
+    assert task["TaskName"] == "langloc" and task["RepetitionTime"] == 1.0
+    bold = find_runs(recorded, task="langloc")[0]
+    meta = llm2bids.bids.run_metadata(bold)
+    for key in ("ModelID", "HookPoint", "ModelDtype", "VoxelGrid", "NeuronsPerLayer"):
+        assert key in meta
+    events = read_events(str(bold).replace("_bold.nii", "_events.tsv"))
+    assert set(events.trial_type) == {"special", "sentence", "nonword"}
+    assert events.special.iloc[0] == 1 and events.special.iloc[1:].sum() == 0
+    assert (recorded / "stimuli" / "task-langloc" / "localizer1.txt").exists()
+
+
+def test_pybids_indexes_runs(recorded):
+    layout = BIDSLayout(recorded, validate=False)
+    assert layout.get_subjects() == ["tinyllama"]
+    assert set(layout.get_tasks()) == {"narrative", "langloc"}
+    runs = layout.get(
+        subject="tinyllama", task="langloc", suffix="bold", extension=[".nii", ".nii.gz"]
+    )
+    assert len(runs) == len(find_runs(recorded, task="langloc"))
+    assert sorted(r.entities["run"] for r in runs) == list(range(1, len(runs) + 1))
+    assert runs[0].get_metadata()["RepetitionTime"] == 1.0
+
+
+def test_nilearn_masker_gives_load_run_matrix(recorded):
+    bold = find_runs(recorded)[0]
+    run = load_run(bold)
+    masked = neuron_masker(run.geometry).transform(str(bold))
+    np.testing.assert_array_equal(masked, run.data)
+    dropped = load_run(bold, drop_special=True)
+    assert dropped.data.shape[0] == run.data.shape[0] - 1
+
+
+def test_second_model_and_task_add_to_dataset(tmp_path, tiny_dir, valid):
+    root = tmp_path / "bids"
+    llm2bids.record(root, model=str(tiny_dir("llama")), task="narrative", max_tokens=64, verbose=0)
+    llm2bids.record(root, model=str(tiny_dir("gpt2")), task="narrative", max_tokens=64, verbose=0)
+    llm2bids.record(root, model=str(tiny_dir("gpt2")), task="code", max_tokens=64, verbose=0)
+    participants = pd.read_csv(root / "participants.tsv", sep="\t")
+    assert participants.participant_id.tolist() == ["sub-tinygpt2", "sub-tinyllama"]
+    assert participants.architecture.tolist() == ["gpt2", "llama"]
+    assert {p.parents[1].name for p in find_runs(root)} == set(participants.participant_id)
+    valid(root)
+
+
+def test_resume_and_parameter_clash(tmp_path, tiny_dir):
+    root = tmp_path / "bids"
+    model = str(tiny_dir("llama"))
+    first = llm2bids.record(root, model=model, task="narrative", max_tokens=64, verbose=0)
+    stamp = {p: p.stat().st_mtime_ns for p in first}
+    again = llm2bids.record(root, model=model, task="narrative", max_tokens=64, verbose=0)
+    assert again == first and {p: p.stat().st_mtime_ns for p in first} == stamp
+    with pytest.raises(ParameterClashError, match="max_tokens: 64 -> 48"):
+        llm2bids.record(root, model=model, task="narrative", max_tokens=48, verbose=0)
+    assert {p: p.stat().st_mtime_ns for p in first} == stamp  # nothing touched
+    replaced = llm2bids.record(
+        root, model=model, task="narrative", max_tokens=48, verbose=0, overwrite=True
+    )
+    assert len(replaced) > len(first)
+    assert sorted(find_runs(root)) == sorted(replaced)
+
+
+def test_task_name_clash_with_other_stimuli(tmp_path, tiny_dir):
+    root = tmp_path / "bids"
+    text = tmp_path / "a.txt"
+    text.write_text("One text about cats and dogs.", encoding="utf-8")
+    llm2bids.record(root, model=str(tiny_dir("llama")), task="mine", stimuli=text, verbose=0)
+    text.write_text("Another text entirely.", encoding="utf-8")
+    with pytest.raises(ParameterClashError, match="other stimuli"):
+        llm2bids.record(root, model=str(tiny_dir("llama")), task="mine", stimuli=text, verbose=0)
+
+
+def test_user_stimuli_tsv_conditions(tmp_path, tiny_dir, valid):
+    tsv = tmp_path / "s.tsv"
+    pd.DataFrame(
+        {
+            "text": ["The cat sat on the mat.", "Blick florp snarg.", "A dog ran home."],
+            "condition": ["sentence", "nonword", "sentence"],
+            "run": [1, 1, 2],
+        }
+    ).to_csv(tsv, sep="\t", index=False)
+    root = tmp_path / "bids"
+    paths = llm2bids.record(root, model=str(tiny_dir("llama")), task="mine", stimuli=tsv, verbose=0)
+    assert len(paths) == 2
+    events = load_run(paths[0]).events
+    assert events.trial_type.tolist()[0] == "special"
+    assert set(events.trial_type[1:]) == {"sentence", "nonword"}
+    valid(root)
+
+
+def test_layers_subset_and_resid_hook(tmp_path, tiny_dir, valid):
+    root = tmp_path / "bids"
+    paths = llm2bids.record(
+        root, model=str(tiny_dir("llama")), task="arithmetic", layers=[1], max_tokens=64, verbose=0
+    )
+    run = load_run(paths[0])
+    assert run.geometry.n_layers == 1 and run.metadata["RecordedLayers"] == [1]
+    lm = llm2bids.load_model(str(tiny_dir("llama")), device="cpu")
+    stim = tokenize_runs(builtin_set("arithmetic"), lm.tokenizer, max_tokens=64)[0]
+    np.testing.assert_array_equal(
+        run.by_layer()[:, 0], _direct_activations(lm.model, stim.token_ids)[:, 1]
+    )
+    resid = llm2bids.record(
+        root,
+        model=str(tiny_dir("llama")),
+        task="arithmetic",
+        hook_point="resid",
+        max_tokens=64,
+        verbose=0,
+    )
+    assert load_run(resid[0], acq="resid").geometry.n_neurons == 32
+    valid(root)
+
+
+def test_hooks_bind_each_layer_and_are_removed():
+    model = tiny_model("llama")
+    spec = arch_spec(model)
+    seen = {}
+    with neuron_hooks(model, lambda layer, x: seen.setdefault(layer, x.detach().clone())):
+        model(torch.tensor([[1, 2, 3]]))
+    direct = _direct_activations(model, [1, 2, 3])
+    for layer in range(3):
+        np.testing.assert_array_equal(seen[layer][0].numpy(), direct[:, layer])
+    assert not any(spec.down_module(model, i)._forward_pre_hooks for i in range(3))
+    with pytest.raises(RuntimeError), neuron_hooks(model, lambda layer, x: None):
+        raise RuntimeError("boom")
+    assert not any(spec.down_module(model, i)._forward_pre_hooks for i in range(3))
+
+
+def test_bad_inputs_leave_dataset_unchanged(tmp_path, tiny_dir):
+    root = tmp_path / "bids"
+    model = str(tiny_dir("llama"))
+    llm2bids.record(root, model=model, task="narrative", max_tokens=64, verbose=0)
+    before = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        llm2bids.record(root, model=str(tmp_path / "nope"), verbose=0)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        llm2bids.record(root, model=str(tmp_path / "model.gguf"), verbose=0)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    with pytest.raises(StimuliError, match="empty"):
+        llm2bids.record(root, model=model, task="x", stimuli=empty, verbose=0)
+    with pytest.raises(InputError, match="needs --task"):
+        llm2bids.record(root, model=model, stimuli=empty, verbose=0)
+    with pytest.raises(InputError, match="subject label"):
+        llm2bids.record(root, model=model, subject="__", verbose=0)
+    with pytest.raises(InputError, match="built-in tasks"):
+        llm2bids.record(root, model=model, task="nosuchtask", verbose=0)
+    after = sorted((p, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    assert before == after
+
+
+def test_unsupported_architecture_lists_supported():
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    model = AutoModelForCausalLM.from_config(
+        MambaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, state_size=4)
+    )
+    with pytest.raises(UnsupportedArchitectureError, match="llama.*register_architecture"):
+        wrap_model(model, tiny_tokenizer())
+
+
+def test_out_of_disk_leaves_no_complete_looking_file(tmp_path, tiny_dir, monkeypatch):
+    import llm2bids.bids.nifti as nifti
+
+    root = tmp_path / "bids"
+    calls = {"n": 0}
+    real = nifti.nib.Nifti1Image.to_filename
+
+    def flaky(self, filename, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            with open(filename, "wb") as fh:
+                fh.write(b"partial")
+            raise OSError(28, "No space left on device")
+        return real(self, filename, *args, **kwargs)
+
+    monkeypatch.setattr(nifti.nib.Nifti1Image, "to_filename", flaky)
+    with pytest.raises(OSError, match="No space"):
+        llm2bids.record(
+            root,
+            model=str(tiny_dir("llama")),
+            task="narrative",
+            max_tokens=64,
+            batch_size=1,
+            verbose=0,
+        )
+    for bold in find_runs(root):
+        load_run(bold)  # every file that looks complete is complete
+    assert not [p for p in root.rglob("*") if "llm2bids-tmp" in p.name]
+
+
+def test_disk_estimate_refuses(tmp_path, tiny_dir, monkeypatch):
+    import shutil as _shutil
+
+    import llm2bids.recording.recorder as recorder
+
+    monkeypatch.setattr(
+        recorder.shutil,
+        "disk_usage",
+        lambda p: _shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000),
+    )
+    with pytest.raises(DiskSpaceError, match="free"):
+        llm2bids.record(
+            tmp_path / "bids", model=str(tiny_dir("llama")), task="narrative", verbose=0
+        )
+    assert find_runs(tmp_path / "bids") == []
