@@ -108,3 +108,35 @@ def _validate(args) -> int:
 
 
 __all__ = ["add_bids_app_arguments", "check_output_dir"]
+
+
+def _networks_args(p):
+    add_bids_app_arguments(p)
+    g = p.add_argument_group("decomposition")
+    g.add_argument("--task", nargs="+", default=None, help="tasks to analyse; default all")
+    g.add_argument("--method", default="canica", choices=["canica", "dictlearning"])
+    g.add_argument("--n-components", type=int, default=20)
+    g.add_argument("--threshold", type=float, default=3.0,
+                   help="|z| at or above which a neuron belongs to a network")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--n-jobs", type=int, default=1)
+    g = p.add_argument_group("recurrence")
+    g.add_argument("--no-per-run", action="store_true",
+                   help="skip the single-run decompositions (recurrence across runs)")
+    g.add_argument("--n-permutations", type=int, default=100, help="size of the null")
+
+
+@command("networks", "find functional networks (nilearn CanICA / DictLearning) and their recurrence",
+         _networks_args)
+def _networks(args) -> int:
+    from ..decomposition import run_networks
+
+    check_output_dir(args.bids_dir, args.output_dir)
+    written = run_networks(
+        args.bids_dir, args.output_dir, participant_label=args.participant_label,
+        tasks=args.task, method=args.method, n_components=args.n_components,
+        threshold=args.threshold, seed=args.seed, n_jobs=args.n_jobs,
+        per_run=not args.no_per_run, n_permutations=args.n_permutations, verbose=args.verbose,
+    )
+    print(f"{len(written)} files in {args.output_dir}")
+    return 0

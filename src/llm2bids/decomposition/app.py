@@ -1,0 +1,226 @@
+"""``llm2bids networks``: the functional-network analysis as a BIDS App."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..bids.names import bids_name, parse_entities, strip_prefix
+from ..bids.reader import find_runs, run_metadata, special_mask
+from ..bids.dataset import require_dataset
+from ..derivatives import init_derivatives, provenance, write_img, write_table
+from ..exceptions import DatasetError, InputError
+from ..overlap import compare_fits, recurrence_frequency
+from .networks import METHODS, FunctionalNetworks, check_same_geometry
+
+logger = logging.getLogger("llm2bids.decomposition")
+
+
+def select_runs(
+    bids_dir: str | Path,
+    participant_label: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    acq: str = "mlp",
+) -> dict[str, dict[str, list[Path]]]:
+    """Runs of a dataset by subject then task, after the filters; errors when none match."""
+    bids_dir = require_dataset(bids_dir)
+    subjects = [strip_prefix(p) for p in participant_label] if participant_label else None
+    selected: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
+    for path in find_runs(bids_dir, acq=acq):
+        ents = parse_entities(path.name)
+        if subjects and ents["sub"] not in subjects:
+            continue
+        if tasks and ents["task"] not in tasks:
+            continue
+        selected[ents["sub"]][ents["task"]].append(path)
+    if not selected:
+        raise DatasetError(
+            f"no runs in {bids_dir} match participant(s) {participant_label or 'any'}, task(s) "
+            f"{list(tasks) if tasks else 'any'}, acq-{acq}; check the labels with "
+            "`llm2bids validate` or list sub-*/func/."
+        )
+    return {sub: dict(tasks_) for sub, tasks_ in selected.items()}
+
+
+def run_networks(
+    bids_dir: str | Path,
+    output_dir: str | Path,
+    participant_label: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    method: str = "canica",
+    n_components: int = 20,
+    threshold: float = 3.0,
+    seed: int = 0,
+    n_jobs: int = 1,
+    per_run: bool = True,
+    n_permutations: int = 100,
+    acq: str = "mlp",
+    verbose: int = 1,
+) -> list[Path]:
+    """Find functional networks per model and task, across tasks, and test their recurrence.
+
+    For each subject (model): one group decomposition per task and one over all tasks; per
+    task, one decomposition per run matched to the task's group networks; every pair of tasks
+    matched with each other. Writes components, mixing, atlas (dseg/probseg), key neurons,
+    per-layer counts, connectivity, recurrence tables and recurrence-frequency maps.
+
+    Returns
+    -------
+    list of Path
+        Files written.
+    """
+    if method not in METHODS:
+        raise InputError(f"method must be one of {METHODS}, got {method!r}.")
+    selected = select_runs(bids_dir, participant_label, tasks, acq)
+    for sub, by_task in selected.items():  # check everything before writing anything
+        all_runs = [r for runs in by_task.values() for r in runs]
+        check_same_geometry(all_runs)
+        shortest = min(int(special_mask(r).sum()) for r in all_runs)
+        if n_components > shortest:
+            raise InputError(
+                f"n_components={n_components} exceeds the number of time points of the "
+                f"shortest run of sub-{sub} ({shortest} tokens); lower --n-components."
+            )
+    output_dir = init_derivatives(output_dir, bids_dir)
+    written: list[Path] = []
+    for sub, by_task in selected.items():
+        fits = {}
+        model_id = run_metadata(next(iter(by_task.values()))[0]).get("ModelID", "n/a")
+        params = {"method": method, "n_components": n_components, "threshold": threshold,
+                  "random_state": seed, "smoothing_fwhm": None, "standardize": "zscore_sample",
+                  "drop_special": True, "model_id": model_id}
+        bar = tqdm(total=len(by_task) + 1, desc=f"sub-{sub} networks", disable=not verbose)
+        for task, runs in by_task.items():
+            fit = _fit(runs, method, n_components, threshold, seed, n_jobs)
+            fits[task] = fit
+            written += write_networks(output_dir, fit, {"sub": sub, "task": task, "acq": acq},
+                                      params, bids_dir)
+            bar.update()
+        all_runs = [r for runs in by_task.values() for r in runs]
+        if len(by_task) > 1:
+            fit_all = _fit(all_runs, method, n_components, threshold, seed, n_jobs)
+            written += write_networks(output_dir, fit_all, {"sub": sub, "acq": acq},
+                                      params | {"tasks": sorted(by_task)}, bids_dir)
+        bar.update()
+        bar.close()
+        written += _recurrence(output_dir, sub, acq, by_task, fits, method, n_components,
+                               threshold, seed, n_jobs, per_run, n_permutations, params)
+    return written
+
+
+def _fit(runs, method, n_components, threshold, seed, n_jobs) -> FunctionalNetworks:
+    return FunctionalNetworks(method=method, n_components=n_components, threshold=threshold,
+                              random_state=seed, n_jobs=n_jobs).fit(runs)
+
+
+def write_networks(
+    output_dir: Path, fit: FunctionalNetworks, ents: dict, params: dict, bids_dir
+) -> list[Path]:
+    """Write one fit's derivatives under ``output_dir/sub-<label>/func``."""
+    folder = Path(output_dir) / f"sub-{ents['sub']}" / "func"
+    desc = fit.method
+    sources = [f"bids:raw:{os.path.relpath(r, bids_dir)}" for r in fit.runs_]
+    side = provenance(**params) | {"Sources": sources}
+    geom = fit.geometry_
+    out = [
+        write_img(folder / bids_name("components", ".nii.gz", **ents, desc=desc),
+                  fit.components_img_,
+                  side | {"Description": "z-scored, sign-corrected component maps (one volume "
+                          "per component); a voxel is a neuron (see the raw sidecar's mapping)."}),
+        write_table(folder / bids_name("mixing", ".tsv", **ents, desc=desc), fit.mixing_,
+                    side | {"Description": "Component time courses per run; one row per token."}),
+        write_table(folder / bids_name("keyneurons", ".tsv", **ents, desc=desc), fit.key_neurons_,
+                    side | {"Description": "Neurons with |z| >= threshold in a component map.",
+                            "layer": "Layer index (z).", "neuron": "Neuron index in the layer.",
+                            "component": "Network (component) index, from 1.",
+                            "z": "z-score of the neuron in the component map.",
+                            "n_networks": "Number of networks the neuron belongs to."}),
+        write_table(folder / bids_name("layercounts", ".tsv", **ents, desc=desc),
+                    fit.layer_counts(), side | {"Description": "Key neurons per layer."}),
+    ]
+    # Atlas: each neuron labelled with its strongest network (0: none), plus memberships.
+    z = np.where(fit.networks_, np.abs(fit.components_), 0)
+    labels = np.where(fit.networks_.any(0), z.argmax(0) + 1, 0)
+    dseg = np.zeros(geom.shape, dtype=np.int16)
+    dseg[geom.mask] = labels
+    out.append(write_img(folder / bids_name("dseg", ".nii.gz", **ents, atlas=desc),
+                         nib.Nifti1Image(dseg, geom.affine), side))
+    k = fit.components_.shape[0]
+    out.append(write_table(
+        folder / bids_name("dseg", ".tsv", **ents, atlas=desc),
+        pd.DataFrame({"index": np.arange(k + 1), "name": ["none"] + [f"network-{i:02d}" for i in range(1, k + 1)]}),
+    ))
+    out.append(write_img(folder / bids_name("probseg", ".nii.gz", **ents, atlas=desc),
+                         fit.maps_to_img(fit.networks_.astype(np.float32)),
+                         side | {"Description": "Network memberships (1 inside), one volume per network."}))
+    out.append(write_table(folder / bids_name("connectivity", ".tsv", **ents, desc=desc),
+                           connectivity(fit), side | {"Description": "Correlation between network time courses (nilearn ConnectivityMeasure, mean over runs, special tokens dropped)."}))
+    return out
+
+
+def connectivity(fit: FunctionalNetworks) -> pd.DataFrame:
+    """Mean correlation between the networks' time courses over runs (nilearn connectome)."""
+    from nilearn.connectome import ConnectivityMeasure
+
+    comps = [c for c in fit.mixing_.columns if c.startswith("comp-")]
+    series = [g.loc[g.special == 0, comps].to_numpy() for _, g in fit.mixing_.groupby("run")]
+    measure = ConnectivityMeasure(kind="correlation", standardize="zscore_sample")
+    matrices = measure.fit_transform(series)
+    mean = np.asarray(measure.mean_)
+    frame = pd.DataFrame(np.round(mean, 4), columns=comps)
+    frame.insert(0, "component", comps)
+    del matrices
+    return frame
+
+
+def _recurrence(output_dir, sub, acq, by_task, fits, method, n_components, threshold, seed,
+                n_jobs, per_run, n_permutations, params) -> list[Path]:
+    rows = []
+    written = []
+    tasks = sorted(fits)
+    for i, a in enumerate(tasks):
+        for b in tasks[i + 1:]:
+            table = compare_fits(fits[a].components_, fits[b].components_, fits[a].networks_,
+                                 fits[b].networks_, n_permutations, seed)
+            rows.append(table.assign(scope="task", reference=f"task-{a}", other=f"task-{b}"))
+    for task, runs in by_task.items():
+        if not per_run or len(runs) < 2:
+            continue
+        group = fits[task]
+        run_fits = [_fit([r], method, n_components, threshold, seed, n_jobs) for r in runs]
+        for run, fit in zip(runs, run_fits):
+            table = compare_fits(group.components_, fit.components_, group.networks_,
+                                 fit.networks_, n_permutations, seed)
+            rows.append(table.assign(scope="run", reference=f"task-{task}",
+                                     other=f"run-{parse_entities(run.name)['run']}"))
+        freq = recurrence_frequency([f.networks_ for f in run_fits])
+        geom = group.geometry_
+        data = np.zeros(geom.shape, dtype=np.float32)
+        data[geom.mask] = freq
+        folder = Path(output_dir) / f"sub-{sub}" / "func"
+        written.append(write_img(
+            folder / bids_name("map", ".nii.gz", sub=sub, task=task, acq=acq, desc=f"{method}Recurrence"),
+            nib.Nifti1Image(data, geom.affine),
+            provenance(**params) | {"Description": "Per neuron, the fraction of single-run "
+                                    "decompositions in which it belongs to some network.",
+                                    "NRuns": len(runs)}))
+    if rows:
+        table = pd.concat(rows, ignore_index=True)
+        cols = ["scope", "reference", "other"] + [c for c in table.columns if c not in ("scope", "reference", "other")]
+        written.append(write_table(
+            Path(output_dir) / f"sub-{sub}" / "func" / bids_name("recurrence", ".tsv", sub=sub, acq=acq, desc=method),
+            table[cols],
+            provenance(**params, n_permutations=n_permutations) | {
+                "Description": "Networks matched one to one (Hungarian on |spatial correlation|) "
+                "between tasks and between each run's own decomposition and its task's group "
+                "networks; p_value against the best matched Dice of networks with shuffled "
+                "neurons (permutation null)."}))
+    return written

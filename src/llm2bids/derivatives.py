@@ -1,0 +1,114 @@
+"""The ``derivatives/llm2bids`` dataset: description, provenance sidecars, atomic writes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import pandas as pd
+
+from . import _io
+from ._version import __version__
+from .bids.dataset import BIDS_VERSION, NOT_BRAIN_DATA, require_dataset
+from .exceptions import InputError
+
+# Suffixes the BIDS schema does not name yet; listed so that the validator passes.
+BIDSIGNORE = "\n".join(
+    [
+        "*_components.nii.gz",
+        "*_components.json",
+        "*_mixing.tsv",
+        "*_mixing.json",
+        "*_keyneurons.tsv",
+        "*_keyneurons.json",
+        "*_layercounts.tsv",
+        "*_layercounts.json",
+        "*_connectivity.tsv",
+        "*_connectivity.json",
+        "*_recurrence.tsv",
+        "*_recurrence.json",
+        "*_probseg.nii.gz",
+        "*_probseg.json",
+        "*_dseg.nii.gz",
+        "*_dseg.tsv",
+        "*_dseg.json",
+        "*_statmap.nii.gz",
+        "*_statmap.json",
+        "*_map.nii.gz",
+        "*_map.json",
+        "*_lesion.tsv",
+        "*_lesion.json",
+        "*_keeponly.tsv",
+        "*_keeponly.json",
+        "*_pruning.tsv",
+        "*_pruning.json",
+        "*.html",
+        "figures/",
+        "pruned/",
+        "",
+    ]
+)
+
+
+def init_derivatives(output_dir: str | Path, bids_dir: str | Path) -> Path:
+    """Create (or reuse) a derivatives dataset; refuse ``output_dir == bids_dir``."""
+    bids_dir = require_dataset(bids_dir)
+    output_dir = Path(output_dir)
+    if output_dir.resolve() == bids_dir.resolve():
+        raise InputError(
+            "OUTPUT_DIR must differ from BIDS_DIR: analyses never write into the raw dataset. "
+            f"Use for example {bids_dir / 'derivatives' / 'llm2bids'}."
+        )
+    with _io.dataset_lock(output_dir):
+        if not (output_dir / "dataset_description.json").exists():
+            _io.write_json(
+                output_dir / "dataset_description.json",
+                {
+                    "Name": "llm2bids derivatives",
+                    "BIDSVersion": BIDS_VERSION,
+                    "DatasetType": "derivative",
+                    "GeneratedBy": [{"Name": "llm2bids", "Version": __version__}],
+                    "SourceDatasets": [{"URL": _relative_url(bids_dir, output_dir)}],
+                },
+            )
+            _io.write_text(
+                output_dir / "README.md",
+                f"# llm2bids derivatives\n\n{NOT_BRAIN_DATA}\n\nComputed from "
+                f"`{_relative_url(bids_dir, output_dir)}` by llm2bids {__version__}.\n",
+            )
+        _io.write_text(output_dir / ".bidsignore", BIDSIGNORE)
+    return output_dir
+
+
+def _relative_url(bids_dir: Path, output_dir: Path) -> str:
+    try:
+        return "file://" + os.path.relpath(bids_dir.resolve(), output_dir.resolve())
+    except ValueError:
+        return "file://" + str(bids_dir.resolve())
+
+
+def provenance(**parameters) -> dict:
+    """The sidecar keys every derivative carries: generator, version and exact parameters."""
+    return {"GeneratedBy": [{"Name": "llm2bids", "Version": __version__}], "Parameters": parameters}
+
+
+def write_img(path: Path, img: nib.Nifti1Image, sidecar: dict | None = None) -> Path:
+    """Write a NIfTI derivative (and its JSON sidecar) atomically."""
+    with _io.atomic_path(path) as tmp:
+        img.to_filename(tmp)
+    if sidecar is not None:
+        _io.write_json(_json_for(path), sidecar)
+    return path
+
+
+def write_table(path: Path, frame: pd.DataFrame, sidecar: dict | None = None) -> Path:
+    """Write a TSV derivative (and its JSON sidecar) atomically."""
+    _io.write_tsv(path, frame)
+    if sidecar is not None:
+        _io.write_json(_json_for(path), sidecar)
+    return path
+
+
+def _json_for(path: Path) -> Path:
+    return path.with_name(path.name.split(".")[0] + ".json")

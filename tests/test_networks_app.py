@@ -1,0 +1,58 @@
+import pandas as pd
+import pytest
+from bids import BIDSLayout
+
+import llm2bids
+from llm2bids.cli.main import main
+from llm2bids.decomposition import run_networks
+
+
+@pytest.fixture(scope="module")
+def derivatives(recorded, tmp_path_factory):
+    out = tmp_path_factory.mktemp("deriv") / "llm2bids"
+    run_networks(recorded, out, n_components=3, n_permutations=20, verbose=0)
+    return out
+
+
+def test_networks_writes_valid_indexed_derivatives(recorded, derivatives, valid):
+    valid(derivatives)
+    func = derivatives / "sub-tinyllama" / "func"
+    for task in ("narrative", "langloc"):
+        stem = f"sub-tinyllama_task-{task}_acq-mlp"
+        for name in ("desc-canica_components.nii.gz", "desc-canica_mixing.tsv",
+                     "desc-canica_keyneurons.tsv", "desc-canica_layercounts.tsv",
+                     "atlas-canica_dseg.nii.gz", "atlas-canica_dseg.tsv",
+                     "atlas-canica_probseg.nii.gz", "desc-canica_connectivity.tsv",
+                     "desc-canicaRecurrence_map.nii.gz"):
+            assert (func / f"{stem}_{name}").exists(), name
+    assert (func / "sub-tinyllama_acq-mlp_desc-canica_components.nii.gz").exists()  # all tasks
+    recurrence = pd.read_csv(func / "sub-tinyllama_acq-mlp_desc-canica_recurrence.tsv", sep="\t")
+    assert set(recurrence.scope) == {"task", "run"}
+    assert recurrence.p_value.between(0, 1).all()
+    layout = BIDSLayout(recorded, validate=False, derivatives=[str(derivatives)])
+    found = layout.derivatives["llm2bids"].get(subject="tinyllama", desc="canica",
+                                                           suffix="keyneurons", extension=".tsv")
+    assert len(found) >= 2
+    meta = found[0].get_metadata()
+    assert meta["Parameters"]["random_state"] == 0 and meta["GeneratedBy"][0]["Name"] == "llm2bids"
+
+
+def test_same_seed_gives_identical_key_neurons(recorded, derivatives, tmp_path):
+    out = tmp_path / "again"
+    run_networks(recorded, out, tasks=["langloc"], n_components=3, per_run=False, verbose=0)
+    name = "sub-tinyllama/func/sub-tinyllama_task-langloc_acq-mlp_desc-canica_keyneurons.tsv"
+    assert (out / name).read_bytes() == (derivatives / name).read_bytes()
+
+
+def test_cli_bad_inputs_write_nothing(recorded, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["networks", str(tmp_path), str(out), "participant"]) == 2
+    assert "not a BIDS dataset" in capsys.readouterr().err
+    assert main(["networks", str(recorded), str(recorded), "participant"]) == 2
+    assert "must differ" in capsys.readouterr().err
+    assert main(["networks", str(recorded), str(out), "participant", "--task", "nope"]) == 2
+    assert "no runs" in capsys.readouterr().err
+    assert main(["networks", str(recorded), str(out), "participant", "--n-components", "5000"]) == 2
+    assert "exceeds the number of time points" in capsys.readouterr().err
+    assert not out.exists()
+    assert llm2bids.validate(recorded).valid
