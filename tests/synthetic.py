@@ -27,16 +27,25 @@ def write_synthetic(
     n_layers, n_neurons = runs[0].shape[1:]
     geom = VoxelGeometry(n_layers, n_neurons)
     dataset.init_dataset(root)
-    dataset.add_participant(root, {"participant_id": f"sub-{subject}", "model_id": "synthetic",
-                                   "architecture": "n/a", "n_layers": n_layers,
-                                   "mlp_neurons_per_layer": n_neurons})
-    docs = [Document(f"run{i + 1}", [Segment(f"synthetic run {i + 1}", "x")])
-            for i in range(len(runs))]
+    dataset.add_participant(
+        root,
+        {
+            "participant_id": f"sub-{subject}",
+            "model_id": "synthetic",
+            "architecture": "n/a",
+            "n_layers": n_layers,
+            "mlp_neurons_per_layer": n_neurons,
+        },
+    )
+    docs = [
+        Document(f"run{i + 1}", [Segment(f"synthetic run {i + 1}", "x")]) for i in range(len(runs))
+    ]
     dataset.register_task(root, StimulusSet(task, "Synthetic data.", docs, "CC0"))
     folder = func_dir(root, subject)
     ents = {"sub": subject, "task": task, "acq": "mlp"}
-    _io.write_json(folder / bids_name("bold", ".json", **ents),
-                   {"RepetitionTime": 1.0, **geom.to_sidecar()})
+    _io.write_json(
+        folder / bids_name("bold", ".json", **ents), {"RepetitionTime": 1.0, **geom.to_sidecar()}
+    )
     paths = []
     for i, acts in enumerate(runs):
         t = acts.shape[0]
@@ -47,14 +56,22 @@ def write_synthetic(
             conds = ["special", *conds[1:]]
         block = geom.empty_block(t)
         block[:, :, :n_neurons] = acts
-        write_events(folder / bids_name("events", ".tsv", **ents, run=i + 1),
-                     events_frame(np.arange(t), [f"tok{j}" for j in range(t)], conds, special))
+        write_events(
+            folder / bids_name("events", ".tsv", **ents, run=i + 1),
+            events_frame(np.arange(t), [f"tok{j}" for j in range(t)], conds, special),
+        )
         paths.append(write_run(folder / bids_name("bold", ".nii", **ents, run=i + 1), block, geom))
     return paths
 
 
 def planted_networks(
-    n_runs=4, n_tokens=300, n_layers=4, n_neurons=100, n_groups=4, group_size=20, noise=0.5,
+    n_runs=4,
+    n_tokens=300,
+    n_layers=4,
+    n_neurons=100,
+    n_groups=4,
+    group_size=20,
+    noise=0.5,
     seed=0,
 ):
     """Runs where ``n_groups`` disjoint neuron groups follow independent sparse time courses.

@@ -1,11 +1,11 @@
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
-from synthetic import planted_networks, write_synthetic
 
 import llm2bids
 from llm2bids.decomposition import FunctionalNetworks
 from llm2bids.exceptions import DatasetError, InputError
+from synthetic import planted_networks, write_synthetic
 
 
 def _best_dice(found, truth_flat, geometry):
@@ -24,8 +24,9 @@ def planted(tmp_path_factory):
     return paths, truth
 
 
-@pytest.mark.parametrize("method,n_components,min_dice", [("canica", 4, 0.9),
-                                                          ("dictlearning", 4, 0.8)])
+@pytest.mark.parametrize(
+    "method,n_components,min_dice", [("canica", 4, 0.9), ("dictlearning", 4, 0.8)]
+)
 def test_planted_groups_are_recovered(planted, method, n_components, min_dice):
     paths, truth = planted
     fit = FunctionalNetworks(method=method, n_components=n_components, random_state=0).fit(paths)

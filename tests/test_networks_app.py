@@ -19,19 +19,26 @@ def test_networks_writes_valid_indexed_derivatives(recorded, derivatives, valid)
     func = derivatives / "sub-tinyllama" / "func"
     for task in ("narrative", "langloc"):
         stem = f"sub-tinyllama_task-{task}_acq-mlp"
-        for name in ("desc-canica_components.nii.gz", "desc-canica_mixing.tsv",
-                     "desc-canica_keyneurons.tsv", "desc-canica_layercounts.tsv",
-                     "atlas-canica_dseg.nii.gz", "atlas-canica_dseg.tsv",
-                     "atlas-canica_probseg.nii.gz", "desc-canica_connectivity.tsv",
-                     "desc-canicaRecurrence_map.nii.gz"):
+        for name in (
+            "desc-canica_components.nii.gz",
+            "desc-canica_mixing.tsv",
+            "desc-canica_keyneurons.tsv",
+            "desc-canica_layercounts.tsv",
+            "atlas-canica_dseg.nii.gz",
+            "atlas-canica_dseg.tsv",
+            "atlas-canica_probseg.nii.gz",
+            "desc-canica_connectivity.tsv",
+            "desc-canicaRecurrence_map.nii.gz",
+        ):
             assert (func / f"{stem}_{name}").exists(), name
     assert (func / "sub-tinyllama_acq-mlp_desc-canica_components.nii.gz").exists()  # all tasks
     recurrence = pd.read_csv(func / "sub-tinyllama_acq-mlp_desc-canica_recurrence.tsv", sep="\t")
     assert set(recurrence.scope) == {"task", "run"}
     assert recurrence.p_value.between(0, 1).all()
     layout = BIDSLayout(recorded, validate=False, derivatives=[str(derivatives)])
-    found = layout.derivatives["llm2bids"].get(subject="tinyllama", desc="canica",
-                                                           suffix="keyneurons", extension=".tsv")
+    found = layout.derivatives["llm2bids"].get(
+        subject="tinyllama", desc="canica", suffix="keyneurons", extension=".tsv"
+    )
     assert len(found) >= 2
     meta = found[0].get_metadata()
     assert meta["Parameters"]["random_state"] == 0 and meta["GeneratedBy"][0]["Name"] == "llm2bids"

@@ -116,27 +116,89 @@ def _networks_args(p):
     g.add_argument("--task", nargs="+", default=None, help="tasks to analyse; default all")
     g.add_argument("--method", default="canica", choices=["canica", "dictlearning"])
     g.add_argument("--n-components", type=int, default=20)
-    g.add_argument("--threshold", type=float, default=3.0,
-                   help="|z| at or above which a neuron belongs to a network")
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=3.0,
+        help="|z| at or above which a neuron belongs to a network",
+    )
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--n-jobs", type=int, default=1)
     g = p.add_argument_group("recurrence")
-    g.add_argument("--no-per-run", action="store_true",
-                   help="skip the single-run decompositions (recurrence across runs)")
+    g.add_argument(
+        "--no-per-run",
+        action="store_true",
+        help="skip the single-run decompositions (recurrence across runs)",
+    )
     g.add_argument("--n-permutations", type=int, default=100, help="size of the null")
 
 
-@command("networks", "find functional networks (nilearn CanICA / DictLearning) and their recurrence",
-         _networks_args)
+@command(
+    "networks",
+    "find functional networks (nilearn CanICA / DictLearning) and their recurrence",
+    _networks_args,
+)
 def _networks(args) -> int:
     from ..decomposition import run_networks
 
     check_output_dir(args.bids_dir, args.output_dir)
     written = run_networks(
-        args.bids_dir, args.output_dir, participant_label=args.participant_label,
-        tasks=args.task, method=args.method, n_components=args.n_components,
-        threshold=args.threshold, seed=args.seed, n_jobs=args.n_jobs,
-        per_run=not args.no_per_run, n_permutations=args.n_permutations, verbose=args.verbose,
+        args.bids_dir,
+        args.output_dir,
+        participant_label=args.participant_label,
+        tasks=args.task,
+        method=args.method,
+        n_components=args.n_components,
+        threshold=args.threshold,
+        seed=args.seed,
+        n_jobs=args.n_jobs,
+        per_run=not args.no_per_run,
+        n_permutations=args.n_permutations,
+        verbose=args.verbose,
     )
     print(f"{len(written)} files in {args.output_dir}")
+    return 0
+
+
+def _localize_args(p):
+    add_bids_app_arguments(p)
+    g = p.add_argument_group("contrast")
+    g.add_argument("--task", required=True, help="task whose conditions are contrasted")
+    g.add_argument(
+        "--contrast",
+        default="sentence - nonword",
+        help="nilearn contrast expression over trial_type values",
+    )
+    g.add_argument(
+        "--second-level",
+        action="store_true",
+        help="combine per-run effects with nilearn's SecondLevelModel",
+    )
+    g = p.add_argument_group("selection (one of; default --top-percent 1)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--top-percent", type=float, default=None, help="top P%% of units by t")
+    x.add_argument("--threshold", type=float, default=None, help="units with z >= Z")
+    x.add_argument("--alpha", type=float, default=None, help="corrected significance level")
+    g.add_argument("--height-control", default="bonferroni", choices=["bonferroni", "fdr", "fpr"])
+
+
+@command("localize", "localize units with a task contrast (nilearn GLM, no HRF)", _localize_args)
+def _localize(args) -> int:
+    from ..glm import run_localize
+
+    check_output_dir(args.bids_dir, args.output_dir)
+    results = run_localize(
+        args.bids_dir,
+        args.output_dir,
+        task=args.task,
+        contrast=args.contrast,
+        participant_label=args.participant_label,
+        top_percent=args.top_percent,
+        threshold=args.threshold,
+        alpha=args.alpha,
+        height_control=args.height_control,
+        second_level=args.second_level,
+    )
+    for sub, res in results.items():
+        print(f"sub-{sub}: {int(res.selected.sum())} units selected ({res.selection})")
     return 0

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from ..bids.dataset import require_dataset
 from ..bids.names import bids_name, parse_entities, strip_prefix
 from ..bids.reader import find_runs, run_metadata, special_mask
-from ..bids.dataset import require_dataset
 from ..derivatives import init_derivatives, provenance, write_img, write_table
 from ..exceptions import DatasetError, InputError
 from ..overlap import compare_fits, recurrence_frequency
@@ -94,31 +94,62 @@ def run_networks(
     for sub, by_task in selected.items():
         fits = {}
         model_id = run_metadata(next(iter(by_task.values()))[0]).get("ModelID", "n/a")
-        params = {"method": method, "n_components": n_components, "threshold": threshold,
-                  "random_state": seed, "smoothing_fwhm": None, "standardize": "zscore_sample",
-                  "drop_special": True, "model_id": model_id}
+        params = {
+            "method": method,
+            "n_components": n_components,
+            "threshold": threshold,
+            "random_state": seed,
+            "smoothing_fwhm": None,
+            "standardize": "zscore_sample",
+            "drop_special": True,
+            "model_id": model_id,
+        }
         bar = tqdm(total=len(by_task) + 1, desc=f"sub-{sub} networks", disable=not verbose)
         for task, runs in by_task.items():
             fit = _fit(runs, method, n_components, threshold, seed, n_jobs)
             fits[task] = fit
-            written += write_networks(output_dir, fit, {"sub": sub, "task": task, "acq": acq},
-                                      params, bids_dir)
+            written += write_networks(
+                output_dir, fit, {"sub": sub, "task": task, "acq": acq}, params, bids_dir
+            )
             bar.update()
         all_runs = [r for runs in by_task.values() for r in runs]
         if len(by_task) > 1:
             fit_all = _fit(all_runs, method, n_components, threshold, seed, n_jobs)
-            written += write_networks(output_dir, fit_all, {"sub": sub, "acq": acq},
-                                      params | {"tasks": sorted(by_task)}, bids_dir)
+            written += write_networks(
+                output_dir,
+                fit_all,
+                {"sub": sub, "acq": acq},
+                params | {"tasks": sorted(by_task)},
+                bids_dir,
+            )
         bar.update()
         bar.close()
-        written += _recurrence(output_dir, sub, acq, by_task, fits, method, n_components,
-                               threshold, seed, n_jobs, per_run, n_permutations, params)
+        written += _recurrence(
+            output_dir,
+            sub,
+            acq,
+            by_task,
+            fits,
+            method,
+            n_components,
+            threshold,
+            seed,
+            n_jobs,
+            per_run,
+            n_permutations,
+            params,
+        )
     return written
 
 
 def _fit(runs, method, n_components, threshold, seed, n_jobs) -> FunctionalNetworks:
-    return FunctionalNetworks(method=method, n_components=n_components, threshold=threshold,
-                              random_state=seed, n_jobs=n_jobs).fit(runs)
+    return FunctionalNetworks(
+        method=method,
+        n_components=n_components,
+        threshold=threshold,
+        random_state=seed,
+        n_jobs=n_jobs,
+    ).fit(runs)
 
 
 def write_networks(
@@ -131,38 +162,80 @@ def write_networks(
     side = provenance(**params) | {"Sources": sources}
     geom = fit.geometry_
     out = [
-        write_img(folder / bids_name("components", ".nii.gz", **ents, desc=desc),
-                  fit.components_img_,
-                  side | {"Description": "z-scored, sign-corrected component maps (one volume "
-                          "per component); a voxel is a neuron (see the raw sidecar's mapping)."}),
-        write_table(folder / bids_name("mixing", ".tsv", **ents, desc=desc), fit.mixing_,
-                    side | {"Description": "Component time courses per run; one row per token."}),
-        write_table(folder / bids_name("keyneurons", ".tsv", **ents, desc=desc), fit.key_neurons_,
-                    side | {"Description": "Neurons with |z| >= threshold in a component map.",
-                            "layer": "Layer index (z).", "neuron": "Neuron index in the layer.",
-                            "component": "Network (component) index, from 1.",
-                            "z": "z-score of the neuron in the component map.",
-                            "n_networks": "Number of networks the neuron belongs to."}),
-        write_table(folder / bids_name("layercounts", ".tsv", **ents, desc=desc),
-                    fit.layer_counts(), side | {"Description": "Key neurons per layer."}),
+        write_img(
+            folder / bids_name("components", ".nii.gz", **ents, desc=desc),
+            fit.components_img_,
+            side
+            | {
+                "Description": "z-scored, sign-corrected component maps (one volume "
+                "per component); a voxel is a neuron (see the raw sidecar's mapping)."
+            },
+        ),
+        write_table(
+            folder / bids_name("mixing", ".tsv", **ents, desc=desc),
+            fit.mixing_,
+            side | {"Description": "Component time courses per run; one row per token."},
+        ),
+        write_table(
+            folder / bids_name("keyneurons", ".tsv", **ents, desc=desc),
+            fit.key_neurons_,
+            side
+            | {
+                "Description": "Neurons with |z| >= threshold in a component map.",
+                "layer": "Layer index (z).",
+                "neuron": "Neuron index in the layer.",
+                "component": "Network (component) index, from 1.",
+                "z": "z-score of the neuron in the component map.",
+                "n_networks": "Number of networks the neuron belongs to.",
+            },
+        ),
+        write_table(
+            folder / bids_name("layercounts", ".tsv", **ents, desc=desc),
+            fit.layer_counts(),
+            side | {"Description": "Key neurons per layer."},
+        ),
     ]
     # Atlas: each neuron labelled with its strongest network (0: none), plus memberships.
     z = np.where(fit.networks_, np.abs(fit.components_), 0)
     labels = np.where(fit.networks_.any(0), z.argmax(0) + 1, 0)
     dseg = np.zeros(geom.shape, dtype=np.int16)
     dseg[geom.mask] = labels
-    out.append(write_img(folder / bids_name("dseg", ".nii.gz", **ents, atlas=desc),
-                         nib.Nifti1Image(dseg, geom.affine), side))
+    out.append(
+        write_img(
+            folder / bids_name("dseg", ".nii.gz", **ents, atlas=desc),
+            nib.Nifti1Image(dseg, geom.affine),
+            side,
+        )
+    )
     k = fit.components_.shape[0]
-    out.append(write_table(
-        folder / bids_name("dseg", ".tsv", **ents, atlas=desc),
-        pd.DataFrame({"index": np.arange(k + 1), "name": ["none"] + [f"network-{i:02d}" for i in range(1, k + 1)]}),
-    ))
-    out.append(write_img(folder / bids_name("probseg", ".nii.gz", **ents, atlas=desc),
-                         fit.maps_to_img(fit.networks_.astype(np.float32)),
-                         side | {"Description": "Network memberships (1 inside), one volume per network."}))
-    out.append(write_table(folder / bids_name("connectivity", ".tsv", **ents, desc=desc),
-                           connectivity(fit), side | {"Description": "Correlation between network time courses (nilearn ConnectivityMeasure, mean over runs, special tokens dropped)."}))
+    out.append(
+        write_table(
+            folder / bids_name("dseg", ".tsv", **ents, atlas=desc),
+            pd.DataFrame(
+                {
+                    "index": np.arange(k + 1),
+                    "name": ["none"] + [f"network-{i:02d}" for i in range(1, k + 1)],
+                }
+            ),
+        )
+    )
+    out.append(
+        write_img(
+            folder / bids_name("probseg", ".nii.gz", **ents, atlas=desc),
+            fit.maps_to_img(fit.networks_.astype(np.float32)),
+            side | {"Description": "Network memberships (1 inside), one volume per network."},
+        )
+    )
+    out.append(
+        write_table(
+            folder / bids_name("connectivity", ".tsv", **ents, desc=desc),
+            connectivity(fit),
+            side
+            | {
+                "Description": "Correlation between network time courses (nilearn ConnectivityMeasure, mean over runs, special tokens dropped)."
+            },
+        )
+    )
     return out
 
 
@@ -181,15 +254,34 @@ def connectivity(fit: FunctionalNetworks) -> pd.DataFrame:
     return frame
 
 
-def _recurrence(output_dir, sub, acq, by_task, fits, method, n_components, threshold, seed,
-                n_jobs, per_run, n_permutations, params) -> list[Path]:
+def _recurrence(
+    output_dir,
+    sub,
+    acq,
+    by_task,
+    fits,
+    method,
+    n_components,
+    threshold,
+    seed,
+    n_jobs,
+    per_run,
+    n_permutations,
+    params,
+) -> list[Path]:
     rows = []
     written = []
     tasks = sorted(fits)
     for i, a in enumerate(tasks):
-        for b in tasks[i + 1:]:
-            table = compare_fits(fits[a].components_, fits[b].components_, fits[a].networks_,
-                                 fits[b].networks_, n_permutations, seed)
+        for b in tasks[i + 1 :]:
+            table = compare_fits(
+                fits[a].components_,
+                fits[b].components_,
+                fits[a].networks_,
+                fits[b].networks_,
+                n_permutations,
+                seed,
+            )
             rows.append(table.assign(scope="task", reference=f"task-{a}", other=f"task-{b}"))
     for task, runs in by_task.items():
         if not per_run or len(runs) < 2:
@@ -197,30 +289,60 @@ def _recurrence(output_dir, sub, acq, by_task, fits, method, n_components, thres
         group = fits[task]
         run_fits = [_fit([r], method, n_components, threshold, seed, n_jobs) for r in runs]
         for run, fit in zip(runs, run_fits):
-            table = compare_fits(group.components_, fit.components_, group.networks_,
-                                 fit.networks_, n_permutations, seed)
-            rows.append(table.assign(scope="run", reference=f"task-{task}",
-                                     other=f"run-{parse_entities(run.name)['run']}"))
+            table = compare_fits(
+                group.components_,
+                fit.components_,
+                group.networks_,
+                fit.networks_,
+                n_permutations,
+                seed,
+            )
+            rows.append(
+                table.assign(
+                    scope="run",
+                    reference=f"task-{task}",
+                    other=f"run-{parse_entities(run.name)['run']}",
+                )
+            )
         freq = recurrence_frequency([f.networks_ for f in run_fits])
         geom = group.geometry_
         data = np.zeros(geom.shape, dtype=np.float32)
         data[geom.mask] = freq
         folder = Path(output_dir) / f"sub-{sub}" / "func"
-        written.append(write_img(
-            folder / bids_name("map", ".nii.gz", sub=sub, task=task, acq=acq, desc=f"{method}Recurrence"),
-            nib.Nifti1Image(data, geom.affine),
-            provenance(**params) | {"Description": "Per neuron, the fraction of single-run "
-                                    "decompositions in which it belongs to some network.",
-                                    "NRuns": len(runs)}))
+        written.append(
+            write_img(
+                folder
+                / bids_name(
+                    "map", ".nii.gz", sub=sub, task=task, acq=acq, desc=f"{method}Recurrence"
+                ),
+                nib.Nifti1Image(data, geom.affine),
+                provenance(**params)
+                | {
+                    "Description": "Per neuron, the fraction of single-run "
+                    "decompositions in which it belongs to some network.",
+                    "NRuns": len(runs),
+                },
+            )
+        )
     if rows:
         table = pd.concat(rows, ignore_index=True)
-        cols = ["scope", "reference", "other"] + [c for c in table.columns if c not in ("scope", "reference", "other")]
-        written.append(write_table(
-            Path(output_dir) / f"sub-{sub}" / "func" / bids_name("recurrence", ".tsv", sub=sub, acq=acq, desc=method),
-            table[cols],
-            provenance(**params, n_permutations=n_permutations) | {
-                "Description": "Networks matched one to one (Hungarian on |spatial correlation|) "
-                "between tasks and between each run's own decomposition and its task's group "
-                "networks; p_value against the best matched Dice of networks with shuffled "
-                "neurons (permutation null)."}))
+        cols = ["scope", "reference", "other"] + [
+            c for c in table.columns if c not in ("scope", "reference", "other")
+        ]
+        written.append(
+            write_table(
+                Path(output_dir)
+                / f"sub-{sub}"
+                / "func"
+                / bids_name("recurrence", ".tsv", sub=sub, acq=acq, desc=method),
+                table[cols],
+                provenance(**params, n_permutations=n_permutations)
+                | {
+                    "Description": "Networks matched one to one (Hungarian on |spatial correlation|) "
+                    "between tasks and between each run's own decomposition and its task's group "
+                    "networks; p_value against the best matched Dice of networks with shuffled "
+                    "neurons (permutation null)."
+                },
+            )
+        )
     return written

@@ -1,0 +1,13 @@
+"""GLM localizers with nilearn's FirstLevelModel / SecondLevelModel."""
+
+from .app import run_localize
+from .localize import LocalizerResult, contrast_label, localize, top_percent_mask, welch_selection
+
+__all__ = [
+    "LocalizerResult",
+    "contrast_label",
+    "localize",
+    "run_localize",
+    "top_percent_mask",
+    "welch_selection",
+]

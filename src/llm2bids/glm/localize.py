@@ -1,0 +1,288 @@
+"""Localizers: task contrasts with nilearn's GLM on LLM neurons.
+
+Tokens have no haemodynamics: the design is built from the events with no HRF convolution
+(``hrf_model=None``: each condition is an exact 0/1 indicator of its tokens) and no drift
+model. Special tokens are left out of the fit with ``sample_masks``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from ..bids.geometry import VoxelGeometry
+from ..bids.reader import load_img, load_run, read_run_events
+from ..decomposition.networks import check_same_geometry, layer_counts
+from ..exceptions import InputError
+from ..stimuli.runs import SPECIAL_CONDITION
+
+logger = logging.getLogger("llm2bids.glm")
+
+HEIGHT_CONTROLS = ("bonferroni", "fdr", "fpr")
+
+
+@dataclass
+class LocalizerResult:
+    """A contrast's maps and the units it selects.
+
+    Attributes
+    ----------
+    contrast : str
+    maps : dict of str to nibabel.Nifti1Image
+        ``"z"``, ``"t"`` and ``"effect"`` maps.
+    z, t : ndarray, shape (n_neurons_total,)
+        The same maps in nilearn's masker order.
+    selected : ndarray of bool, shape (n_neurons_total,)
+    selection : str
+        How units were selected (for example ``"top 1% by t"``).
+    geometry : VoxelGeometry
+    """
+
+    contrast: str
+    maps: dict
+    z: np.ndarray
+    t: np.ndarray
+    selected: np.ndarray
+    selection: str
+    geometry: VoxelGeometry
+
+    def table(self) -> pd.DataFrame:
+        """Selected units in the key-neuron format: ``layer, neuron, component, z, n_networks``."""
+        labels = self.geometry.labels()
+        idx = np.flatnonzero(self.selected)
+        frame = pd.DataFrame(
+            {
+                "layer": labels.layer.to_numpy()[idx],
+                "neuron": labels.neuron.to_numpy()[idx],
+                "component": 1,
+                "z": np.round(self.z[idx], 4),
+                "n_networks": 1,
+            }
+        )
+        return frame.sort_values(["layer", "neuron"], ignore_index=True)
+
+    def layer_counts(self) -> pd.DataFrame:
+        """Selected units per layer."""
+        return layer_counts(self.selected, self.geometry)
+
+
+def contrast_label(contrast: str) -> str:
+    """A BIDS label for a contrast: ``"sentence - nonword"`` -> ``"sentenceMinusNonword"``."""
+    words = re.sub(r"-", " Minus ", contrast)
+    words = re.sub(r"\+", " Plus ", words)
+    words = re.sub(r"\*", " Times ", words)
+    parts = re.findall(r"[A-Za-z0-9]+", words)
+    if not parts:
+        raise InputError(f"contrast {contrast!r} names no condition.")
+    return parts[0] + "".join(p[:1].upper() + p[1:] for p in parts[1:])
+
+
+def _contrast_names(contrast: str) -> set[str]:
+    return set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", contrast))
+
+
+def _check_contrast(contrast: str, conditions: set[str]) -> None:
+    names = _contrast_names(contrast)
+    missing = sorted(names - conditions)
+    if missing:
+        raise InputError(
+            f"contrast {contrast!r} names {missing}, which are not conditions of these runs; "
+            f"conditions (trial_type values): {sorted(conditions)}."
+        )
+
+
+def _events_and_masks(runs: Sequence[Path]):
+    events, masks, conditions = [], [], set()
+    for run in runs:
+        img = load_img(run)
+        ev = read_run_events(run, img.shape[3])
+        if "trial_type" not in ev.columns:
+            raise InputError(
+                f"{run.name}: its events have no trial_type column, so there are no conditions "
+                "to contrast; record a task with conditions (for example --task langloc, or a "
+                "stimuli TSV with a 'condition' column)."
+            )
+        keep = ev["special"].to_numpy() == 0 if "special" in ev else np.ones(len(ev), bool)
+        keep &= ev["trial_type"].to_numpy() != SPECIAL_CONDITION
+        masks.append(keep)
+        events.append(ev.loc[keep, ["onset", "duration", "trial_type"]].reset_index(drop=True))
+        conditions |= set(events[-1].trial_type)
+    return events, masks, conditions
+
+
+def localize(
+    runs: Sequence[str | Path],
+    contrast: str = "sentence - nonword",
+    top_percent: float | None = None,
+    threshold: float | None = None,
+    alpha: float | None = None,
+    height_control: str = "bonferroni",
+    second_level: bool = False,
+) -> LocalizerResult:
+    """Fit nilearn's GLM to the runs and select the units a contrast localizes.
+
+    Parameters
+    ----------
+    runs : sequence of str or Path
+        Runs of one model and task (their events give the conditions).
+    contrast : str, default="sentence - nonword"
+        A nilearn contrast expression over ``trial_type`` values.
+    top_percent : float or None, default=None
+        Select the top ``P`` percent of units by t (``0 < P <= 100``).
+    threshold : float or None, default=None
+        Select units with ``z >= threshold`` (``z > 0``).
+    alpha : float or None, default=None
+        Select units significant at ``alpha`` after ``height_control`` correction (nilearn's
+        ``threshold_stats_img``, no cluster threshold: neighbouring voxels are unrelated).
+        With none of the three, ``top_percent=1``.
+    height_control : {"bonferroni", "fdr", "fpr"}, default="bonferroni"
+    second_level : bool, default=False
+        Fit each run separately and combine the runs' effect maps with nilearn's
+        ``SecondLevelModel`` (a one-sample t-test across runs) instead of a fixed-effects
+        first-level model over all runs.
+
+    Returns
+    -------
+    LocalizerResult
+    """
+    from nilearn.glm import threshold_stats_img
+    from nilearn.glm.first_level import FirstLevelModel
+
+    given = [x is not None for x in (top_percent, threshold, alpha)]
+    if sum(given) > 1:
+        raise InputError("give one of top_percent, threshold or alpha, not several.")
+    if not any(given):
+        top_percent = 1.0
+    if top_percent is not None and not 0 < top_percent <= 100:
+        raise InputError(f"top_percent must lie in (0, 100], got {top_percent}.")
+    if threshold is not None and not (np.isfinite(threshold) and threshold > 0):
+        raise InputError(f"threshold must be a positive z value, got {threshold}.")
+    if alpha is not None and not 0 < alpha < 1:
+        raise InputError(f"alpha must lie in (0, 1), got {alpha}.")
+    if height_control not in HEIGHT_CONTROLS:
+        raise InputError(
+            f"height_control must be one of {HEIGHT_CONTROLS}, got {height_control!r}."
+        )
+    runs = [Path(r) for r in runs]
+    if not runs:
+        raise InputError("no runs to localize in: check the subject and task filters.")
+    geometry = check_same_geometry(runs)
+    events, masks, conditions = _events_and_masks(runs)
+    _check_contrast(contrast, conditions)
+    # A run split off a long document may lack a condition of the contrast: it says nothing
+    # about the contrast and nilearn cannot estimate it there, so it is left out, by name.
+    usable = [i for i, ev in enumerate(events) if _contrast_names(contrast) <= set(ev.trial_type)]
+    if len(usable) < len(runs):
+        skipped = [runs[i].name for i in range(len(runs)) if i not in usable]
+        logger.warning(
+            "left out %d run(s) lacking a condition of %r: %s",
+            len(skipped),
+            contrast,
+            ", ".join(skipped),
+        )
+    if not usable:
+        raise InputError(f"no run has every condition of {contrast!r}; nothing to estimate.")
+    runs = [runs[i] for i in usable]
+    events, masks = [events[i] for i in usable], [masks[i] for i in usable]
+    mask_img = geometry.mask_img()
+    options = dict(
+        t_r=1.0,
+        slice_time_ref=0.0,
+        hrf_model=None,
+        drift_model=None,
+        mask_img=mask_img,
+        smoothing_fwhm=None,
+        standardize=False,
+        signal_scaling=False,
+        noise_model="ols",
+        minimize_memory=True,
+    )
+    imgs = [load_img(r) for r in runs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # nilearn: "no HRF" / design notices
+        if second_level and len(runs) >= 2:
+            from nilearn.glm.second_level import SecondLevelModel
+
+            effects = []
+            for img, ev, m in zip(imgs, events, masks):
+                glm = FirstLevelModel(**options).fit(img, events=ev, sample_masks=m)
+                effects.append(glm.compute_contrast(contrast, output_type="effect_size"))
+            design = pd.DataFrame({"intercept": np.ones(len(effects))})
+            second = SecondLevelModel(mask_img=mask_img, smoothing_fwhm=None).fit(
+                effects, design_matrix=design
+            )
+            out = second.compute_contrast("intercept", output_type="all")
+        else:
+            if second_level:
+                raise InputError("second_level needs at least two runs.")
+            glm = FirstLevelModel(**options).fit(imgs, events=events, sample_masks=masks)
+            out = glm.compute_contrast(contrast, output_type="all")
+    maps = {"z": out["z_score"], "t": out["stat"], "effect": out["effect_size"]}
+    z = np.asarray(maps["z"].get_fdata())[geometry.mask]
+    t = np.asarray(maps["t"].get_fdata())[geometry.mask]
+    if top_percent is not None:
+        selected = top_percent_mask(t, top_percent)
+        selection = f"top {top_percent:g}% by t"
+    elif threshold is not None:
+        selected = z >= threshold
+        selection = f"z >= {threshold:g}"
+    else:
+        _, cut = threshold_stats_img(
+            maps["z"],
+            mask_img=mask_img,
+            alpha=alpha,
+            height_control=height_control,
+            cluster_threshold=0,
+            two_sided=False,
+        )
+        selected = z >= cut
+        selection = f"z >= {cut:.3f} ({height_control}-corrected alpha = {alpha:g})"
+    return LocalizerResult(contrast, maps, z, t, selected, selection, geometry)
+
+
+def top_percent_mask(values: np.ndarray, percent: float) -> np.ndarray:
+    """The ``percent`` % largest values (at least one unit), ties broken by order."""
+    n = max(1, int(round(len(values) * percent / 100)))
+    selected = np.zeros(len(values), dtype=bool)
+    selected[np.argsort(-values, kind="stable")[:n]] = True
+    return selected
+
+
+def welch_selection(
+    runs: Sequence[str | Path], condition_a: str, condition_b: str, top_percent: float = 1.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Welch t-test of ``condition_a`` vs ``condition_b`` token activations (scipy).
+
+    The unit-selection method of AlKhamissi et al. (2024), "The LLM Language Network": pool
+    the tokens of each condition over runs, t-test every unit, keep the top ``top_percent``.
+
+    Returns
+    -------
+    t : ndarray, shape (n_neurons_total,)
+    selected : ndarray of bool
+    """
+    a, b = [], []
+    for run in runs:
+        data = load_run(run, drop_special=True)
+        cond = data.events["trial_type"].to_numpy()
+        a.append(data.data[cond == condition_a])
+        b.append(data.data[cond == condition_b])
+    t, _ = stats.ttest_ind(np.concatenate(a), np.concatenate(b), equal_var=False, axis=0)
+    t = np.nan_to_num(t)
+    return t, top_percent_mask(t, top_percent)
+
+
+def stat_img(values: np.ndarray, geometry: VoxelGeometry) -> nib.Nifti1Image:
+    """A 3D image of a masker-order vector."""
+    data = np.zeros(geometry.shape, dtype=np.float32)
+    data[geometry.mask] = values
+    return nib.Nifti1Image(data, geometry.affine)
