@@ -202,3 +202,95 @@ def _localize(args) -> int:
     for sub, res in results.items():
         print(f"sub-{sub}: {int(res.selected.sum())} units selected ({res.selection})")
     return 0
+
+
+def _lesion_args(p):
+    add_bids_app_arguments(p)
+    g = p.add_argument_group("lesion")
+    g.add_argument(
+        "--networks",
+        type=Path,
+        required=True,
+        help="key-neuron TSV (from `networks` or `localize`), dseg atlas or stat map",
+    )
+    g.add_argument("--component", type=int, default=None, help="only this network / label")
+    g.add_argument("--mode", default="ablate", choices=["ablate", "keep"])
+    g.add_argument("--controls", type=int, default=5, help="random size-matched control sets")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--eval-text",
+        type=Path,
+        default=None,
+        help="text for perplexity; default: the built-in held-out text",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help="default: the subject's model_spec")
+    g.add_argument("--device", default="auto", choices=DEVICES)
+    g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+
+
+@command("lesion", "lesion (or keep only) a neuron set versus random controls", _lesion_args)
+def _lesion(args) -> int:
+    from ..evaluation.lesion import run_lesion
+
+    check_output_dir(args.bids_dir, args.output_dir)
+    results = run_lesion(
+        args.bids_dir,
+        args.output_dir,
+        args.networks,
+        participant_label=args.participant_label,
+        mode=args.mode,
+        n_controls=args.controls,
+        component=args.component,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        model=args.model,
+        text_file=args.eval_text,
+        verbose=args.verbose,
+    )
+    for sub, (_, summary) in results.items():
+        for metric, s in summary.items():
+            print(
+                f"sub-{sub} {metric}: baseline {s['baseline']:.4g}, target {s['target']:.4g}, "
+                f"controls {s['control_mean']:.4g} ± {s['control_sd']:.2g}"
+            )
+    return 0
+
+
+def _prune_args(p):
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, folder or .gguf file")
+    p.add_argument("--keep", type=Path, required=True, help="key-neuron TSV of neurons to keep")
+    p.add_argument("--component", type=int, default=None)
+    p.add_argument("--out", type=Path, required=True, help="folder for the pruned model")
+    p.add_argument(
+        "--bias-compensation",
+        action="store_true",
+        help="FLAP-style: fold removed neurons' mean (over held-out text) into the bias",
+    )
+    p.add_argument("--device", default="cpu", choices=DEVICES)
+
+
+@command(
+    "prune", "remove all neurons but a set from the weights and save the smaller model", _prune_args
+)
+def _prune(args) -> int:
+    from ..evaluation import neuron_means, prune, read_neuron_set, save_pruned
+    from ..models import load_model
+    from ..models.hooks import layer_count, neurons_per_layer
+    from ..stimuli import heldout_text
+
+    lm = load_model(args.model, device=args.device)
+    keep = read_neuron_set(
+        args.keep, layer_count(lm.model), neurons_per_layer(lm.model)[0], component=args.component
+    )
+    means = neuron_means(lm, heldout_text()) if args.bias_compensation else None
+    pruned = prune(lm.model, keep, means=means)
+    save_pruned(pruned, lm.tokenizer, args.out, source=lm.spec)
+    before = sum(p.numel() for p in lm.model.parameters())
+    after = sum(p.numel() for p in pruned.parameters())
+    print(
+        f"kept {int(keep.sum())} of {keep.size} MLP neurons; parameters {before} -> {after}; "
+        f"saved to {args.out} (load with llm2bids.evaluation.load_pruned)"
+    )
+    return 0

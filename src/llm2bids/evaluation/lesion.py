@@ -1,0 +1,228 @@
+"""Lesion studies: a neuron set's effect next to size-matched random controls."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..bids.dataset import read_participants, require_dataset
+from ..bids.names import bids_name, parse_entities, strip_prefix
+from ..derivatives import init_derivatives, provenance, write_table
+from ..exceptions import DatasetError, InputError
+from ..models import LoadedModel, load_model
+from ..models.hooks import layer_count, neurons_per_layer
+from ..stimuli import heldout_text
+from .masking import mask_neurons
+from .metrics import minimal_pair_accuracy, perplexity
+from .minimal_pairs import minimal_pairs
+from .neuronsets import random_controls, read_neuron_set
+
+logger = logging.getLogger("llm2bids.evaluation")
+
+METRICS = ("perplexity", "next_token_accuracy", "minimal_pair_accuracy")
+
+
+def evaluate(
+    lm: LoadedModel,
+    text: str | None = None,
+    pairs: pd.DataFrame | None = None,
+    window: int = 256,
+    stride: int = 128,
+) -> dict:
+    """Perplexity and greedy next-token accuracy on ``text`` and minimal-pair accuracy."""
+    text = heldout_text() if text is None else text
+    pairs = minimal_pairs() if pairs is None else pairs
+    return perplexity(lm, text, window, stride) | minimal_pair_accuracy(lm, pairs)
+
+
+def lesion_study(
+    lm: LoadedModel,
+    target: np.ndarray,
+    mode: str = "ablate",
+    n_controls: int = 5,
+    seed: int = 0,
+    text: str | None = None,
+    pairs: pd.DataFrame | None = None,
+    verbose: int = 1,
+) -> pd.DataFrame:
+    """Evaluate the intact model, the target set and ``n_controls`` random sets of its size.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per condition: ``condition`` (``baseline``, ``target``, ``control``),
+        ``seed``, ``mode``, ``n_neurons`` (in the set) and the metrics.
+    """
+    if n_controls < 1:
+        raise InputError(f"n_controls must be at least 1, got {n_controls}.")
+    rows = [
+        {"condition": "baseline", "seed": "n/a", "mode": "none", "n_neurons": 0}
+        | evaluate(lm, text, pairs)
+    ]
+    sets = [("target", "n/a", target)] + [
+        ("control", seed + i, c) for i, c in enumerate(random_controls(target, n_controls, seed))
+    ]
+    for condition, s, neurons in tqdm(sets, desc=f"{mode} study", disable=not verbose):
+        with mask_neurons(lm.model, neurons, mode=mode):
+            rows.append(
+                {"condition": condition, "seed": s, "mode": mode, "n_neurons": int(neurons.sum())}
+                | evaluate(lm, text, pairs)
+            )
+    return pd.DataFrame(rows)
+
+
+def summarize(table: pd.DataFrame) -> dict:
+    """Target versus controls for each metric: control mean, sd, z of the target, rank p."""
+    out = {}
+    target = table[table.condition == "target"].iloc[0]
+    controls = table[table.condition == "control"]
+    baseline = table[table.condition == "baseline"].iloc[0]
+    for metric in METRICS:
+        c = controls[metric].to_numpy(float)
+        sd = c.std(ddof=1) if len(c) > 1 else float("nan")
+        worse = c >= target[metric] if metric == "perplexity" else c <= target[metric]
+        out[metric] = {
+            "baseline": float(baseline[metric]),
+            "target": float(target[metric]),
+            "control_mean": float(c.mean()),
+            "control_sd": float(sd),
+            "target_z": float((target[metric] - c.mean()) / sd) if sd and sd > 0 else None,
+            "p_controls_as_extreme": float((1 + worse.sum()) / (1 + len(c))),
+        }
+    return out
+
+
+def keep_only_curve(
+    lm: LoadedModel,
+    ranking: pd.DataFrame,
+    fractions: Sequence[float],
+    n_controls: int = 3,
+    seed: int = 0,
+    text=None,
+    pairs=None,
+    verbose: int = 1,
+) -> pd.DataFrame:
+    """Keep only the top ``fraction`` of neurons (ranked by |z|) versus random sets of that size."""
+    n_layers, n_neurons = layer_count(lm.model), neurons_per_layer(lm.model)[0]
+    ranked = ranking.assign(absz=ranking.z.abs()).sort_values("absz", ascending=False)
+    ranked = ranked.drop_duplicates(["layer", "neuron"])
+    rows = []
+    for fraction in fractions:
+        k = int(round(fraction * n_layers * n_neurons))
+        if k > len(ranked):
+            logger.warning(
+                "keep-only %.3g needs %d neurons, the table ranks %d; skipped",
+                fraction,
+                k,
+                len(ranked),
+            )
+            continue
+        target = np.zeros((n_layers, n_neurons), bool)
+        top = ranked.iloc[:k]
+        target[top.layer.to_numpy(int), top.neuron.to_numpy(int)] = True
+        study = lesion_study(lm, target, "keep", n_controls, seed, text, pairs, verbose)
+        rows.append(study[study.condition != "baseline"].assign(fraction=fraction))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def _participant_model(bids_dir: Path, sub: str) -> str:
+    participants = read_participants(bids_dir)
+    row = participants[participants.participant_id == f"sub-{sub}"]
+    if row.empty or "model_spec" not in row:
+        raise DatasetError(f"participants.tsv has no model_spec for sub-{sub}; pass --model.")
+    return row.iloc[0]["model_spec"]
+
+
+def run_lesion(
+    bids_dir: str | Path,
+    output_dir: str | Path,
+    networks: str | Path,
+    participant_label: Sequence[str] | None = None,
+    mode: str = "ablate",
+    n_controls: int = 5,
+    component: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    model: str | LoadedModel | None = None,
+    text_file: str | Path | None = None,
+    verbose: int = 1,
+) -> dict[str, tuple[pd.DataFrame, dict]]:
+    """Lesion (or keep only) a neuron set in each subject's model; write TSV + JSON.
+
+    The model is the one recorded for the subject (``participants.tsv`` ``model_spec``)
+    unless ``model`` is given. Writes ``<networks entities>_desc-<desc><Mode>_lesion.tsv``
+    with one row per condition and a sidecar with the target-versus-control summary.
+
+    Returns
+    -------
+    dict
+        Subject label -> (table, summary).
+    """
+    bids_dir = require_dataset(bids_dir)
+    networks = Path(networks)
+    if not networks.exists():
+        raise InputError(f"--networks {str(networks)!r} does not exist.")
+    ents = parse_entities(networks.name)
+    subjects = (
+        [strip_prefix(p) for p in participant_label]
+        if participant_label
+        else (
+            [ents["sub"]]
+            if "sub" in ents
+            else read_participants(bids_dir).participant_id.str[4:].tolist()
+        )
+    )
+    text = None
+    if text_file is not None:
+        text = Path(text_file).read_text(encoding="utf-8")
+        if not text.strip():
+            raise InputError(f"evaluation text {text_file} is empty.")
+    output_dir = init_derivatives(output_dir, bids_dir)
+    results = {}
+    for sub in subjects:
+        lm = (
+            model
+            if isinstance(model, LoadedModel)
+            else load_model(model or _participant_model(bids_dir, sub), device=device, dtype=dtype)
+        )
+        target = read_neuron_set(
+            networks, layer_count(lm.model), neurons_per_layer(lm.model)[0], component=component
+        )
+        table = lesion_study(lm, target, mode, n_controls, seed, text, verbose=verbose)
+        summary = summarize(table)
+        desc = (
+            ents.get("desc", "set") + (f"Comp{component}" if component else "") + mode.capitalize()
+        )
+        out_ents = {k: ents[k] for k in ("task", "acq") if k in ents}
+        path = (
+            Path(output_dir)
+            / f"sub-{sub}"
+            / "func"
+            / bids_name("lesion", ".tsv", sub=sub, **out_ents, desc=desc)
+        )
+        write_table(
+            path,
+            table,
+            provenance(
+                networks=str(networks),
+                component=component,
+                mode=mode,
+                n_controls=n_controls,
+                seed=seed,
+                model_id=lm.model_id,
+                fill="zero",
+                perplexity_window=256,
+                perplexity_stride=128,
+                text="built-in held-out text" if text is None else str(text_file),
+                minimal_pairs="built-in templated pairs (3 phenomena x 20)",
+            )
+            | {"Summary": summary},
+        )
+        results[sub] = (table, summary)
+    return results

@@ -1,0 +1,96 @@
+"""Masking neurons at inference: lesion a set, or keep only it."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from ..exceptions import InputError
+from ..models import LoadedModel, neuron_hooks
+from ..models.hooks import layer_count, neurons_per_layer
+
+MODES = ("ablate", "keep")
+
+
+@contextlib.contextmanager
+def mask_neurons(
+    model: torch.nn.Module | LoadedModel,
+    neurons: np.ndarray,
+    mode: str = "ablate",
+    means: np.ndarray | None = None,
+) -> Iterator[None]:
+    """Zero (or mean-replace) neurons during every forward pass, ``generate`` included.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or LoadedModel
+    neurons : ndarray of bool, shape (n_layers, n_neurons)
+        The set.
+    mode : {"ablate", "keep"}, default="ablate"
+        ``"ablate"`` masks the set; ``"keep"`` masks every neuron outside it.
+    means : ndarray of shape (n_layers, n_neurons) or None, default=None
+        Replace masked neurons by these values (see :func:`neuron_means`) instead of zero.
+
+    Notes
+    -----
+    One pre-hook per affected layer multiplies the down projection's input by a
+    device-resident 0/1 vector (and adds ``means * (1 - mask)``): vectorised, and each hook is
+    bound to its own layer's vector.
+    """
+    model = model.model if isinstance(model, LoadedModel) else model
+    masked = check_mask(model, neurons, mode)
+    param = next(model.parameters())
+    multipliers, offsets, layers = {}, {}, []
+    for layer in range(masked.shape[0]):
+        if not masked[layer].any():
+            continue
+        layers.append(layer)
+        multipliers[layer] = torch.as_tensor(~masked[layer], dtype=param.dtype, device=param.device)
+        if means is not None:
+            offsets[layer] = torch.as_tensor(
+                np.where(masked[layer], means[layer], 0.0), dtype=param.dtype, device=param.device
+            )
+
+    def hook(layer: int, x: torch.Tensor) -> torch.Tensor:
+        out = x * multipliers[layer]
+        if layer in offsets:
+            out = out + offsets[layer]
+        return out
+
+    with neuron_hooks(model, hook, layers):
+        yield
+
+
+def check_mask(model: torch.nn.Module, neurons: np.ndarray, mode: str) -> np.ndarray:
+    """Validate a neuron set against the model; return the neurons to mask."""
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}.")
+    neurons = np.asarray(neurons, dtype=bool)
+    widths = neurons_per_layer(model)
+    expected = (layer_count(model), widths[0])
+    if neurons.shape != expected or len(set(widths)) != 1:
+        raise InputError(
+            f"the neuron set has shape {neurons.shape} (layers x neurons), the model "
+            f"{expected}: it comes from a different model."
+        )
+    if mode == "ablate" and not neurons.any():
+        raise InputError("the neuron set is empty: there is nothing to ablate.")
+    if mode == "keep" and not neurons.any():
+        raise InputError("keep mode with an empty set would mask every neuron; nothing is kept.")
+    return neurons if mode == "ablate" else ~neurons
+
+
+def neuron_means(lm: LoadedModel, text: str, max_tokens: int = 512) -> np.ndarray:
+    """Mean activation of every neuron over a calibration text, ``(n_layers, n_neurons)``."""
+    ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(lm.device)
+    sums: dict[int, torch.Tensor] = {}
+
+    def capture(layer, x):
+        sums[layer] = x.reshape(-1, x.shape[-1]).float().mean(0)
+
+    with torch.inference_mode(), neuron_hooks(lm.model, capture):
+        lm.model(ids)
+    return np.stack([sums[i].cpu().numpy() for i in sorted(sums)])

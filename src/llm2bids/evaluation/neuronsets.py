@@ -1,0 +1,125 @@
+"""Neuron sets: a per-layer boolean mask over a model's neurons, read from the derivatives."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from ..bids.geometry import VoxelGeometry
+from ..exceptions import InputError
+
+
+def read_neuron_set(
+    source: str | Path,
+    n_layers: int,
+    n_neurons: int,
+    component: int | None = None,
+    threshold: float | None = None,
+    layers: list[int] | None = None,
+) -> np.ndarray:
+    """Read a neuron set into a ``(n_layers, n_neurons)`` boolean mask.
+
+    Parameters
+    ----------
+    source : str or Path
+        - a key-neuron TSV (``layer``, ``neuron`` and optionally ``component`` columns), as
+          written by ``llm2bids networks`` and ``llm2bids localize``;
+        - an atlas ``*_dseg.nii.gz`` (``component`` picks a label; default every non-zero one);
+        - a stat map ``*_statmap.nii.gz`` / component map, with ``threshold`` (voxels >= it).
+    n_layers, n_neurons : int
+        The model's layers and neurons per layer: the set must fit them.
+    component : int or None, default=None
+        Keep only this network (TSV ``component`` column or dseg label).
+    threshold : float or None, default=None
+        Needed for stat maps.
+    layers : list of int or None, default=None
+        Model layer of each z-slice when the recording was a subset (``RecordedLayers``).
+
+    Returns
+    -------
+    ndarray of bool, shape (n_layers, n_neurons)
+    """
+    source = Path(source)
+    if not source.exists():
+        raise InputError(f"neuron set {str(source)!r} does not exist.")
+    if source.name.endswith((".nii", ".nii.gz")):
+        layer, neuron = _from_image(source, n_neurons, component, threshold)
+    else:
+        layer, neuron = _from_table(source, component)
+    if layers is not None:
+        layer = np.asarray(layers)[layer]
+    if layer.size and (layer.max() >= n_layers or layer.min() < 0):
+        raise InputError(
+            f"{source.name} names layer {int(layer.max())}, but the model has {n_layers} layers "
+            "(0-based): the table comes from a different model."
+        )
+    if neuron.size and (neuron.max() >= n_neurons or neuron.min() < 0):
+        raise InputError(
+            f"{source.name} names neuron {int(neuron.max())}, but the model has {n_neurons} "
+            "neurons per layer: the table comes from a different model."
+        )
+    mask = np.zeros((n_layers, n_neurons), dtype=bool)
+    mask[layer, neuron] = True
+    if not mask.any():
+        raise InputError(
+            f"{source.name} selects no neuron"
+            + (f" for component {component}" if component is not None else "")
+            + "; lower the threshold or pick another network."
+        )
+    return mask
+
+
+def _from_table(path: Path, component) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        table = pd.read_csv(path, sep="\t")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise InputError(f"{path} cannot be read as a TSV: {err}.") from err
+    missing = {"layer", "neuron"} - set(table.columns)
+    if missing:
+        raise InputError(
+            f"{path.name} lacks the column(s) {sorted(missing)} of a key-neuron table."
+        )
+    if component is not None:
+        if "component" not in table:
+            raise InputError(f"{path.name} has no component column to pick {component} from.")
+        table = table[table.component == component]
+    return table.layer.to_numpy(int), table.neuron.to_numpy(int)
+
+
+def _from_image(path: Path, n_neurons, component, threshold) -> tuple[np.ndarray, np.ndarray]:
+    data = np.asarray(nib.load(path).dataobj)
+    if data.ndim == 4:
+        if component is None:
+            raise InputError(f"{path.name} is 4D: pass the component (volume, from 1) to use.")
+        data = data[..., component - 1]
+    geom = VoxelGeometry(data.shape[2], n_neurons)
+    if data.shape[:2] != geom.shape[:2]:
+        raise InputError(
+            f"{path.name} has a {data.shape[:2]} grid per layer, but {n_neurons} neurons per layer "
+            f"give {geom.shape[:2]}: the map comes from a different model."
+        )
+    if "_dseg" in path.name:
+        hit = data == component if component is not None else data > 0
+    else:
+        if threshold is None:
+            raise InputError(f"{path.name} is a statistical map: pass a threshold.")
+        hit = data >= threshold
+    x, y, z = np.nonzero(hit & geom.mask)
+    return z, x + geom.nx * y
+
+
+def random_controls(target: np.ndarray, n_controls: int = 5, seed: int = 0) -> list[np.ndarray]:
+    """Random neuron sets with as many neurons per layer as ``target`` (one per seed)."""
+    rng = np.random.default_rng(seed)
+    n_layers, n_neurons = target.shape
+    sizes = target.sum(axis=1)
+    controls = []
+    for _ in range(n_controls):
+        mask = np.zeros_like(target)
+        for layer, size in enumerate(sizes):
+            mask[layer, rng.choice(n_neurons, size=size, replace=False)] = True
+        controls.append(mask)
+    return controls

@@ -1,0 +1,229 @@
+"""Pruning: remove neurons physically from the MLP weights, save, and load back.
+
+The architecture registry says which rows of the up/gate projections and which columns of the
+down projection belong to each neuron; keeping a subset gives smaller matrices with
+per-layer sizes. With zero filling, the pruned model computes exactly what the masked model
+computes in ``keep`` mode; with bias compensation (FLAP-style), what it computes with mean
+filling.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from .. import _io
+from .._version import __version__
+from ..exceptions import InputError, ModelLoadError
+from ..models import LoadedModel, arch_spec
+from .masking import check_mask
+
+PRUNING_FILE = "llm2bids_pruning.json"
+
+
+def _out_slice(module, rows: torch.Tensor, conv1d: bool):
+    """A copy of ``module`` keeping output features ``rows``."""
+    w = module.weight.data
+    bias = module.bias.data[rows] if module.bias is not None else None
+    if conv1d:
+        new = Conv1D(len(rows), w.shape[0])
+        new.weight.data = w[:, rows].clone()
+    else:
+        new = torch.nn.Linear(w.shape[1], len(rows), bias=bias is not None)
+        new.weight.data = w[rows].clone()
+    if bias is not None:
+        new.bias.data = bias.clone()
+    return new.to(w.device, w.dtype)
+
+
+def _in_slice(module, cols: torch.Tensor, conv1d: bool, extra_bias: torch.Tensor | None):
+    """A copy of ``module`` keeping input features ``cols`` (and adding ``extra_bias``)."""
+    w = module.weight.data
+    bias = module.bias.data.clone() if module.bias is not None else None
+    if extra_bias is not None:
+        bias = extra_bias if bias is None else bias + extra_bias
+    if conv1d:
+        new = Conv1D(w.shape[1], len(cols))
+        new.weight.data = w[cols].clone()
+        if bias is None:
+            new.bias = None
+    else:
+        new = torch.nn.Linear(len(cols), w.shape[0], bias=bias is not None)
+        new.weight.data = w[:, cols].clone()
+    if bias is not None:
+        new.bias.data = bias.to(w.dtype)
+    return new.to(w.device, w.dtype)
+
+
+def prune(
+    model: torch.nn.Module | LoadedModel,
+    keep: np.ndarray,
+    means: np.ndarray | None = None,
+) -> torch.nn.Module:
+    """Return a copy of ``model`` with only the ``keep`` neurons in its MLPs.
+
+    Parameters
+    ----------
+    model : torch.nn.Module or LoadedModel
+    keep : ndarray of bool, shape (n_layers, n_neurons)
+        Neurons to keep.
+    means : ndarray of shape (n_layers, n_neurons) or None, default=None
+        FLAP-style bias compensation: the down projection's bias absorbs the removed neurons'
+        mean contribution (see :func:`~llm2bids.evaluation.masking.neuron_means`).
+
+    Returns
+    -------
+    torch.nn.Module
+        The pruned copy; ``model`` is left unchanged.
+    """
+    base = model.model if isinstance(model, LoadedModel) else model
+    keep = ~check_mask(base, keep, "keep")
+    spec = arch_spec(base)
+    pruned = copy.deepcopy(base)
+    n_neurons = keep.shape[1]
+    kept = []
+    for layer in range(keep.shape[0]):
+        idx = torch.as_tensor(np.flatnonzero(keep[layer]), dtype=torch.long)
+        mlp = spec.mlp_module(pruned, layer)
+        rows = torch.cat([idx, idx + n_neurons]) if spec.fused_gate_up else idx
+        for name in spec.up:
+            setattr(mlp, name, _out_slice(getattr(mlp, name), rows, spec.conv1d))
+        down = getattr(mlp, spec.down)
+        extra = None
+        if means is not None:
+            removed = np.flatnonzero(~keep[layer])
+            mu = torch.as_tensor(
+                means[layer][removed], dtype=torch.float32, device=down.weight.device
+            )
+            w = down.weight.data.float()
+            extra = (mu @ w[removed]) if spec.conv1d else (w[:, removed] @ mu)
+        setattr(mlp, spec.down, _in_slice(down, idx, spec.conv1d, extra))
+        kept.append(idx.tolist())
+    pruned.llm2bids_kept_neurons = kept
+    return pruned
+
+
+def save_pruned(model: torch.nn.Module, tokenizer, path: str | Path, source: str = "n/a") -> Path:
+    """Save a pruned model with ``save_pretrained`` plus its per-layer sizes."""
+    kept = getattr(model, "llm2bids_kept_neurons", None)
+    if kept is None:
+        raise InputError("this model was not made by llm2bids.prune(); nothing records its sizes.")
+    path = Path(path)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    spec = arch_spec(model)
+    _io.write_json(
+        path / PRUNING_FILE,
+        {
+            "GeneratedBy": [{"Name": "llm2bids", "Version": __version__}],
+            "Source": source,
+            "Architecture": model.config.model_type,
+            "NeuronsPerLayer": [len(k) for k in kept],
+            "DownBias": [
+                getattr(spec.mlp_module(model, i), spec.down).bias is not None
+                for i in range(len(kept))
+            ],
+            "KeptNeurons": kept,
+        },
+    )
+    return path
+
+
+def _legacy_renamed(model: torch.nn.Module, state: dict) -> dict:
+    """Undo the key renamings transformers applies on save (e.g. GPT-NeoX's ``embed_out``)."""
+    import re
+
+    try:
+        from transformers.conversion_mapping import extract_weight_conversions_for_model
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # transformers 4.x saves the module names as they are
+        return state
+    known = set(model.state_dict())
+    renamings = [
+        (src, tgt)
+        for t in extract_weight_conversions_for_model(model) or []
+        if isinstance(t, WeightRenaming)
+        for src, tgt in zip(t.source_patterns, t.target_patterns)
+    ]
+    out = {}
+    for key, value in state.items():
+        if key not in known:
+            for src, tgt in renamings:
+                renamed = re.sub(src, tgt, key)
+                if renamed in known:
+                    key = renamed
+                    break
+        out[key] = value
+    return out
+
+
+def load_pruned(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """Load a model saved by :func:`save_pruned`.
+
+    Raises
+    ------
+    ModelLoadError
+        When the folder lacks the per-layer sizes (``llm2bids_pruning.json``).
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    info_path = path / PRUNING_FILE
+    if not info_path.exists():
+        raise ModelLoadError(
+            f"{path} has no {PRUNING_FILE} with the per-layer sizes, so its pruned matrices "
+            "cannot be rebuilt; pass a folder written by llm2bids.save_pruned / `llm2bids prune`."
+        )
+    info = json.loads(info_path.read_text())
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config)
+    spec = arch_spec(model)
+    for layer, (size, has_bias) in enumerate(zip(info["NeuronsPerLayer"], info["DownBias"])):
+        idx = torch.arange(size)
+        mlp = spec.mlp_module(model, layer)
+        n = spec.n_neurons(model, layer)
+        rows = torch.cat([idx, idx + n]) if spec.fused_gate_up else idx
+        for name in spec.up:
+            setattr(mlp, name, _out_slice(getattr(mlp, name), rows, spec.conv1d))
+        down = getattr(mlp, spec.down)
+        extra = (
+            torch.zeros(down.weight.shape[1 if spec.conv1d else 0])
+            if has_bias and down.bias is None
+            else None
+        )
+        setattr(mlp, spec.down, _in_slice(down, idx, spec.conv1d, extra))
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    if not state:
+        raise ModelLoadError(f"{path} holds no .safetensors weights.")
+    state = _legacy_renamed(model, state)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if "lm_head" in k or "embed_out" in k}
+    if unexpected or set(missing) - tied:
+        raise ModelLoadError(
+            f"{path}: weights do not fit the pruned shapes (missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})."
+        )
+    if tied:
+        model.tie_weights()
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    model.to(device=device, dtype=dtype or torch.float32).eval()
+    model.llm2bids_kept_neurons = info["KeptNeurons"]
+    tokenizer = (
+        AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
+    )
+    if tokenizer is not None and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, spec=str(path), model_id=path.name, source="folder"
+    )
