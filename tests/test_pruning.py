@@ -87,7 +87,10 @@ def test_masking_layer0_touches_only_layer0():
     target = np.zeros((3, 40), bool)
     target[0, :10] = True
     before, after = {}, {}
-    with torch.inference_mode(), neuron_hooks(model, lambda layer, x: before.setdefault(layer, x.clone())):
+    with (
+        torch.inference_mode(),
+        neuron_hooks(model, lambda layer, x: before.setdefault(layer, x.clone())),
+    ):
         with mask_neurons(model, target, mode="ablate"):
             with neuron_hooks(model, lambda layer, x: after.setdefault(layer, x.clone())):
                 model(IDS)

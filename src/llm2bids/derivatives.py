@@ -44,8 +44,8 @@ BIDSIGNORE = "\n".join(
         "*_pruning.tsv",
         "*_pruning.json",
         "*.html",
-        "figures/",
-        "pruned/",
+        "figures",  # the validator ignores a folder by its bare name, not "figures/"
+        "pruned",
         "",
     ]
 )

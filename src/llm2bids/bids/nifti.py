@@ -46,6 +46,16 @@ def open_run(path: str | Path, geometry: VoxelGeometry | None = None) -> nib.Nif
         raise
     except Exception as err:  # nibabel raises several types for foreign or truncated files
         raise DatasetError(f"{path} is not a readable NIfTI image ({err}).") from err
+    if path.suffix == ".nii":
+        header = img.header
+        expected = (
+            int(header["vox_offset"]) + int(np.prod(img.shape)) * header.get_data_dtype().itemsize
+        )
+        if path.stat().st_size < expected:
+            raise DatasetError(
+                f"{path} is truncated ({path.stat().st_size} bytes, its header needs {expected}); "
+                "record that run again (delete it and rerun the same record command)."
+            )
     if len(img.shape) != 4:
         raise DatasetError(f"{path} has shape {img.shape}; a run must be a 4D image.")
     if geometry is not None and tuple(img.shape[:3]) != geometry.shape:

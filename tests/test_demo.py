@@ -1,0 +1,102 @@
+"""The demo as a study, on a tiny model: every stage, both validators, the report, reuse."""
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+import llm2bids
+from llm2bids.cli.main import main
+from llm2bids.demo import run_demo
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.images, self.figures = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+        if tag == "figcaption":
+            self.figures += 1
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tiny_dir):
+    out = tmp_path_factory.mktemp("demo")
+    result = run_demo(out, model=str(tiny_dir("llama")), quick=True, verbose=0)
+    return out, result
+
+
+def test_demo_outputs_validate_and_report_parses(demo):
+    out, result = demo
+    assert llm2bids.validate(result["bids"]).valid
+    assert llm2bids.validate(result["derivatives"]).valid
+    parser = _Images()
+    text = Path(result["report"]).read_text()
+    parser.feed(text)
+    assert len(parser.images) >= 8 and parser.figures == len(parser.images)
+    assert all(img["src"].startswith("data:image/png;base64,") for img in parser.images)
+    for img in parser.images:  # each embedded figure also exists as PNG and SVG
+        png = result["derivatives"] / img["alt"]
+        assert png.exists() and png.with_suffix(".svg").exists()
+    for section in (
+        "Functional networks",
+        "Recurrence",
+        "Localizer",
+        "Lesions",
+        "Keep only",
+        "Pruned model",
+        "Methods",
+        "NOT BRAIN DATA",
+    ):
+        assert section in text
+    assert "A voxel is one MLP neuron" in text
+
+
+def test_rerun_reuses_stages(demo, tiny_dir):
+    out, result = demo
+    bold = sorted(result["bids"].rglob("*_bold.nii"))[0]
+    keys = sorted(result["derivatives"].rglob("*_keyneurons.tsv"))[0]
+    stamps = (bold.stat().st_mtime_ns, keys.stat().st_mtime_ns)
+    run_demo(out, model=str(tiny_dir("llama")), quick=True, verbose=0)
+    assert (bold.stat().st_mtime_ns, keys.stat().st_mtime_ns) == stamps
+
+
+def test_report_command_regenerates_from_derivatives(demo, tmp_path):
+    _, result = demo
+    copy = tmp_path / "deriv"
+    shutil.copytree(result["derivatives"], copy)
+    shutil.rmtree(copy / "figures")
+    (copy / "sub-tinyllama.html").unlink()
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "sub-tinyllama.html").exists() and (copy / "figures").exists()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian chromium not installed")
+def test_report_renders_in_headless_chromium(demo, tmp_path):
+    _, result = demo
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            f"--screenshot={shot}",
+            "--window-size=1200,3000",
+            Path(result["report"]).as_uri(),
+        ],
+        check=True,
+        timeout=120,
+        capture_output=True,
+    )
+    assert shot.stat().st_size > 10_000

@@ -1,0 +1,204 @@
+"""Interruption, resume, concurrency, corrupt inputs, numerical faults, determinism."""
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import llm2bids
+from llm2bids.bids import find_runs, load_run
+from llm2bids.decomposition import FunctionalNetworks
+from llm2bids.exceptions import DatasetError, NumericalError
+from llm2bids.models import arch_spec, load_model
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import llm2bids.recording.recorder as recorder
+    real = recorder.write_run
+    flag = Path(sys.argv[3])
+    count = {"n": 0}
+
+    def slow(path, block, geometry, *a, **k):
+        count["n"] += 1
+        if count["n"] == 4:          # three runs are complete: signal, then hang mid-write
+            from llm2bids._io import atomic_path
+            with atomic_path(path) as tmp:
+                tmp.write_bytes(b"partial")
+                flag.touch()
+                time.sleep(float(sys.argv[4]))
+        return real(path, block, geometry, *a, **k)
+
+    recorder.write_run = slow
+    import llm2bids
+    llm2bids.record(sys.argv[1], model=sys.argv[2], task="narrative", max_tokens=48,
+                    batch_size=1, verbose=0)
+""")
+
+
+def _snapshot(root):
+    return {
+        p.relative_to(root): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != ".llm2bids.lock"
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_dir):
+    root = tmp_path_factory.mktemp("ref") / "bids"
+    llm2bids.record(
+        root, model=str(tiny_dir("llama")), task="narrative", max_tokens=48, batch_size=1, verbose=0
+    )
+    return root
+
+
+@pytest.mark.parametrize("sig,hang", [(signal.SIGKILL, 60), (signal.SIGINT, 2)])
+def test_interrupted_recording_resumes_identically(tmp_path, tiny_dir, reference, valid, sig, hang):
+    root, flag = tmp_path / "bids", tmp_path / "flag"
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(root), str(tiny_dir("llama")), str(flag), str(hang)]
+    )
+    deadline = time.time() + 120
+    while not flag.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert flag.exists(), "the child never reached the fourth run"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    done = find_runs(root)
+    assert len(done) >= 3
+    for bold in done:  # whatever looks complete is complete
+        load_run(bold)
+    valid(root)
+    llm2bids.record(
+        root, model=str(tiny_dir("llama")), task="narrative", max_tokens=48, batch_size=1, verbose=0
+    )
+    assert _snapshot(root) == _snapshot(reference)
+
+
+def test_recording_is_byte_identical(reference, tmp_path, tiny_dir):
+    again = tmp_path / "bids"
+    llm2bids.record(
+        again,
+        model=str(tiny_dir("llama")),
+        task="narrative",
+        max_tokens=48,
+        batch_size=1,
+        verbose=0,
+    )
+    assert _snapshot(again) == _snapshot(reference)
+
+
+def test_two_processes_record_into_one_dataset(tmp_path, tiny_dir, valid):
+    root = tmp_path / "bids"
+    code = (
+        "import sys, llm2bids; llm2bids.record(sys.argv[1], model=sys.argv[2], "
+        "task=['narrative', 'arithmetic'], max_tokens=48, verbose=0)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(root), str(tiny_dir(a))])
+        for a in ("llama", "gpt2")
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    participants = pd.read_csv(root / "participants.tsv", sep="\t")
+    assert sorted(participants.participant_id) == ["sub-tinygpt2", "sub-tinyllama"]
+    assert {p.parents[1].name for p in find_runs(root)} == set(participants.participant_id)
+    valid(root)
+
+
+@pytest.fixture
+def copy_of(reference, tmp_path):
+    import shutil
+
+    root = tmp_path / "bids"
+    shutil.copytree(reference, root)
+    return root
+
+
+def test_truncated_and_foreign_runs_are_named(copy_of):
+    bold = find_runs(copy_of)[0]
+    data = bold.read_bytes()
+    bold.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match=f"{bold.name}.*truncated"):
+        load_run(bold)
+    with pytest.raises(DatasetError, match="truncated"):
+        FunctionalNetworks(n_components=2).fit(find_runs(copy_of))
+    bold.write_bytes(b"this is not a NIfTI file at all" * 20)
+    with pytest.raises(DatasetError, match=f"{bold.name} is not a readable NIfTI"):
+        load_run(bold)
+
+
+def test_wrong_geometry_and_event_rows_are_named(copy_of):
+    import json
+
+    sidecar = next((copy_of / "sub-tinyllama" / "func").glob("*_acq-mlp_bold.json"))
+    meta = json.loads(sidecar.read_text())
+    before = _snapshot(copy_of)
+    meta["NeuronsPerLayer"], meta["VoxelGrid"] = 50, [8, 7, 3]
+    sidecar.write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="spatial shape"):
+        load_run(find_runs(copy_of)[0])
+    sidecar.write_bytes(before[sidecar.relative_to(copy_of)])
+    events = find_runs(copy_of)[0].with_name(
+        find_runs(copy_of)[0].name.replace("_bold.nii", "_events.tsv")
+    )
+    lines = events.read_text().splitlines(keepends=True)
+    events.write_text("".join(lines[:-2]))
+    with pytest.raises(DatasetError, match="rows but its run has"):
+        load_run(find_runs(copy_of)[0])
+
+
+def test_hand_edited_participants_is_refused_and_untouched(copy_of, tiny_dir):
+    path = copy_of / "participants.tsv"
+    path.write_text("subject\tmodel\ntinyllama\tx\n")
+    before = _snapshot(copy_of)
+    with pytest.raises(DatasetError, match="participants.tsv has no participant_id column"):
+        llm2bids.record(
+            copy_of, model=str(tiny_dir("gpt2")), task="narrative", max_tokens=48, verbose=0
+        )
+    assert _snapshot(copy_of) == before
+
+
+def test_nan_activation_names_layer_and_token(tmp_path, tiny_dir):
+    lm = load_model(str(tiny_dir("llama")), device="cpu")
+    down = arch_spec(lm.model).down_module(lm.model, 1)
+
+    def poison(module, args):
+        x = args[0].clone()
+        if x.shape[1] > 3:
+            x[0, 3, 5] = float("nan")
+        return (x,)
+
+    handle = down.register_forward_pre_hook(poison)
+    try:
+        with pytest.raises(NumericalError, match="layer 1, token 3"):
+            llm2bids.record(
+                tmp_path / "bids",
+                model=lm,
+                task="narrative",
+                max_tokens=48,
+                batch_size=1,
+                verbose=0,
+            )
+    finally:
+        handle.remove()
+    assert find_runs(tmp_path / "bids") == []
+
+
+def test_constant_neurons_are_handled(tmp_path):
+    from synthetic import planted_networks, write_synthetic
+
+    runs, truth = planted_networks()
+    for r in runs:
+        r[:, 0, :10] = 1.5  # ten dead (constant) neurons in layer 0
+    fit = FunctionalNetworks(n_components=4).fit(write_synthetic(tmp_path / "b", runs))
+    assert np.isfinite(fit.components_).all()
+    dead = np.isin(fit.geometry_.masker_order, np.arange(10))
+    assert not fit.networks_[:, dead].any()
