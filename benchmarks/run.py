@@ -61,7 +61,7 @@ def bench_recording(lm, name, sizes, run_tokens, batch_size, repeats, rows):
         total = sum(len(r) for r in runs)
         batches = [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
 
-        def forward(full):
+        def forward(full, batches=batches):
             with torch.inference_mode():
                 for b in batches:
                     longest = max(len(r) for r in b)
@@ -77,7 +77,7 @@ def bench_recording(lm, name, sizes, run_tokens, batch_size, repeats, rows):
         t_full = _median_time(lambda: forward(True), repeats)
         t_base = _median_time(lambda: forward(False), repeats)
 
-        def rec():
+        def rec(stim=stim):
             folder = Path(tempfile.mkdtemp(dir=WORK))
             record(
                 folder,
@@ -146,7 +146,7 @@ def bench_formats(n_tokens=512):
     t_plain = _median_time(lambda: raw.write_bytes(block.tobytes()), 3)
     for ext in (".nii", ".nii.gz"):
         path = WORK / f"x_bold{ext}"
-        t = _median_time(lambda: write_run(path, block, geom), 1 if ext == ".nii.gz" else 3)
+        t = _median_time(lambda p=path: write_run(p, block, geom), 1 if ext == ".nii.gz" else 3)
         size = path.stat().st_size
         rows.append(
             {
