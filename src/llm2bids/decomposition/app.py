@@ -138,6 +138,7 @@ def run_networks(
             per_run,
             n_permutations,
             params,
+            verbose,
         )
     return written
 
@@ -268,6 +269,7 @@ def _recurrence(
     per_run,
     n_permutations,
     params,
+    verbose=1,
 ) -> list[Path]:
     rows = []
     written = []
@@ -287,7 +289,10 @@ def _recurrence(
         if not per_run or len(runs) < 2:
             continue
         group = fits[task]
-        run_fits = [_fit([r], method, n_components, threshold, seed, n_jobs) for r in runs]
+        run_fits = [
+            _fit([r], method, n_components, threshold, seed, n_jobs)
+            for r in tqdm(runs, desc=f"sub-{sub} task-{task} single-run fits", disable=not verbose)
+        ]
         for run, fit in zip(runs, run_fits):
             table = compare_fits(
                 group.components_,
