@@ -33,6 +33,12 @@ def _record_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--device", default="auto", choices=DEVICES)
     g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    g.add_argument(
+        "--device-map",
+        default=None,
+        help="e.g. 'auto' to spread a model larger than one GPU over several "
+        "(needs accelerate: pip install 'llm2bids[big]')",
+    )
     g = p.add_argument_group("stimuli")
     g.add_argument(
         "--task",
@@ -75,6 +81,7 @@ def _record(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        device_map=args.device_map,
         hook_point=args.hook_point,
         layers=args.layers,
         compress=args.compress,

@@ -56,6 +56,7 @@ def record(
     batch_size: int = 4,
     device: str = "auto",
     dtype: str = "float32",
+    device_map: str | None = None,
     hook_point: str = "mlp",
     layers: Sequence[int] | None = None,
     compress: bool = False,
@@ -89,6 +90,9 @@ def record(
     device : {"auto", "cpu", "cuda", "mps"}, default="auto"
     dtype : {"float32", "bfloat16", "float16"}, default="float32"
         Model dtype; activations are written as float32 (exact for all three).
+    device_map : str or None, default=None
+        Passed to ``from_pretrained`` (``"auto"`` spreads a model larger than one GPU over
+        several; needs ``accelerate``). Overrides ``device``.
     hook_point : {"mlp", "resid"}, default="mlp"
         ``"mlp"``: MLP neurons (input of the down projection). ``"resid"``: residual stream.
     layers : sequence of int or None, default=None
@@ -119,7 +123,11 @@ def record(
     if session is not None:
         check_label(strip_prefix(session, "ses-"), "session")
     bids_dir = Path(bids_dir)
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device, dtype=dtype)
+    lm = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(model, device=device, dtype=dtype, device_map=device_map)
+    )
     sub = clean_label(strip_prefix(subject)) if subject else lm.label
     ses = strip_prefix(session, "ses-") if session else None
     layers = _check_layers(lm, layers)
