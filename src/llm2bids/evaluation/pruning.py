@@ -105,7 +105,22 @@ def prune(
         setattr(mlp, spec.down, _in_slice(down, idx, spec.conv1d, extra))
         kept.append(idx.tolist())
     pruned.llm2bids_kept_neurons = kept
+    _drop_dequantized_quantizer(pruned)
     return pruned
+
+
+def _drop_dequantized_quantizer(model: torch.nn.Module) -> None:
+    """Forget a GGUF quantizer: such weights are dequantized to float when loaded.
+
+    transformers keeps the GGUF ``quantization_config`` on a model loaded from a ``.gguf``
+    file and then refuses ``save_pretrained``; the pruned copy holds plain float tensors.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if quantizer is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
 
 
 def save_pruned(model: torch.nn.Module, tokenizer, path: str | Path, source: str = "n/a") -> Path:
