@@ -38,8 +38,12 @@ def test_round_trip_on_smollm2(smol, langloc, valid):
     stim = tokenize_runs(builtin_set("langloc"), smol.tokenizer, max_tokens=512)[0]
     seen = {}
     spec = arch_spec(smol.model)
-    hooks = [spec.down_module(smol.model, i).register_forward_pre_hook(
-        lambda m, a, i=i: seen.__setitem__(i, a[0][0].clone())) for i in range(30)]
+    hooks = [
+        spec.down_module(smol.model, i).register_forward_pre_hook(
+            lambda m, a, i=i: seen.__setitem__(i, a[0][0].clone())
+        )
+        for i in range(30)
+    ]
     try:
         with torch.inference_mode():
             smol.model.base_model(input_ids=torch.as_tensor(stim.token_ids)[None], use_cache=False)
