@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import llm2bids
 from llm2bids.cli.main import main
 from llm2bids.evaluation import load_pruned, minimal_pairs
 from llm2bids.evaluation.lesion import run_lesion
@@ -86,3 +87,15 @@ def test_prune_cli_and_reload(tiny_dir, key_table, tmp_path):
     assert lm.tokenizer is not None
     ids = lm.tokenizer("The cat sat.", return_tensors="pt").input_ids
     assert np.isfinite(lm.model(ids).logits.detach().numpy()).all()
+
+
+def test_lm_eval_is_optional_with_a_clear_error(tiny_dir):
+    import importlib.util
+
+    from llm2bids.evaluation.lmeval import run_lm_eval
+    from llm2bids.exceptions import InputError
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed here; this test checks the message without it")
+    with pytest.raises(InputError, match=r"pip install 'llm2bids\[lmeval\]'"):
+        run_lm_eval(llm2bids.load_model(str(tiny_dir("llama")), device="cpu"), ["hellaswag"])

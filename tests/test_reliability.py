@@ -202,3 +202,45 @@ def test_constant_neurons_are_handled(tmp_path):
     assert np.isfinite(fit.components_).all()
     dead = np.isin(fit.geometry_.masker_order, np.arange(10))
     assert not fit.networks_[:, dead].any()
+
+
+def test_ica_non_convergence_is_reported_not_dropped(recorded, caplog):
+    """Tiny random models give FastICA nothing to converge on: it must say so, and keep going."""
+    runs = find_runs(recorded, task="narrative")
+    with caplog.at_level("WARNING", logger="llm2bids.decomposition"):
+        fit = FunctionalNetworks(n_components=3).fit(runs)
+    assert fit.convergence_warnings_ > 0
+    assert any("did not converge in" in r.getMessage() for r in caplog.records)
+    assert fit.components_.shape[0] == 3  # results kept
+
+
+HOSTILE = [
+    "tab\there",
+    "quote \" and ' marks",
+    "back\\slash \\n literal",
+    "n/a",
+    "",
+    "emoji 🙂 and ñ",
+    "line\nbreak",
+    "crlf\r\nend",
+    "# hash",
+    "\u2028sep",
+]
+
+
+def test_hostile_text_records_to_a_valid_dataset(tmp_path, tiny_dir, valid):
+    import csv
+
+    tsv = tmp_path / "hostile.tsv"
+    pd.DataFrame(
+        {"text": [t if t.strip() else "x" for t in HOSTILE], "condition": ["weird"] * len(HOSTILE)}
+    ).to_csv(tsv, sep="\t", index=False, quoting=csv.QUOTE_ALL)
+    root = tmp_path / "bids"
+    paths = llm2bids.record(
+        root, model=str(tiny_dir("llama")), task="hostile", stimuli=tsv, verbose=0
+    )
+    valid(root)
+    lm = load_model(str(tiny_dir("llama")), device="cpu")
+    for bold in paths:
+        events = load_run(bold).events
+        assert events.token.tolist() == [lm.tokenizer.decode([int(t)]) for t in events.token_id]
