@@ -54,12 +54,40 @@ def test_round_trip_on_smollm2(smol, langloc, valid):
     np.testing.assert_array_equal(run.by_layer(), expected)
 
 
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_glm_matches_pooled_t_on_real_localizer(langloc):
+    """The GLM's t is the pooled-variance t: it agrees with Student's t-test on the same tokens."""
+    from scipy import stats
+
+    from llm2bids.glm import top_percent_mask
+
+    runs = find_runs(langloc, task="langloc")
+    res = localize(runs, "sentence - nonword", top_percent=1)
+    a, b = [], []
+    for run in runs:
+        data = load_run(run, drop_special=True)
+        cond = data.events.trial_type.to_numpy()
+        if {"sentence", "nonword"} <= set(cond):
+            a.append(data.data[cond == "sentence"])
+            b.append(data.data[cond == "nonword"])
+    t = np.nan_to_num(stats.ttest_ind(np.concatenate(a), np.concatenate(b), axis=0)[0])
+    assert _dice(res.selected, top_percent_mask(t, 1)) >= 0.9
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="nonword strings tokenize into ~3x the tokens of sentences (1326 vs 458 in the "
+    "demo) and variances differ, so Welch's t ranks units differently from the GLM's pooled t "
+    "(Dice 0.66; Student's t gives 0.97). Open in issue 4: balance tokens, or test per stimulus.",
+)
 def test_glm_matches_welch_on_real_localizer(langloc):
     runs = find_runs(langloc, task="langloc")
     res = localize(runs, "sentence - nonword", top_percent=1)
     _, welch = welch_selection(runs, "sentence", "nonword", top_percent=1)
-    dice = 2 * (res.selected & welch).sum() / (res.selected.sum() + welch.sum())
-    assert dice >= 0.9, dice
+    assert _dice(res.selected, welch) >= 0.9
 
 
 def test_prune_save_reload_gguf_model(smol, tmp_path):
