@@ -142,24 +142,24 @@ def record(
     bids_dataset.init_dataset(bids_dir)
     _io.remove_stale_temporaries(bids_dir)
     bids_dataset.add_participant(bids_dir, _participant_row(lm, sub))
+    setup = _Setup(
+        bids_dir,
+        lm,
+        sub,
+        ses,
+        geometry,
+        layers,
+        hook_point,
+        max_tokens,
+        batch_size,
+        compress,
+        overwrite,
+        prepend_bos,
+        verbose,
+    )
     written: list[Path] = []
     for stimset in stimulus_sets:
-        written += _record_task(
-            bids_dir,
-            lm,
-            stimset,
-            sub,
-            ses,
-            geometry,
-            layers,
-            hook_point,
-            max_tokens,
-            batch_size,
-            compress,
-            overwrite,
-            prepend_bos,
-            verbose,
-        )
+        written += _record_task(setup, stimset)
     return written
 
 
@@ -201,22 +201,30 @@ def _participant_row(lm: LoadedModel, sub: str) -> dict:
     }
 
 
-def _record_task(
-    root,
-    lm,
-    stimset,
-    sub,
-    ses,
-    geometry,
-    layers,
-    hook_point,
-    max_tokens,
-    batch_size,
-    compress,
-    overwrite,
-    prepend_bos,
-    verbose,
-) -> list[Path]:
+@dataclass(frozen=True)
+class _Setup:
+    """What stays fixed across the tasks of one ``record`` call."""
+
+    root: Path
+    lm: LoadedModel
+    sub: str
+    ses: str | None
+    geometry: VoxelGeometry
+    layers: list[int]
+    hook_point: str
+    max_tokens: int
+    batch_size: int
+    compress: bool
+    overwrite: bool
+    prepend_bos: bool
+    verbose: int
+
+
+def _record_task(setup: _Setup, stimset: StimulusSet) -> list[Path]:
+    root, lm, sub, ses, geometry = setup.root, setup.lm, setup.sub, setup.ses, setup.geometry
+    layers, hook_point, max_tokens = setup.layers, setup.hook_point, setup.max_tokens
+    batch_size, compress, overwrite = setup.batch_size, setup.compress, setup.overwrite
+    prepend_bos, verbose = setup.prepend_bos, setup.verbose
     runs = tokenize_runs(stimset, lm.tokenizer, max_tokens, prepend_bos)
     bids_dataset.register_task(root, stimset, overwrite=overwrite)
     ents = {"sub": sub, "ses": ses, "task": stimset.task, "acq": hook_point}
