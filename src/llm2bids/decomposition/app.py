@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from sklearn.base import clone
 from tqdm.auto import tqdm
 
 from ..bids.dataset import require_dataset
@@ -90,6 +91,13 @@ def run_networks(
                 f"shortest run of sub-{sub} ({shortest} tokens); lower --n-components."
             )
     output_dir = init_derivatives(output_dir, bids_dir)
+    template = FunctionalNetworks(
+        method=method,
+        n_components=n_components,
+        threshold=threshold,
+        random_state=seed,
+        n_jobs=n_jobs,
+    )
     written: list[Path] = []
     for sub, by_task in selected.items():
         fits = {}
@@ -106,7 +114,7 @@ def run_networks(
         }
         bar = tqdm(total=len(by_task) + 1, desc=f"sub-{sub} networks", disable=not verbose)
         for task, runs in by_task.items():
-            fit = _fit(runs, method, n_components, threshold, seed, n_jobs)
+            fit = clone(template).fit(runs)
             fits[task] = fit
             written += write_networks(
                 output_dir, fit, {"sub": sub, "task": task, "acq": acq}, params, bids_dir
@@ -114,7 +122,7 @@ def run_networks(
             bar.update()
         all_runs = [r for runs in by_task.values() for r in runs]
         if len(by_task) > 1:
-            fit_all = _fit(all_runs, method, n_components, threshold, seed, n_jobs)
+            fit_all = clone(template).fit(all_runs)
             written += write_networks(
                 output_dir,
                 fit_all,
@@ -130,27 +138,13 @@ def run_networks(
             acq,
             by_task,
             fits,
-            method,
-            n_components,
-            threshold,
-            seed,
-            n_jobs,
+            template,
             per_run,
             n_permutations,
             params,
             verbose,
         )
     return written
-
-
-def _fit(runs, method, n_components, threshold, seed, n_jobs) -> FunctionalNetworks:
-    return FunctionalNetworks(
-        method=method,
-        n_components=n_components,
-        threshold=threshold,
-        random_state=seed,
-        n_jobs=n_jobs,
-    ).fit(runs)
 
 
 def write_networks(
@@ -261,16 +255,13 @@ def _recurrence(
     acq,
     by_task,
     fits,
-    method,
-    n_components,
-    threshold,
-    seed,
-    n_jobs,
+    template: FunctionalNetworks,
     per_run,
     n_permutations,
     params,
     verbose=1,
 ) -> list[Path]:
+    method, seed = template.method, template.random_state
     rows = []
     written = []
     tasks = sorted(fits)
@@ -290,7 +281,7 @@ def _recurrence(
             continue
         group = fits[task]
         run_fits = [
-            _fit([r], method, n_components, threshold, seed, n_jobs)
+            clone(template).fit([r])
             for r in tqdm(runs, desc=f"sub-{sub} task-{task} single-run fits", disable=not verbose)
         ]
         for run, fit in zip(runs, run_fits):
