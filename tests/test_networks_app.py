@@ -33,7 +33,7 @@ def test_networks_writes_valid_indexed_derivatives(recorded, derivatives, valid)
             assert (func / f"{stem}_{name}").exists(), name
     assert (func / "sub-tinyllama_acq-mlp_desc-canica_components.nii.gz").exists()  # all tasks
     recurrence = pd.read_csv(func / "sub-tinyllama_acq-mlp_desc-canica_recurrence.tsv", sep="\t")
-    assert set(recurrence.scope) == {"task", "run"}
+    assert set(recurrence.scope) == {"seed", "task", "run"}
     assert recurrence.p_value.between(0, 1).all()
     layout = BIDSLayout(recorded, validate=False, derivatives=[str(derivatives)])
     found = layout.derivatives["llm2bids"].get(

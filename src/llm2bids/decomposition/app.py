@@ -123,6 +123,7 @@ def run_networks(
         all_runs = [r for runs in by_task.values() for r in runs]
         if len(by_task) > 1:
             fit_all = clone(template).fit(all_runs)
+            fits["__all__"] = fit_all  # also the reference of the seed comparison
             written += write_networks(
                 output_dir,
                 fit_all,
@@ -262,7 +263,27 @@ def _recurrence(
     verbose=1,
 ) -> list[Path]:
     method, seed = template.method, template.random_state
-    rows = []
+    # Seeds: refit the largest decomposition with the next seed and match it to the first.
+    ref_label, ref_fit = (
+        ("all-tasks", fits["__all__"])
+        if "__all__" in fits
+        else next((f"task-{t}", f) for t, f in fits.items())
+    )
+    reseeded = clone(template).set_params(random_state=seed + 1).fit(ref_fit.runs_)
+    seed_rows = compare_fits(
+        ref_fit.components_,
+        reseeded.components_,
+        ref_fit.networks_,
+        reseeded.networks_,
+        n_permutations,
+        seed,
+    )
+    fits = {t: f for t, f in fits.items() if t != "__all__"}
+    rows = [
+        seed_rows.assign(
+            scope="seed", reference=f"{ref_label} seed-{seed}", other=f"{ref_label} seed-{seed + 1}"
+        )
+    ]
     written = []
     tasks = sorted(fits)
     for i, a in enumerate(tasks):
@@ -335,7 +356,8 @@ def _recurrence(
                 provenance(**params, n_permutations=n_permutations)
                 | {
                     "Description": "Networks matched one to one (Hungarian on |spatial correlation|) "
-                    "between tasks and between each run's own decomposition and its task's group "
+                    "between two seeds of the largest decomposition (scope seed), between tasks, and "
+                    "between each run's own decomposition and its task's group "
                     "networks; p_value against the best matched Dice of networks with shuffled "
                     "neurons (permutation null)."
                 },
