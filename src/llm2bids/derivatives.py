@@ -51,15 +51,21 @@ BIDSIGNORE = "\n".join(
 )
 
 
-def init_derivatives(output_dir: str | Path, bids_dir: str | Path) -> Path:
-    """Create (or reuse) a derivatives dataset; refuse ``output_dir == bids_dir``."""
-    bids_dir = require_dataset(bids_dir)
-    output_dir = Path(output_dir)
+def check_output_dir(bids_dir: str | Path, output_dir: str | Path) -> None:
+    """Refuse ``output_dir == bids_dir``: analyses never write into the raw dataset."""
+    bids_dir, output_dir = Path(bids_dir), Path(output_dir)
     if output_dir.resolve() == bids_dir.resolve():
         raise InputError(
             "OUTPUT_DIR must differ from BIDS_DIR: analyses never write into the raw dataset. "
             f"Use for example {bids_dir / 'derivatives' / 'llm2bids'}."
         )
+
+
+def init_derivatives(output_dir: str | Path, bids_dir: str | Path) -> Path:
+    """Create (or reuse) a derivatives dataset; refuse ``output_dir == bids_dir``."""
+    bids_dir = require_dataset(bids_dir)
+    check_output_dir(bids_dir, output_dir)
+    output_dir = Path(output_dir)
     with _io.dataset_lock(output_dir):
         if not (output_dir / "dataset_description.json").exists():
             _io.write_json(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..models import DEFAULT_MODEL, HOOK_POINTS
 from ..models.loading import DEVICES, DTYPES
-from .main import add_bids_app_arguments, check_output_dir, command
+from .main import add_bids_app_arguments, command
 
 
 def _one_task(args):
@@ -114,7 +114,7 @@ def _validate(args) -> int:
     return 0 if result.valid else 1
 
 
-__all__ = ["add_bids_app_arguments", "check_output_dir"]
+__all__ = ["add_bids_app_arguments"]
 
 
 def _networks_args(p):
@@ -148,7 +148,6 @@ def _networks_args(p):
 def _networks(args) -> int:
     from ..decomposition import run_networks
 
-    check_output_dir(args.bids_dir, args.output_dir)
     written = run_networks(
         args.bids_dir,
         args.output_dir,
@@ -193,7 +192,6 @@ def _localize_args(p):
 def _localize(args) -> int:
     from ..glm import run_localize
 
-    check_output_dir(args.bids_dir, args.output_dir)
     results = run_localize(
         args.bids_dir,
         args.output_dir,
@@ -240,7 +238,6 @@ def _lesion_args(p):
 def _lesion(args) -> int:
     from ..evaluation.lesion import run_lesion
 
-    check_output_dir(args.bids_dir, args.output_dir)
     results = run_lesion(
         args.bids_dir,
         args.output_dir,

@@ -47,15 +47,6 @@ def add_bids_app_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def check_output_dir(bids_dir: Path, output_dir: Path) -> None:
-    """Refuse OUTPUT_DIR == BIDS_DIR (the raw dataset is never written by analyses)."""
-    if bids_dir.resolve() == output_dir.resolve():
-        raise Llm2BidsError(
-            "OUTPUT_DIR must differ from BIDS_DIR: analyses never write into the raw dataset. "
-            f"Use for example {bids_dir / 'derivatives' / 'llm2bids'}."
-        )
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every sub-command."""
     from . import commands  # noqa: F401  (registers the sub-commands)

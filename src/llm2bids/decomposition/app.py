@@ -17,10 +17,10 @@ from tqdm.auto import tqdm
 from ..bids.dataset import require_dataset
 from ..bids.names import bids_name, parse_entities, strip_prefix
 from ..bids.reader import find_runs, run_metadata, special_mask
-from ..derivatives import init_derivatives, provenance, write_img, write_table
+from ..derivatives import check_output_dir, init_derivatives, provenance, write_img, write_table
 from ..exceptions import DatasetError, InputError
 from ..overlap import compare_fits, recurrence_frequency
-from .networks import METHODS, FunctionalNetworks, check_same_geometry
+from .networks import METHODS, FunctionalNetworks, check_n_components, check_same_geometry
 
 logger = logging.getLogger("llm2bids.decomposition")
 
@@ -80,16 +80,12 @@ def run_networks(
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}.")
+    check_output_dir(bids_dir, output_dir)
     selected = select_runs(bids_dir, participant_label, tasks, acq)
-    for sub, by_task in selected.items():  # check everything before writing anything
+    for by_task in selected.values():  # check everything before writing anything
         all_runs = [r for runs in by_task.values() for r in runs]
         check_same_geometry(all_runs)
-        shortest = min(int(special_mask(r).sum()) for r in all_runs)
-        if n_components > shortest:
-            raise InputError(
-                f"n_components={n_components} exceeds the number of time points of the "
-                f"shortest run of sub-{sub} ({shortest} tokens); lower --n-components."
-            )
+        check_n_components(n_components, [special_mask(r) for r in all_runs])
     output_dir = init_derivatives(output_dir, bids_dir)
     template = FunctionalNetworks(
         method=method,
@@ -241,12 +237,10 @@ def connectivity(fit: FunctionalNetworks) -> pd.DataFrame:
 
     comps = [c for c in fit.mixing_.columns if c.startswith("comp-")]
     series = [g.loc[g.special == 0, comps].to_numpy() for _, g in fit.mixing_.groupby("run")]
-    measure = ConnectivityMeasure(kind="correlation", standardize="zscore_sample")
-    matrices = measure.fit_transform(series)
+    measure = ConnectivityMeasure(kind="correlation", standardize="zscore_sample").fit(series)
     mean = np.asarray(measure.mean_)
     frame = pd.DataFrame(np.round(mean, 4), columns=comps)
     frame.insert(0, "component", comps)
-    del matrices
     return frame
 
 

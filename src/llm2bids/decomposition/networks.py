@@ -133,13 +133,7 @@ class FunctionalNetworks(BaseEstimator):
         self.geometry_ = check_same_geometry(runs)
         imgs = [load_img(r) for r in runs]
         samples = [special_mask(r, img.shape[3]) for r, img in zip(runs, imgs)]
-        usable = min(int(s.sum()) if self.drop_special else len(s) for s in samples)
-        if self.n_components > usable:
-            raise InputError(
-                f"n_components={self.n_components} exceeds the number of time points of the "
-                f"shortest run ({usable} tokens without special ones); lower --n-components or "
-                "record longer runs (--max-tokens)."
-            )
+        check_n_components(self.n_components, samples, self.drop_special)
         confounds = [_spike_regressors(s) if self.drop_special else None for s in samples]
         self.estimator_ = self._make_estimator()
         with warnings.catch_warnings(record=True) as caught:
@@ -204,6 +198,17 @@ def check_same_geometry(runs: Sequence[Path]) -> VoxelGeometry:
                 "decompose runs of one model and hook point together."
             )
     return geometries[0]
+
+
+def check_n_components(n_components: int, samples: Sequence[np.ndarray], drop_special=True):
+    """Refuse more components than the shortest run has time points (``samples``: sample masks)."""
+    usable = min(int(s.sum()) if drop_special else len(s) for s in samples)
+    if n_components > usable:
+        raise InputError(
+            f"n_components={n_components} exceeds the number of time points of the shortest "
+            f"run ({usable} tokens without special ones); lower --n-components or record "
+            "longer runs (--max-tokens)."
+        )
 
 
 def zscore_maps(maps: np.ndarray) -> np.ndarray:

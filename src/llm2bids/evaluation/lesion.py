@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..bids.dataset import read_participants, require_dataset
 from ..bids.names import bids_name, parse_entities, strip_prefix
-from ..derivatives import init_derivatives, provenance, write_table
+from ..derivatives import check_output_dir, init_derivatives, provenance, write_table
 from ..exceptions import DatasetError, InputError
 from ..models import LoadedModel, load_model
 from ..models.hooks import layer_count, neurons_per_layer
@@ -165,6 +165,7 @@ def run_lesion(
         Subject label -> (table, summary).
     """
     bids_dir = require_dataset(bids_dir)
+    check_output_dir(bids_dir, output_dir)
     networks = Path(networks)
     if not networks.exists():
         raise InputError(f"--networks {str(networks)!r} does not exist.")

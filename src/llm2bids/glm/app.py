@@ -12,7 +12,7 @@ import numpy as np
 from ..bids.names import bids_name
 from ..bids.reader import run_metadata
 from ..decomposition.app import select_runs
-from ..derivatives import init_derivatives, provenance, write_img, write_table
+from ..derivatives import check_output_dir, init_derivatives, provenance, write_img, write_table
 from ..exceptions import InputError
 from .localize import contrast_label, localize
 
@@ -42,6 +42,7 @@ def run_localize(
     """
     if not task:
         raise InputError("--task is required: the task whose conditions the contrast compares.")
+    check_output_dir(bids_dir, output_dir)
     selected = select_runs(bids_dir, participant_label, [task], acq)
     label = contrast_label(contrast)
     results = {}

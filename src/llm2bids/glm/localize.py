@@ -101,9 +101,11 @@ def _check_contrast(contrast: str, conditions: set[str]) -> None:
 
 
 def _events_and_masks(runs: Sequence[Path]):
-    events, masks, conditions = [], [], set()
+    """Open each run (lazily) and read its events: images, events, sample masks, conditions."""
+    imgs, events, masks, conditions = [], [], [], set()
     for run in runs:
         img = load_img(run)
+        imgs.append(img)
         ev = read_run_events(run, img.shape[3])
         if "trial_type" not in ev.columns:
             raise InputError(
@@ -116,7 +118,7 @@ def _events_and_masks(runs: Sequence[Path]):
         masks.append(keep)
         events.append(ev.loc[keep, ["onset", "duration", "trial_type"]].reset_index(drop=True))
         conditions |= set(events[-1].trial_type)
-    return events, masks, conditions
+    return imgs, events, masks, conditions
 
 
 def localize(
@@ -176,7 +178,7 @@ def localize(
     if not runs:
         raise InputError("no runs to localize in: check the subject and task filters.")
     geometry = check_same_geometry(runs)
-    events, masks, conditions = _events_and_masks(runs)
+    imgs, events, masks, conditions = _events_and_masks(runs)
     _check_contrast(contrast, conditions)
     # A run split off a long document may lack a condition of the contrast: it says nothing
     # about the contrast and nilearn cannot estimate it there, so it is left out, by name.
@@ -191,8 +193,7 @@ def localize(
         )
     if not usable:
         raise InputError(f"no run has every condition of {contrast!r}; nothing to estimate.")
-    runs = [runs[i] for i in usable]
-    events, masks = [events[i] for i in usable], [masks[i] for i in usable]
+    imgs, events, masks = ([x[i] for i in usable] for x in (imgs, events, masks))
     mask_img = geometry.mask_img()
     options = dict(
         t_r=1.0,
@@ -206,10 +207,9 @@ def localize(
         noise_model="ols",
         minimize_memory=True,
     )
-    imgs = [load_img(r) for r in runs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # nilearn: "no HRF" / design notices
-        if second_level and len(runs) >= 2:
+        if second_level and len(imgs) >= 2:
             from nilearn.glm.second_level import SecondLevelModel
 
             effects = []

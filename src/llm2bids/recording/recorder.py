@@ -267,7 +267,7 @@ def _record_task(setup: _Setup, stimset: StimulusSet) -> list[Path]:
     # every run in the same batch, with the same padding, as an uninterrupted one would.
     order = sorted(runs, key=lambda r: -len(r))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    writer = BackgroundWriterFor(lm.tokenizer, geometry, layers)
+    writer = _background_writer(lm.tokenizer, geometry, layers)
     bar = tqdm(
         total=sum(len(r) for r in todo),
         unit="tok",
@@ -295,7 +295,7 @@ def _record_task(setup: _Setup, stimset: StimulusSet) -> list[Path]:
     return [paths[r.index][0] for r in runs]
 
 
-def BackgroundWriterFor(tokenizer, geometry: VoxelGeometry, layers: list[int]):
+def _background_writer(tokenizer, geometry: VoxelGeometry, layers: list[int]):
     """A :class:`BackgroundWriter` that writes jobs of this recording."""
     from .writer import BackgroundWriter
 
