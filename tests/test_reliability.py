@@ -1,5 +1,6 @@
 """Interruption, resume, concurrency, corrupt inputs, numerical faults, determinism."""
 
+import os
 import signal
 import subprocess
 import sys
@@ -244,3 +245,17 @@ def test_hostile_text_records_to_a_valid_dataset(tmp_path, tiny_dir, valid):
     for bold in paths:
         events = load_run(bold).events
         assert events.token.tolist() == [lm.tokenizer.decode([int(t)]) for t in events.token_id]
+
+
+def test_cleanup_spares_temporaries_of_live_writers(tmp_path):
+    """A concurrent job's in-progress file must survive another job's start-up cleanup."""
+    from llm2bids import _io
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = tmp_path / f"{_io.TMP_MARK}{os.getpid()}-abcd1234-x_bold.nii"
+    stale = tmp_path / f"{_io.TMP_MARK}{dead.pid}-abcd1234-y_bold.nii"
+    live.write_bytes(b"writing")
+    stale.write_bytes(b"left by a killed run")
+    assert _io.remove_stale_temporaries(tmp_path) == 1
+    assert live.exists() and not stale.exists()

@@ -31,7 +31,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Keep the full suffix (.nii.gz) so that libraries choosing a format by extension still can.
-    tmp = path.with_name(f"{TMP_MARK}{uuid.uuid4().hex[:8]}-{path.name}")
+    # The writer's PID is in the name, so a cleanup never removes a live process's file.
+    tmp = path.with_name(f"{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
     try:
         yield tmp
         os.replace(tmp, path)
@@ -72,13 +73,31 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> int:
-    """Delete temporary files left by an interrupted (killed) run under ``folder``."""
+    """Delete temporary files that interrupted (killed) runs left under ``folder``.
+
+    Files whose writing process is still alive are kept: another job may be writing them.
+    """
     count = 0
     for tmp in Path(folder).rglob(f"{TMP_MARK}*"):
+        if _writer_alive(tmp.name):
+            continue
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
             count += 1
     return count
+
+
+def _writer_alive(name: str) -> bool:
+    pid = name[len(TMP_MARK) :].split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
 
 
 def dataset_lock(root: str | os.PathLike, timeout: float = 600) -> FileLock:

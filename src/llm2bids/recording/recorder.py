@@ -140,7 +140,7 @@ def record(
     geometry = VoxelGeometry(len(layers), widths.pop())
 
     bids_dataset.init_dataset(bids_dir)
-    _io.remove_stale_temporaries(bids_dir)
+    _io.remove_stale_temporaries(func_dir(bids_dir, sub, ses))  # this subject's folder only
     bids_dataset.add_participant(bids_dir, _participant_row(lm, sub))
     setup = _Setup(
         bids_dir,
