@@ -32,6 +32,23 @@ def test_langloc_is_a_block_design_with_balanced_conditions():
     sentences = [s.text for d in stimset.documents for s in d.segments if s.condition == "sentence"]
     nonwords = [s.text for d in stimset.documents for s in d.segments if s.condition == "nonword"]
     assert [len(s.split()) for s in sentences] == [len(s.split()) for s in nonwords]
+    # every nonword string is paired with a sentence of its own run
+    for doc in stimset.documents:
+        pairs = [doc.segments[s.duration_of] for s in doc.segments if s.condition == "nonword"]
+        assert [p.condition for p in pairs] == ["sentence"] * len(pairs)
+        assert len({id(p) for p in pairs}) == len(pairs)
+
+
+def test_langloc_conditions_last_equally_long_in_tokens():
+    """Blocks of equal duration: each run has as many sentence tokens as nonword tokens."""
+    stimset = builtin_set("langloc")
+    for run, doc in zip(
+        tokenize_runs(stimset, tiny_tokenizer(), max_tokens=4096), stimset.documents
+    ):
+        n_sentence, n_nonword = run.conditions.count("sentence"), run.conditions.count("nonword")
+        assert n_sentence == n_nonword > 0
+        # cut, not padded: a nonword string's tokens are the first tokens of its full text
+        assert len(tiny_tokenizer()(doc.text)["input_ids"]) > len(run)
 
 
 def test_tokenize_splits_long_documents_and_labels_every_token():

@@ -204,6 +204,11 @@ def register_task(root: str | Path, stimuli: StimulusSet, overwrite: bool = Fals
                         "condition": [s.condition for s in doc.segments],
                     }
                 )
+                if any(s.duration_of is not None for s in doc.segments):
+                    # row (from 0) whose token count this segment was cut to
+                    segs["duration_of"] = [
+                        "n/a" if s.duration_of is None else s.duration_of for s in doc.segments
+                    ]
                 _io.write_tsv(folder / f"{doc.name}.tsv", segs)
     return path
 

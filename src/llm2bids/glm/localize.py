@@ -209,6 +209,10 @@ def localize(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # nilearn: "no HRF" / design notices
+        # nilearn notices that do not apply: the mask is given on purpose, and the contrast is
+        # an expression over condition names, which is right for runs with different designs.
+        warnings.filterwarnings("ignore", ".*Generation of a mask has been requested")
+        warnings.filterwarnings("ignore", ".*The same contrast will be used for all")
         if second_level and len(imgs) >= 2:
             from nilearn.glm.second_level import SecondLevelModel
 
@@ -236,16 +240,21 @@ def localize(
         selected = z >= threshold
         selection = f"z >= {threshold:g}"
     else:
-        _, cut = threshold_stats_img(
-            maps["z"],
-            mask_img=mask_img,
-            alpha=alpha,
-            height_control=height_control,
-            cluster_threshold=0,
-            two_sided=False,
-        )
+        with warnings.catch_warnings():
+            # "must not exceed <max z>": no unit passes, which the empty selection says
+            warnings.filterwarnings("ignore", ".*must not exceed")
+            _, cut = threshold_stats_img(
+                maps["z"],
+                mask_img=mask_img,
+                alpha=alpha,
+                height_control=height_control,
+                cluster_threshold=0,
+                two_sided=False,
+            )
         selected = z >= cut
         selection = f"z >= {cut:.3f} ({height_control}-corrected alpha = {alpha:g})"
+    if not selected.any():
+        logger.warning("%s: no unit passes %s.", contrast, selection)
     return LocalizerResult(contrast, maps, z, t, selected, selection, geometry)
 
 

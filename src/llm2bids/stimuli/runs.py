@@ -9,7 +9,7 @@ import numpy as np
 
 from ..bids.geometry import MAX_NIFTI_AXIS
 from ..exceptions import InputError
-from .sets import StimulusSet
+from .sets import Document, StimulusSet
 
 SPECIAL_CONDITION = "special"
 
@@ -41,13 +41,26 @@ class RunStimulus:
         return len(self.token_ids)
 
 
+def _segment_tokens(doc: Document, tokenizer) -> list[list[int]]:
+    """Token ids of each segment (joined by a space); ``duration_of`` segments cut to length."""
+    tokens = [
+        tokenizer(seg.text if i == 0 else " " + seg.text, add_special_tokens=False)["input_ids"]
+        for i, seg in enumerate(doc.segments)
+    ]
+    for i, seg in enumerate(doc.segments):
+        if seg.duration_of is not None:
+            tokens[i] = tokens[i][: len(tokens[seg.duration_of])]
+    return tokens
+
+
 def tokenize_runs(
     stimuli: StimulusSet, tokenizer, max_tokens: int = 512, prepend_bos: bool = True
 ) -> list[RunStimulus]:
     """Tokenize every document and split it into runs of at most ``max_tokens`` tokens.
 
     Segments are tokenized one by one (joined by a space), so every token has exactly one
-    condition. A document longer than ``max_tokens`` is split into the fewest runs of equal
+    condition; a segment with ``duration_of`` set is cut to the token count of that segment.
+    A document longer than ``max_tokens`` is split into the fewest runs of equal
     length. Each run starts with the tokenizer's BOS token (marked special) when
     ``prepend_bos`` and the tokenizer has one: the first position of a sequence carries
     outlier activations, and this makes that position a known special token.
@@ -63,10 +76,7 @@ def tokenize_runs(
     for doc in stimuli.documents:
         ids: list[int] = []
         conds: list[str] = []
-        for i, seg in enumerate(doc.segments):
-            seg_ids = tokenizer(seg.text if i == 0 else " " + seg.text, add_special_tokens=False)[
-                "input_ids"
-            ]
+        for seg, seg_ids in zip(doc.segments, _segment_tokens(doc, tokenizer)):
             ids.extend(seg_ids)
             conds.extend([seg.condition] * len(seg_ids))
         if not ids:

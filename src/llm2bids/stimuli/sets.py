@@ -14,10 +14,21 @@ from ..exceptions import InputError
 
 @dataclass(frozen=True)
 class Segment:
-    """A stretch of text and the condition (``trial_type``) of its tokens."""
+    """A stretch of text and the condition (``trial_type``) of its tokens.
+
+    Attributes
+    ----------
+    text : str
+    condition : str
+    duration_of : int or None, default=None
+        Index (in the same document) of the segment whose duration this one matches: its tokens
+        are cut to that segment's token count for the model's tokenizer, so that two
+        conditions last equally long in tokens (a block design's equal-duration blocks).
+    """
 
     text: str
     condition: str
+    duration_of: int | None = None
 
 
 @dataclass
@@ -56,8 +67,15 @@ class StimulusSet:
 
     def fingerprint(self) -> str:
         """SHA-256 of the texts and conditions: two sets with the same fingerprint are equal."""
-        payload = [[d.name, [[s.text, s.condition] for s in d.segments]] for d in self.documents]
+        payload = [
+            [d.name, [[s.text, s.condition] + _if_set(s.duration_of) for s in d.segments]]
+            for d in self.documents
+        ]
         return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+
+def _if_set(value) -> list:
+    return [] if value is None else [value]
 
 
 CC0 = "CC0 1.0: written for llm2bids, no rights reserved."
@@ -149,7 +167,11 @@ def langloc(n_runs: int = 4, items_per_block: int = 2, seed: int = 0) -> Stimulu
     """Language localizer: sentences versus strings of pronounceable nonwords, block design.
 
     After Fedorenko et al. (2010). Each run alternates sentence and nonword blocks (runs start
-    with either condition in turn); every nonword string has as many words as its sentence.
+    with either condition in turn). A block lasts as long as its pair in tokens, the unit of
+    time here: every nonword string is written with as many nonwords as its sentence has words
+    (several tokens each, so it is always longer) and presented cut to its sentence's token
+    count (``Segment.duration_of``). Both conditions therefore have the same number of tokens
+    in every run, whatever the tokenizer.
     """
     sentences = _data_documents("langloc_sentences.txt")[0].splitlines()
     rng = random.Random(seed)
@@ -159,15 +181,20 @@ def langloc(n_runs: int = 4, items_per_block: int = 2, seed: int = 0) -> Stimulu
     docs = []
     for r in range(n_runs):
         run_sentences = sentences[r * per_run : (r + 1) * per_run]
-        blocks = []
+        segments: list[Segment] = []
         for b in range(0, per_run, items_per_block):
             items = run_sentences[b : b + items_per_block]
             nonwords = [
                 " ".join(_nonword(rng) for _ in s.split()).capitalize() + "." for s in items
             ]
-            pair = [("sentence", items), ("nonword", nonwords)]
-            blocks.extend(pair if r % 2 == 0 else pair[::-1])
-        segments = [Segment(text, cond) for cond, texts in blocks for text in texts]
+            sentences_first = r % 2 == 0
+            at = len(segments) + (0 if sentences_first else len(items))  # this block's sentences
+            sentence_block = [Segment(text, "sentence") for text in items]
+            nonword_block = [Segment(text, "nonword", at + j) for j, text in enumerate(nonwords)]
+            if sentences_first:
+                segments.extend(sentence_block + nonword_block)
+            else:
+                segments.extend(nonword_block + sentence_block)
         docs.append(Document(f"localizer{r + 1}", segments))
     return StimulusSet(
         "langloc",
@@ -175,7 +202,10 @@ def langloc(n_runs: int = 4, items_per_block: int = 2, seed: int = 0) -> Stimulu
         "nonwords, after Fedorenko et al. (2010).",
         docs,
         CC0,
-        {"sentence": "tokens of English sentences", "nonword": "tokens of nonword strings"},
+        {
+            "sentence": "tokens of English sentences",
+            "nonword": "tokens of nonword strings, each cut to its paired sentence's token count",
+        },
     )
 
 
