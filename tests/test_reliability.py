@@ -259,3 +259,55 @@ def test_cleanup_spares_temporaries_of_live_writers(tmp_path):
     stale.write_bytes(b"left by a killed run")
     assert _io.remove_stale_temporaries(tmp_path) == 1
     assert live.exists() and not stale.exists()
+
+
+def test_writer_holds_at_most_one_batch_while_the_next_is_computed():
+    """Memory bound: when ``submit`` returns, every earlier job is written (and freed)."""
+    import time
+
+    from llm2bids.recording.writer import BackgroundWriter
+
+    written = []
+
+    def slow_write(job):
+        time.sleep(0.02)
+        written.append(job)
+
+    writer = BackgroundWriter(slow_write)
+    for k in range(5):
+        writer.submit(k)
+        assert written == list(range(k))
+    writer.close()
+    assert written == list(range(5))
+
+
+def test_writer_error_reaches_the_caller():
+    from llm2bids.recording.writer import BackgroundWriter
+
+    def fail(job):
+        raise OSError("disk gone")
+
+    writer = BackgroundWriter(fail)
+    writer.submit(1)
+    with pytest.raises(OSError, match="disk gone"):
+        writer.submit(2)
+    writer.close()  # the error was raised once; closing does not hang
+
+
+def test_batch_plan_is_fixed_by_the_runs_and_tapers_at_the_end():
+    from llm2bids.recording.recorder import _plan_batches
+    from llm2bids.stimuli.runs import RunStimulus
+
+    runs = [
+        RunStimulus(
+            i + 1, "d", np.zeros(10 + i, dtype=np.int64), ["x"] * (10 + i), np.zeros(10 + i, bool)
+        )
+        for i in range(12)
+    ]
+    plan = _plan_batches(runs, 4)
+    assert [len(b) for b in plan] == [4, 4, 2, 1, 1]
+    assert [r.index for b in plan for r in b] == list(range(12, 0, -1))  # longest first
+    assert [len(b) for b in _plan_batches(runs[:1], 4)] == [1]
+    assert [[r.index for r in b] for b in _plan_batches(runs[::-1], 4)] == [
+        [r.index for r in b] for b in plan
+    ]

@@ -263,10 +263,7 @@ def _record_task(setup: _Setup, stimset: StimulusSet) -> list[Path]:
         return [paths[r.index][0] for r in runs]
     _check_disk(root, todo, geometry)
 
-    # Batches are fixed by the full run list (longest first), so a resumed recording computes
-    # every run in the same batch, with the same padding, as an uninterrupted one would.
-    order = sorted(runs, key=lambda r: -len(r))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = _plan_batches(runs, batch_size)
     writer = _background_writer(lm.tokenizer, geometry, layers)
     bar = tqdm(
         total=sum(len(r) for r in todo),
@@ -280,19 +277,34 @@ def _record_task(setup: _Setup, stimset: StimulusSet) -> list[Path]:
             if not missing:
                 continue
             acts = _forward(lm, batch, layers, hook_point)
-            keep = [i for i, r in enumerate(batch) if r.index not in done]
-            writer.submit(
-                _Job(
-                    runs=[batch[i] for i in keep],
-                    acts={layer: a[keep] for layer, a in acts.items()},
-                    paths=[paths[batch[i].index] for i in keep],
-                )
-            )
+            if len(missing) < len(batch):  # resuming: write only the missing runs
+                keep = [i for i, r in enumerate(batch) if r.index not in done]
+                acts = {layer: a[keep] for layer, a in acts.items()}
+            writer.submit(_Job(missing, acts, [paths[r.index] for r in missing]))
+            del acts  # the writer holds the batch now, and frees it once written
             bar.update(sum(len(r) for r in missing))
     finally:
         bar.close()
         writer.close()
     return [paths[r.index][0] for r in runs]
+
+
+def _plan_batches(runs: list[RunStimulus], batch_size: int) -> list[list[RunStimulus]]:
+    """Batches of ``batch_size`` runs, longest first, the last one tapered: 4 -> 2, 1, 1.
+
+    The plan depends on the full run list only, so a resumed recording computes every run in
+    the same batch, with the same padding, as an uninterrupted one would. The last batch's
+    write has no forward pass left to overlap with; halving it until one run remains leaves
+    one run's write, not a batch's, at the end of the pipeline.
+    """
+    order = sorted(runs, key=lambda r: -len(r))
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    last = batches.pop()
+    while len(last) > 1:
+        half = (len(last) + 1) // 2
+        batches.append(last[:half])
+        last = last[half:]
+    return batches + [last]
 
 
 def _background_writer(tokenizer, geometry: VoxelGeometry, layers: list[int]):

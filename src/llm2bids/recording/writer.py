@@ -1,8 +1,9 @@
 """A background thread that lays activations out as NIfTI runs and writes them.
 
 The forward pass of the next batch runs while this thread copies the previous batch into the
-NIfTI layout and writes it, so disk I/O overlaps with compute. The queue is bounded: at most
-one batch waits, so memory does not grow with the number of runs.
+NIfTI layout and writes it, so disk I/O overlaps with compute. A job is handed over only when
+the previous one is written: at most two batches are in memory (one being written, one being
+computed), however many runs there are.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ class BackgroundWriter:
     :meth:`submit` or at :meth:`close`.
     """
 
-    def __init__(self, fn: Callable, max_pending: int = 1):
+    def __init__(self, fn: Callable):
         self._fn = fn
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._queue: queue.Queue = queue.Queue()
+        self._idle = threading.Semaphore(1)  # held while a job is queued or being written
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="llm2bids-writer", daemon=True)
         self._thread.start()
@@ -36,12 +38,14 @@ class BackgroundWriter:
             job = self._queue.get()
             if job is _STOP:
                 return
-            if self._error is not None:
-                continue  # drain without work after a failure
             try:
-                self._fn(job)
+                if self._error is None:  # after a failure, drain without work
+                    self._fn(job)
             except BaseException as err:  # re-raised in the caller's thread
                 self._error = err
+            finally:
+                del job  # free the batch before the next one is handed over
+                self._idle.release()
 
     def _raise(self):
         if self._error is not None:
@@ -49,12 +53,17 @@ class BackgroundWriter:
             raise err
 
     def submit(self, job) -> None:
-        """Queue ``job``; blocks while a previous job is still waiting."""
-        self._raise()
+        """Hand ``job`` over; blocks until the previous job is written."""
+        self._idle.acquire()
+        try:
+            self._raise()
+        except BaseException:
+            self._idle.release()
+            raise
         self._queue.put(job)
 
     def close(self) -> None:
-        """Finish the queued jobs, stop the thread, and raise any error it met."""
+        """Finish the last job, stop the thread, and raise any error it met."""
         self._queue.put(_STOP)
         self._thread.join()
         self._raise()
