@@ -303,14 +303,11 @@ def _targets(rec_rows, mem_rows, mask_rows) -> str:
         + (
             " -- met."
             if worst >= 0.9
-            else f" -- missed by up to {0.9 - worst:.2f}. The forward pass inside `record` runs at bare-backbone speed when nothing else r"
-            "uns (profiled: hooks keep references, no copy on the hot path), and recording sk"
-            "ips the LM head, which is why one batch (1k tokens) beats the full forward. With"
-            " several batches the writer thread's layout copy and write of one batch run whil"
-            "e the next computes, and on 2 cores they take CPU from torch's 2 threads; the la"
-            "st batch's write (about 1.2 s per 4 x 512 tokens) has nothing left to overlap wi"
-            "th. Whether longer recordings approach the target is not measured yet (full mode"
-            ": 16k and 64k tokens)."
+            else f" -- missed by up to {0.9 - worst:.2f}. The forward pass inside `record` runs "
+            "at bare-backbone speed when nothing else runs (hooks keep references, no copy on "
+            "the hot path), and recording skips the LM head. What remains is the writer "
+            "thread (layout copy, events, file write) taking CPU from torch's threads while "
+            "the next batch computes, and the last run's write, which nothing overlaps."
         )
     )
     per_token = [r["record_s"] / r["tokens"] * 1e3 for r in smol]

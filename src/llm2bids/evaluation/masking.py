@@ -36,28 +36,34 @@ def mask_neurons(
 
     Notes
     -----
-    One pre-hook per affected layer multiplies the down projection's input by a
-    device-resident 0/1 vector (and adds ``means * (1 - mask)``): vectorised, and each hook is
-    bound to its own layer's vector.
+    One pre-hook per affected layer multiplies the down projection's input by a 0/1 vector
+    (and adds ``means * (1 - mask)``), kept on the device and in the dtype where that layer
+    runs: vectorised, and each hook is bound to its own layer's vector.
     """
     model = model.model if isinstance(model, LoadedModel) else model
     masked = check_mask(model, neurons, mode)
-    param = next(model.parameters())
     multipliers, offsets, layers = {}, {}, []
     for layer in range(masked.shape[0]):
         if not masked[layer].any():
             continue
         layers.append(layer)
-        multipliers[layer] = torch.as_tensor(~masked[layer], dtype=param.dtype, device=param.device)
+        multipliers[layer] = torch.as_tensor(~masked[layer])
         if means is not None:
-            offsets[layer] = torch.as_tensor(
-                np.where(masked[layer], means[layer], 0.0), dtype=param.dtype, device=param.device
-            )
+            offsets[layer] = torch.as_tensor(np.where(masked[layer], means[layer], 0.0))
+
+    def on_device(table: dict, layer: int, x: torch.Tensor) -> torch.Tensor:
+        # moved once, to wherever this layer runs (layers of a device_map model live on
+        # several devices, and offloaded ones only come to one at forward time)
+        vector = table[layer]
+        if vector.device != x.device or vector.dtype != x.dtype:
+            with torch.inference_mode(False):  # a plain tensor, usable outside inference mode
+                vector = table[layer] = vector.to(x.device, x.dtype)
+        return vector
 
     def hook(layer: int, x: torch.Tensor) -> torch.Tensor:
-        out = x * multipliers[layer]
+        out = x * on_device(multipliers, layer, x)
         if layer in offsets:
-            out = out + offsets[layer]
+            out = out + on_device(offsets, layer, x)
         return out
 
     with neuron_hooks(model, hook, layers):

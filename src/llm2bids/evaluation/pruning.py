@@ -84,6 +84,13 @@ def prune(
     base = model.model if isinstance(model, LoadedModel) else model
     keep = ~check_mask(base, keep, "keep")
     spec = arch_spec(base)
+    offloaded = sorted({n.rsplit(".", 2)[0] for n, p in base.named_parameters() if p.is_meta})
+    if offloaded:
+        raise InputError(
+            f"pruning edits the weights, and {len(offloaded)} modules ({offloaded[0]}, ...) are "
+            "offloaded (on the meta device): load the model without disk offload to prune it. "
+            "Masking (mask_neurons) works on offloaded models."
+        )
     pruned = copy.deepcopy(base)
     n_neurons = keep.shape[1]
     kept = []

@@ -56,7 +56,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        """Device of the first parameter."""
+        """Where inputs go: the first module's device (of a ``device_map``, if any)."""
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map:
+            first = next(iter(device_map.values()))
+            if first in ("cpu", "disk"):  # offloaded: accelerate moves inputs where they run
+                return torch.device("cpu")
+            return torch.device(f"cuda:{first}" if isinstance(first, int) else first)
         return next(self.model.parameters()).device
 
     @property
@@ -143,7 +149,8 @@ def load_model(
     device: str = "auto",
     dtype: str = "float32",
     revision: str | None = None,
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
@@ -158,9 +165,13 @@ def load_model(
     dtype : {"float32", "bfloat16", "float16"}, default="float32"
     revision : str or None, default=None
         Hub revision (branch, tag or commit) for hub ids.
-    device_map : str or None, default=None
+    device_map : str or dict or None, default=None
         Passed to ``from_pretrained`` (for example ``"auto"`` to spread a model larger than
-        one GPU over several; needs ``accelerate``). Overrides ``device``.
+        one GPU over several, or a dict of module names to devices, ``"cpu"`` or ``"disk"``;
+        needs ``accelerate``). Overrides ``device``. Recording and masking work on such
+        models; pruning needs every weight in memory.
+    offload_folder : str or Path or None, default=None
+        Where modules mapped to ``"disk"`` are kept.
 
     Returns
     -------
@@ -173,6 +184,8 @@ def load_model(
     kwargs: dict = {"dtype": torch_dtype}
     if device_map:
         kwargs["device_map"] = device_map
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
 
     spec = DEFAULT_MODEL if spec in (None, "", DEFAULT_MODEL) else str(spec)
     if spec == DEFAULT_MODEL:

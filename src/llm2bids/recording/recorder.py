@@ -56,7 +56,7 @@ def record(
     batch_size: int = 4,
     device: str = "auto",
     dtype: str = "float32",
-    device_map: str | None = None,
+    device_map: str | dict | None = None,
     hook_point: str = "mlp",
     layers: Sequence[int] | None = None,
     compress: bool = False,
@@ -90,7 +90,7 @@ def record(
     device : {"auto", "cpu", "cuda", "mps"}, default="auto"
     dtype : {"float32", "bfloat16", "float16"}, default="float32"
         Model dtype; activations are written as float32 (exact for all three).
-    device_map : str or None, default=None
+    device_map : str or dict or None, default=None
         Passed to ``from_pretrained`` (``"auto"`` spreads a model larger than one GPU over
         several; needs ``accelerate``). Overrides ``device``.
     hook_point : {"mlp", "resid"}, default="mlp"
@@ -353,7 +353,9 @@ def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> d
         if layer == last and stop_early:
             raise _StopForward
 
-    stop_early = last < layer_count(lm.model) - 1
+    # Skip the layers after the last recorded one, unless accelerate dispatches the model
+    # (its hooks must see every module's forward end, to move offloaded weights back).
+    stop_early = last < layer_count(lm.model) - 1 and not getattr(lm.model, "hf_device_map", None)
     with torch.inference_mode(), neuron_hooks(lm.model, capture, layers, hook_point):
         try:
             lm.model.base_model(
