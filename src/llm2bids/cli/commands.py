@@ -39,6 +39,12 @@ def _record_args(p: argparse.ArgumentParser) -> None:
         help="e.g. 'auto' to spread a model larger than one GPU over several "
         "(needs accelerate: pip install 'llm2bids[big]')",
     )
+    g.add_argument(
+        "--offload-folder",
+        type=Path,
+        default=None,
+        help="with --device-map: where layers that fit on no device are kept on disk",
+    )
     g = p.add_argument_group("stimuli")
     g.add_argument(
         "--task",
@@ -82,6 +88,7 @@ def _record(args) -> int:
         device=args.device,
         dtype=args.dtype,
         device_map=args.device_map,
+        offload_folder=args.offload_folder,
         hook_point=args.hook_point,
         layers=args.layers,
         compress=args.compress,

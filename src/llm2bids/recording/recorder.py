@@ -57,6 +57,7 @@ def record(
     device: str = "auto",
     dtype: str = "float32",
     device_map: str | dict | None = None,
+    offload_folder: str | Path | None = None,
     hook_point: str = "mlp",
     layers: Sequence[int] | None = None,
     compress: bool = False,
@@ -93,6 +94,8 @@ def record(
     device_map : str or dict or None, default=None
         Passed to ``from_pretrained`` (``"auto"`` spreads a model larger than one GPU over
         several; needs ``accelerate``). Overrides ``device``.
+    offload_folder : str or Path or None, default=None
+        With ``device_map``: where modules that fit on no device are kept on disk.
     hook_point : {"mlp", "resid"}, default="mlp"
         ``"mlp"``: MLP neurons (input of the down projection). ``"resid"``: residual stream.
     layers : sequence of int or None, default=None
@@ -126,7 +129,13 @@ def record(
     lm = (
         model
         if isinstance(model, LoadedModel)
-        else load_model(model, device=device, dtype=dtype, device_map=device_map)
+        else load_model(
+            model,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            offload_folder=offload_folder,
+        )
     )
     sub = clean_label(strip_prefix(subject)) if subject else lm.label
     ses = strip_prefix(session, "ses-") if session else None
