@@ -308,6 +308,8 @@ def test_batch_plan_is_fixed_by_the_runs_and_tapers_at_the_end():
     assert [len(b) for b in plan] == [4, 4, 2, 1, 1]
     assert [r.index for b in plan for r in b] == list(range(12, 0, -1))  # longest first
     assert [len(b) for b in _plan_batches(runs[:1], 4)] == [1]
+    assert [len(b) for b in _plan_batches(runs[:4], 4)] == [4]  # one batch: same peak as many
+    assert [len(b) for b in _plan_batches(runs[:6], 4)] == [4, 1, 1]
     assert [[r.index for r in b] for b in _plan_batches(runs[::-1], 4)] == [
         [r.index for r in b] for b in plan
     ]

@@ -299,15 +299,19 @@ def _record_task(setup: _Setup, stimset: StimulusSet) -> list[Path]:
 
 
 def _plan_batches(runs: list[RunStimulus], batch_size: int) -> list[list[RunStimulus]]:
-    """Batches of ``batch_size`` runs, longest first, the last one tapered: 4 -> 2, 1, 1.
+    """Batches of ``batch_size`` runs, longest first; after a full batch, the last one tapered.
 
     The plan depends on the full run list only, so a resumed recording computes every run in
     the same batch, with the same padding, as an uninterrupted one would. The last batch's
-    write has no forward pass left to overlap with; halving it until one run remains leaves
-    one run's write, not a batch's, at the end of the pipeline.
+    write has no forward pass left to overlap with; halving it until one run remains
+    (4 -> 2, 1, 1) leaves one run's write, not a batch's, at the end of the pipeline. A
+    recording of a single batch is not tapered: the peak memory is that of one full batch
+    whatever the number of runs, so a short pilot recording shows what a long one will need.
     """
     order = sorted(runs, key=lambda r: -len(r))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(batches) == 1:
+        return batches
     last = batches.pop()
     while len(last) > 1:
         half = (len(last) + 1) // 2
