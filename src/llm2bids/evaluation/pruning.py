@@ -84,7 +84,7 @@ def prune(
     base = model.model if isinstance(model, LoadedModel) else model
     keep = ~check_mask(base, keep, "keep")
     spec = arch_spec(base)
-    offloaded = sorted({n.rsplit(".", 2)[0] for n, p in base.named_parameters() if p.is_meta})
+    offloaded = sorted({n.rsplit(".", 1)[0] for n, p in base.named_parameters() if p.is_meta})
     if offloaded:
         raise InputError(
             f"pruning edits the weights, and {len(offloaded)} modules ({offloaded[0]}, ...) are "

@@ -282,12 +282,12 @@ def _record_task(setup: _Setup, stimset: StimulusSet) -> list[Path]:
     )
     try:
         for batch in batches:
-            missing = [r for r in batch if r.index not in done]
-            if not missing:
+            keep = [i for i, r in enumerate(batch) if r.index not in done]
+            if not keep:
                 continue
+            missing = [batch[i] for i in keep]
             acts = _forward(lm, batch, layers, hook_point)
-            if len(missing) < len(batch):  # resuming: write only the missing runs
-                keep = [i for i, r in enumerate(batch) if r.index not in done]
+            if len(keep) < len(batch):  # resuming: write only the missing runs
                 acts = {layer: a[keep] for layer, a in acts.items()}
             writer.submit(_Job(missing, acts, [paths[r.index] for r in missing]))
             del acts  # the writer holds the batch now, and frees it once written
