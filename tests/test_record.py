@@ -37,17 +37,31 @@ def _direct_activations(model, token_ids):
     finally:
         for h in handles:
             h.remove()
-    return np.stack([seen[i].reshape(len(token_ids), -1).numpy() for i in sorted(seen)], axis=1)
+    return np.stack(
+        [seen[i].reshape(len(token_ids), -1).float().numpy() for i in sorted(seen)], axis=1
+    )
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
-def test_round_trip_is_exact(tmp_path, tiny_dir, arch):
-    """(layer, neuron, token) -> (x, y, z, t) -> value equals the hooked activation exactly."""
+@pytest.mark.parametrize(
+    "arch, dtype",
+    [("llama", "float32"), ("gpt2", "float32"), ("opt", "float32"), ("llama", "bfloat16")],
+)
+def test_round_trip_is_exact(tmp_path, tiny_dir, arch, dtype):
+    """(layer, neuron, token) -> (x, y, z, t) -> value equals the hooked activation exactly.
+
+    In bfloat16 the written float32 values are the model's bfloat16 values, cast exactly.
+    """
     root = tmp_path / "bids"
     llm2bids.record(
-        root, model=str(tiny_dir(arch)), task="narrative", max_tokens=64, batch_size=1, verbose=0
+        root,
+        model=str(tiny_dir(arch)),
+        task="narrative",
+        max_tokens=64,
+        batch_size=1,
+        dtype=dtype,
+        verbose=0,
     )
-    lm = llm2bids.load_model(str(tiny_dir(arch)), device="cpu")
+    lm = llm2bids.load_model(str(tiny_dir(arch)), device="cpu", dtype=dtype)
     runs = tokenize_runs(builtin_set("narrative"), lm.tokenizer, max_tokens=64)
     rng = np.random.default_rng(0)
     for bold in find_runs(root)[:3]:

@@ -37,7 +37,8 @@ logger = logging.getLogger("llm2bids.recording")
 @dataclass
 class _Job:
     runs: list[RunStimulus]
-    acts: dict[int, torch.Tensor]  # layer -> (batch, tokens, neurons) on the CPU
+    rows: list[int]  # each run's row in the batch
+    acts: np.ndarray  # (n_layers, batch, tokens, n_neurons) float32
     paths: list[tuple[Path, Path]]  # (bold, events) per run
 
 
@@ -287,9 +288,7 @@ def _record_task(setup: _Setup, stimset: StimulusSet) -> list[Path]:
                 continue
             missing = [batch[i] for i in keep]
             acts = _forward(lm, batch, layers, hook_point)
-            if len(keep) < len(batch):  # resuming: write only the missing runs
-                acts = {layer: a[keep] for layer, a in acts.items()}
-            writer.submit(_Job(missing, acts, [paths[r.index] for r in missing]))
+            writer.submit(_Job(missing, keep, acts, [paths[r.index] for r in missing]))
             del acts  # the writer holds the batch now, and frees it once written
             bar.update(sum(len(r) for r in missing))
     finally:
@@ -329,13 +328,12 @@ def _background_writer(tokenizer, geometry: VoxelGeometry, layers: list[int]):
     buffer = {"block": geometry.empty_block(0)}
 
     def write_job(job: _Job) -> None:
-        for b, (run, (bold, events)) in enumerate(zip(job.runs, job.paths)):
+        for run, row, (bold, events) in zip(job.runs, job.rows, job.paths):
             n = len(run)
             if buffer["block"].shape[0] < n:
                 buffer["block"] = geometry.empty_block(n)
             block = buffer["block"][:n]
-            for z, layer in enumerate(layers):
-                block[:, z, : geometry.n_neurons] = job.acts[layer][b, :n].numpy()
+            block[:, :, : geometry.n_neurons] = job.acts[:, row, :n].transpose(1, 0, 2)
             _check_finite(block, run, layers)
             tokens = [tokenizer.decode([int(t)]) for t in run.token_ids]
             write_events(events, events_frame(run.token_ids, tokens, run.conditions, run.special))
@@ -344,8 +342,17 @@ def _background_writer(tokenizer, geometry: VoxelGeometry, layers: list[int]):
     return BackgroundWriter(write_job)
 
 
-def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> dict:
-    """One batched forward pass; returns layer -> (batch, tokens, neurons) float32 CPU tensors."""
+def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> np.ndarray:
+    """One batched forward pass; returns ``(n_layers, batch, tokens, n_neurons)`` float32.
+
+    Each layer's neurons are copied into one array as the forward pass reaches them, so the
+    model's own tensors are freed layer by layer and the array fills in order, page after
+    page. It is one allocation, handed back to the system once the writer is done with it:
+    memory stays about one batch plus the forward's transients, whatever the number of
+    batches. (Keeping references to the model's per-layer tensors instead, with no copy,
+    left them interleaved with the transients in the heap, which fragmented it by up to 0.8
+    batch with glibc's allocator.)
+    """
     device = lm.device
     longest = max(len(r) for r in batch)
     pad = lm.tokenizer.pad_token_id or 0
@@ -354,15 +361,21 @@ def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> d
     for i, r in enumerate(batch):
         ids[i, : len(r)] = torch.from_numpy(r.token_ids)
         mask[i, : len(r)] = 1
-    captured: dict[int, torch.Tensor] = {}
+    width = neurons_per_layer(lm.model, hook_point)[layers[0]]
+    # torch's allocation, not numpy's: numpy asks for huge pages, whose first touch (kernel
+    # compaction) costs ~4x that of small ones here, and fills the array at once, not in order.
+    into = torch.empty((len(layers), len(batch), longest, width), dtype=torch.float32)
+    z_of = {layer: z for z, layer in enumerate(layers)}
+    staged: list[tuple[int, torch.Tensor]] = []  # device -> CPU copies in flight
     last = max(layers)
-    on_cpu_f32 = device.type == "cpu" and lm.dtype == torch.float32
 
     def capture(layer: int, x: torch.Tensor):
-        # On the CPU in float32 the hooked tensor is fresh and never modified afterwards, so a
-        # reference is enough: no copy on the hot path. Elsewhere: one cast-and-copy to the CPU.
         x = x.view(ids.shape[0], ids.shape[1], -1)  # OPT flattens (batch, tokens) in its MLP
-        captured[layer] = x if on_cpu_f32 else x.to("cpu", torch.float32, non_blocking=True)
+        if x.device.type == "cpu":
+            into[z_of[layer]] = x  # casts from the model's dtype if needed
+        else:  # start the copy and let the device run on; placed once all are done
+            cuda = x.device.type == "cuda"
+            staged.append((z_of[layer], x.to("cpu", torch.float32, non_blocking=cuda)))
         if layer == last and stop_early:
             raise _StopForward
 
@@ -376,9 +389,12 @@ def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> d
             )
         except _StopForward:
             pass
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return captured
+    if staged and torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):  # every GPU of a device_map
+            torch.cuda.synchronize(index)
+    for z, x in staged:
+        into[z] = x
+    return into.numpy()
 
 
 def _check_finite(block: np.ndarray, run: RunStimulus, layers: list[int]) -> None:
