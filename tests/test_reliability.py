@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import llm2bids
 from llm2bids.bids import find_runs, load_run
@@ -313,3 +314,29 @@ def test_batch_plan_is_fixed_by_the_runs_and_tapers_at_the_end():
     assert [[r.index for r in b] for b in _plan_batches(runs[::-1], 4)] == [
         [r.index for r in b] for b in plan
     ]
+
+
+def test_batch_activations_hand_back_a_written_run_and_keep_the_others():
+    """A run's pages go back to the system once written; its neighbours' values stay intact."""
+    import mmap
+
+    from llm2bids.recording.buffers import BatchActivations
+
+    acts = BatchActivations((3, 4, 3000, 50))  # 2.4 MB per run: rows not page-aligned
+    values = np.random.default_rng(0).standard_normal(acts.array.shape).astype(np.float32)
+    acts.tensor()[:] = torch.from_numpy(values)  # written through the torch view
+
+    def resident_kb():
+        with open("/proc/self/smaps_rollup") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("Rss:"))
+
+    linux = sys.platform == "linux"
+    before = resident_kb() if linux else 0
+    acts.release(1)
+    after = resident_kb() if linux else 0
+    np.testing.assert_array_equal(acts.array[0], values[0])
+    np.testing.assert_array_equal(acts.array[2], values[2])
+    if linux:  # MADV_DONTNEED: the pages are gone and read back as zeros
+        assert before - after >= acts.array[1].nbytes // 1024 - 2 * mmap.PAGESIZE // 1024
+        first_page = -(-acts.array[1].nbytes // mmap.PAGESIZE) * mmap.PAGESIZE // 4  # in row 1
+        assert not acts.array.reshape(-1)[first_page : first_page + 1024].any()

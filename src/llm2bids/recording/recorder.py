@@ -30,6 +30,7 @@ from ..stimuli import (
     read_stimuli,
     tokenize_runs,
 )
+from .buffers import BatchActivations
 
 logger = logging.getLogger("llm2bids.recording")
 
@@ -38,7 +39,7 @@ logger = logging.getLogger("llm2bids.recording")
 class _Job:
     runs: list[RunStimulus]
     rows: list[int]  # each run's row in the batch
-    acts: np.ndarray  # (n_layers, batch, tokens, n_neurons) float32
+    acts: BatchActivations  # (batch, n_layers, tokens, n_neurons)
     paths: list[tuple[Path, Path]]  # (bold, events) per run
 
 
@@ -333,7 +334,8 @@ def _background_writer(tokenizer, geometry: VoxelGeometry, layers: list[int]):
             if buffer["block"].shape[0] < n:
                 buffer["block"] = geometry.empty_block(n)
             block = buffer["block"][:n]
-            block[:, :, : geometry.n_neurons] = job.acts[:, row, :n].transpose(1, 0, 2)
+            block[:, :, : geometry.n_neurons] = job.acts.array[row, :, :n].transpose(1, 0, 2)
+            job.acts.release(row)  # its pages go back to the system now, not with the batch
             _check_finite(block, run, layers)
             tokens = [tokenizer.decode([int(t)]) for t in run.token_ids]
             write_events(events, events_frame(run.token_ids, tokens, run.conditions, run.special))
@@ -342,16 +344,11 @@ def _background_writer(tokenizer, geometry: VoxelGeometry, layers: list[int]):
     return BackgroundWriter(write_job)
 
 
-def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> np.ndarray:
-    """One batched forward pass; returns ``(n_layers, batch, tokens, n_neurons)`` float32.
+def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> BatchActivations:
+    """One batched forward pass; returns its ``(batch, n_layers, tokens, n_neurons)`` activations.
 
-    Each layer's neurons are copied into one array as the forward pass reaches them, so the
-    model's own tensors are freed layer by layer and the array fills in order, page after
-    page. It is one allocation, handed back to the system once the writer is done with it:
-    memory stays about one batch plus the forward's transients, whatever the number of
-    batches. (Keeping references to the model's per-layer tensors instead, with no copy,
-    left them interleaved with the transients in the heap, which fragmented it by up to 0.8
-    batch with glibc's allocator.)
+    Each layer's neurons are copied out as the forward pass reaches them, so the model's own
+    tensors are freed layer by layer (see :mod:`.buffers` for where the copies go and why).
     """
     device = lm.device
     longest = max(len(r) for r in batch)
@@ -362,9 +359,8 @@ def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> n
         ids[i, : len(r)] = torch.from_numpy(r.token_ids)
         mask[i, : len(r)] = 1
     width = neurons_per_layer(lm.model, hook_point)[layers[0]]
-    # torch's allocation, not numpy's: numpy asks for huge pages, whose first touch (kernel
-    # compaction) costs ~4x that of small ones here, and fills the array at once, not in order.
-    into = torch.empty((len(layers), len(batch), longest, width), dtype=torch.float32)
+    acts = BatchActivations((len(batch), len(layers), longest, width))
+    into = acts.tensor()
     z_of = {layer: z for z, layer in enumerate(layers)}
     staged: list[tuple[int, torch.Tensor]] = []  # device -> CPU copies in flight
     last = max(layers)
@@ -372,7 +368,7 @@ def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> n
     def capture(layer: int, x: torch.Tensor):
         x = x.view(ids.shape[0], ids.shape[1], -1)  # OPT flattens (batch, tokens) in its MLP
         if x.device.type == "cpu":
-            into[z_of[layer]] = x  # casts from the model's dtype if needed
+            into[:, z_of[layer]] = x  # casts from the model's dtype if needed
         else:  # start the copy and let the device run on; placed once all are done
             cuda = x.device.type == "cuda"
             staged.append((z_of[layer], x.to("cpu", torch.float32, non_blocking=cuda)))
@@ -393,8 +389,8 @@ def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> n
         for index in range(torch.cuda.device_count()):  # every GPU of a device_map
             torch.cuda.synchronize(index)
     for z, x in staged:
-        into[z] = x
-    return into.numpy()
+        into[:, z] = x
+    return acts
 
 
 def _check_finite(block: np.ndarray, run: RunStimulus, layers: list[int]) -> None:
