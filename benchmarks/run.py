@@ -524,9 +524,9 @@ def main():
         results.setdefault("remeasured", []).append(
             {key: new[key] for key in ("command", "date", "seconds", "machine")}
         )
-        raw.write_text(json.dumps(results, indent=1) + "\n")
     else:
         results = measure(args.quick) | {"notes": _previous_notes(raw)}
+    if not args.render:
         raw.write_text(json.dumps(results, indent=1) + "\n")
     args.output.write_text(render(results))
     print(f"wrote {args.output} and {raw}")

@@ -288,7 +288,7 @@ def _record_task(setup: _Setup, stimset: StimulusSet) -> list[Path]:
             if not keep:
                 continue
             missing = [batch[i] for i in keep]
-            acts = _forward(lm, batch, layers, hook_point)
+            acts = _forward(lm, batch, geometry, layers, hook_point)
             writer.submit(_Job(missing, keep, acts, [paths[r.index] for r in missing]))
             del acts  # the writer holds the batch now, and frees it once written
             bar.update(sum(len(r) for r in missing))
@@ -344,7 +344,9 @@ def _background_writer(tokenizer, geometry: VoxelGeometry, layers: list[int]):
     return BackgroundWriter(write_job)
 
 
-def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> BatchActivations:
+def _forward(
+    lm: LoadedModel, batch: list[RunStimulus], geometry: VoxelGeometry, layers, hook_point
+) -> BatchActivations:
     """One batched forward pass; returns its ``(batch, n_layers, tokens, n_neurons)`` activations.
 
     Each layer's neurons are copied out as the forward pass reaches them, so the model's own
@@ -358,8 +360,7 @@ def _forward(lm: LoadedModel, batch: list[RunStimulus], layers, hook_point) -> B
     for i, r in enumerate(batch):
         ids[i, : len(r)] = torch.from_numpy(r.token_ids)
         mask[i, : len(r)] = 1
-    width = neurons_per_layer(lm.model, hook_point)[layers[0]]
-    acts = BatchActivations((len(batch), len(layers), longest, width))
+    acts = BatchActivations((len(batch), len(layers), longest, geometry.n_neurons))
     into = acts.tensor()
     z_of = {layer: z for z, layer in enumerate(layers)}
     staged: list[tuple[int, torch.Tensor]] = []  # device -> CPU copies in flight
