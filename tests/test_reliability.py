@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 import llm2bids
 from llm2bids.bids import find_runs, load_run
@@ -21,8 +20,8 @@ from llm2bids.models import arch_spec, load_model
 CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    import llm2bids.recording.recorder as recorder
-    real = recorder.write_run
+    import llm2bids.recording.writer as writer
+    real = writer.write_run
     flag = Path(sys.argv[3])
     count = {"n": 0}
 
@@ -36,7 +35,7 @@ CHILD = textwrap.dedent("""
                 time.sleep(float(sys.argv[4]))
         return real(path, block, geometry, *a, **k)
 
-    recorder.write_run = slow
+    writer.write_run = slow
     import llm2bids
     llm2bids.record(sys.argv[1], model=sys.argv[2], task="narrative", max_tokens=48,
                     batch_size=1, verbose=0)
@@ -263,35 +262,39 @@ def test_cleanup_spares_temporaries_of_live_writers(tmp_path):
 
 
 def test_writer_holds_at_most_one_batch_while_the_next_is_computed():
-    """Memory bound: when ``submit`` returns, every earlier job is written (and freed)."""
+    """Memory bound: when ``submit`` returns, every earlier batch is written (and freed)."""
+    import functools
+    import threading
     import time
 
     from llm2bids.recording.writer import BackgroundWriter
 
     written = []
+    lock = threading.Lock()
 
-    def slow_write(job):
+    def slow_write(item):
         time.sleep(0.02)
-        written.append(job)
+        with lock:
+            written.append(item)
 
-    writer = BackgroundWriter(slow_write)
+    writer = BackgroundWriter(n_threads=3)
     for k in range(5):
-        writer.submit(k)
-        assert written == list(range(k))
+        writer.submit([functools.partial(slow_write, (k, run)) for run in range(4)])
+        assert sorted(written) == [(j, run) for j in range(k) for run in range(4)]
     writer.close()
-    assert written == list(range(5))
+    assert sorted(written) == [(j, run) for j in range(5) for run in range(4)]
 
 
 def test_writer_error_reaches_the_caller():
     from llm2bids.recording.writer import BackgroundWriter
 
-    def fail(job):
+    def fail():
         raise OSError("disk gone")
 
-    writer = BackgroundWriter(fail)
-    writer.submit(1)
+    writer = BackgroundWriter(n_threads=2)
+    writer.submit([fail, fail])
     with pytest.raises(OSError, match="disk gone"):
-        writer.submit(2)
+        writer.submit([fail])
     writer.close()  # the error was raised once; closing does not hang
 
 
@@ -314,29 +317,3 @@ def test_batch_plan_is_fixed_by_the_runs_and_tapers_at_the_end():
     assert [[r.index for r in b] for b in _plan_batches(runs[::-1], 4)] == [
         [r.index for r in b] for b in plan
     ]
-
-
-def test_batch_activations_hand_back_a_written_run_and_keep_the_others():
-    """A run's pages go back to the system once written; its neighbours' values stay intact."""
-    import mmap
-
-    from llm2bids.recording.buffers import BatchActivations
-
-    acts = BatchActivations((3, 4, 3000, 50))  # 2.4 MB per run: rows not page-aligned
-    values = np.random.default_rng(0).standard_normal(acts.array.shape).astype(np.float32)
-    acts.tensor()[:] = torch.from_numpy(values)  # written through the torch view
-
-    def resident_kb():
-        with open("/proc/self/smaps_rollup") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("Rss:"))
-
-    linux = sys.platform == "linux"
-    before = resident_kb() if linux else 0
-    acts.release(1)
-    after = resident_kb() if linux else 0
-    np.testing.assert_array_equal(acts.array[0], values[0])
-    np.testing.assert_array_equal(acts.array[2], values[2])
-    if linux:  # MADV_DONTNEED: the pages are gone and read back as zeros
-        assert before - after >= acts.array[1].nbytes // 1024 - 2 * mmap.PAGESIZE // 1024
-        first_page = -(-acts.array[1].nbytes // mmap.PAGESIZE) * mmap.PAGESIZE // 4  # in row 1
-        assert not acts.array.reshape(-1)[first_page : first_page + 1024].any()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -131,3 +132,28 @@ def save_tiny(arch: str, folder, seed: int = 0):
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+def direct_activations(model, token_ids):
+    """Each layer's down-projection input, hooked straight from the module on the model's
+    device (independently of llm2bids' hooks), as ``(tokens, layers, neurons)`` float32."""
+    from llm2bids.models import arch_spec
+
+    spec = arch_spec(model)
+    seen = {}
+    handles = [
+        spec.down_module(model, layer).register_forward_pre_hook(
+            lambda m, args, layer=layer: seen.__setitem__(layer, args[0].detach().float().cpu())
+        )
+        for layer in range(len(spec.blocks(model)))
+    ]
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            model.base_model(
+                input_ids=torch.as_tensor(token_ids, device=device)[None], use_cache=False
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    return np.stack([seen[i].reshape(len(token_ids), -1).numpy() for i in sorted(seen)], axis=1)

@@ -45,3 +45,7 @@ class NumericalError(Llm2BidsError):
 
 class ValidatorError(Llm2BidsError):
     """The BIDS validator could not be run."""
+
+
+class ResourceError(InputError):
+    """The work asked for does not fit this machine's memory; smaller parameters would."""

@@ -29,12 +29,67 @@ def run_image(block: np.ndarray, geometry: VoxelGeometry, repetition_time: float
     return img
 
 
-def write_run(path: str | Path, block: np.ndarray, geometry: VoxelGeometry, repetition_time=1.0):
-    """Write one run atomically (``.nii`` or ``.nii.gz`` by the extension of ``path``)."""
-    img = run_image(block, geometry, repetition_time)
+def header_bytes(geometry: VoxelGeometry, n_tokens: int, repetition_time: float = 1.0) -> bytes:
+    """The 352 bytes that precede the data block of a ``.nii`` run of ``n_tokens`` volumes.
+
+    Byte for byte what nibabel writes for :func:`run_image` (the 348-byte header with
+    ``vox_offset`` 352, unit scaling, then 4 zero bytes: no extensions), so a run can be written
+    as these bytes followed by the raw ``(T, n_layers, slice_size)`` float32 block.
+    """
+    header = run_image(geometry.empty_block(1), geometry, repetition_time).header.copy()
+    header.set_data_shape((*geometry.shape, int(n_tokens)))
+    header.set_data_offset(_VOX_OFFSET)
+    header.set_slope_inter(1.0, 0.0)
+    return header.binaryblock + b"\0" * (_VOX_OFFSET - len(header.binaryblock))
+
+
+_VOX_OFFSET = 352
+_CHUNK = 1 << 26  # one write() call moves at most this many bytes (Linux caps one at ~2 GiB)
+
+
+def write_run(
+    path: str | Path,
+    block: np.ndarray,
+    geometry: VoxelGeometry,
+    repetition_time: float = 1.0,
+    header: bytes | None = None,
+) -> Path:
+    """Write one run atomically (``.nii`` or ``.nii.gz`` by the extension of ``path``).
+
+    Parameters
+    ----------
+    path : str or Path
+        The run's final name; it exists only once the whole file is written.
+    block : ndarray of float32, shape (T, n_layers, slice_size)
+        The NIfTI data block in C order (see :mod:`.geometry`).
+    geometry : VoxelGeometry
+    repetition_time : float, default=1.0
+    header : bytes or None, default=None
+        :func:`header_bytes` of this geometry and length, when the caller has it already.
+
+    Notes
+    -----
+    A ``.nii`` is written as its header followed by the block itself, in large sequential
+    writes with no intermediate copy (the same bytes nibabel writes, several times faster);
+    ``.nii.gz`` goes through nibabel.
+    """
+    path = Path(path)
     with atomic_path(path) as tmp:
-        img.to_filename(tmp)
-    return Path(path)
+        if path.name.endswith(".nii") and block.dtype == np.float32 and block.flags.c_contiguous:
+            head = header or header_bytes(geometry, block.shape[0], repetition_time)
+            with open(tmp, "wb", buffering=0) as f:
+                _write_all(f, memoryview(head))
+                _write_all(f, memoryview(block).cast("B"))
+        else:
+            run_image(block, geometry, repetition_time).to_filename(tmp)
+    return path
+
+
+def _write_all(f, data: memoryview) -> None:
+    for start in range(0, len(data), _CHUNK):
+        view = data[start : start + _CHUNK]
+        while len(view):  # a raw write may take fewer bytes than given
+            view = view[f.write(view) :]
 
 
 def open_run(path: str | Path, geometry: VoxelGeometry | None = None) -> nib.Nifti1Image:

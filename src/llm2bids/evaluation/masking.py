@@ -38,7 +38,8 @@ def mask_neurons(
     -----
     One pre-hook per affected layer multiplies the down projection's input by a 0/1 vector
     (and adds ``means * (1 - mask)``), kept on the device and in the dtype where that layer
-    runs: vectorised, and each hook is bound to its own layer's vector.
+    runs: vectorised, in place (no allocation) unless autograd needs the input, and each hook
+    is bound to its own layer's vector.
     """
     model = model.model if isinstance(model, LoadedModel) else model
     masked = check_mask(model, neurons, mode)
@@ -61,10 +62,15 @@ def mask_neurons(
         return vector
 
     def hook(layer: int, x: torch.Tensor) -> torch.Tensor:
-        out = x * on_device(multipliers, layer, x)
+        if x.requires_grad and torch.is_grad_enabled():  # autograd needs x as it was
+            out = x * on_device(multipliers, layer, x)
+            return out + on_device(offsets, layer, x) if layer in offsets else out
+        # In place: the down projection's input is a fresh tensor that nothing else reads,
+        # so masking it costs one pass over it and no allocation.
+        x.mul_(on_device(multipliers, layer, x))
         if layer in offsets:
-            out = out + on_device(offsets, layer, x)
-        return out
+            x.add_(on_device(offsets, layer, x))
+        return x
 
     with neuron_hooks(model, hook, layers):
         yield

@@ -15,11 +15,9 @@ from tqdm.auto import tqdm
 from .. import _io
 from .._version import __version__
 from ..bids import dataset as bids_dataset
-from ..bids.events import events_frame, write_events
 from ..bids.geometry import VoxelGeometry
 from ..bids.names import bids_name, check_label, func_dir, strip_prefix
-from ..bids.nifti import write_run
-from ..exceptions import DiskSpaceError, InputError, NumericalError
+from ..exceptions import DiskSpaceError, InputError, ResourceError
 from ..models import HOOK_POINTS, LoadedModel, clean_label, load_model, neuron_hooks
 from ..models.hooks import layer_count, neurons_per_layer
 from ..stimuli import (
@@ -30,17 +28,12 @@ from ..stimuli import (
     read_stimuli,
     tokenize_runs,
 )
-from .buffers import BatchActivations
+from .buffers import SLOTS, ActivationBuffers
+from .capture import BatchCapture, CapturedBatch
+from .resources import available_memory, write_speed
+from .writer import BackgroundWriter, RunWriter
 
 logger = logging.getLogger("llm2bids.recording")
-
-
-@dataclass
-class _Job:
-    runs: list[RunStimulus]
-    rows: list[int]  # each run's row in the batch
-    acts: BatchActivations  # (batch, n_layers, tokens, n_neurons)
-    paths: list[tuple[Path, Path]]  # (bold, events) per run
 
 
 class _StopForward(Exception):
@@ -149,6 +142,12 @@ def record(
             "with --layers."
         )
     geometry = VoxelGeometry(len(layers), widths.pop())
+    tasks = [
+        (stimset, tokenize_runs(stimset, lm.tokenizer, max_tokens, prepend_bos))
+        for stimset in stimulus_sets
+    ]
+    for _, runs in tasks:  # before anything is written
+        _check_memory(_batch_capacity(_plan_batches(runs, batch_size)), geometry, lm.device)
 
     bids_dataset.init_dataset(bids_dir)
     _io.remove_stale_temporaries(func_dir(bids_dir, sub, ses))  # this subject's folder only
@@ -169,8 +168,8 @@ def record(
         verbose,
     )
     written: list[Path] = []
-    for stimset in stimulus_sets:
-        written += _record_task(setup, stimset)
+    for stimset, runs in tasks:
+        written += _record_task(setup, stimset, runs)
     return written
 
 
@@ -231,12 +230,11 @@ class _Setup:
     verbose: int
 
 
-def _record_task(setup: _Setup, stimset: StimulusSet) -> list[Path]:
+def _record_task(setup: _Setup, stimset: StimulusSet, runs: list[RunStimulus]) -> list[Path]:
     root, lm, sub, ses, geometry = setup.root, setup.lm, setup.sub, setup.ses, setup.geometry
     layers, hook_point, max_tokens = setup.layers, setup.hook_point, setup.max_tokens
     batch_size, compress, overwrite = setup.batch_size, setup.compress, setup.overwrite
     prepend_bos, verbose = setup.prepend_bos, setup.verbose
-    runs = tokenize_runs(stimset, lm.tokenizer, max_tokens, prepend_bos)
     bids_dataset.register_task(root, stimset, overwrite=overwrite)
     ents = {"sub": sub, "ses": ses, "task": stimset.task, "acq": hook_point}
     folder = func_dir(root, sub, ses)
@@ -272,29 +270,38 @@ def _record_task(setup: _Setup, stimset: StimulusSet) -> list[Path]:
         )
     if not todo:
         return [paths[r.index][0] for r in runs]
-    _check_disk(root, todo, geometry)
-
     batches = _plan_batches(runs, batch_size)
-    writer = _background_writer(lm.tokenizer, geometry, layers)
+    capacity = _batch_capacity(batches)
+    _check_disk(root, todo, geometry, capacity)
+
     bar = tqdm(
         total=sum(len(r) for r in todo),
         unit="tok",
         disable=not verbose,
         desc=f"sub-{sub} task-{stimset.task}",
     )
-    try:
-        for batch in batches:
-            keep = [i for i, r in enumerate(batch) if r.index not in done]
-            if not keep:
-                continue
-            missing = [batch[i] for i in keep]
-            acts = _forward(lm, batch, geometry, layers, hook_point)
-            writer.submit(_Job(missing, keep, acts, [paths[r.index] for r in missing]))
-            del acts  # the writer holds the batch now, and frees it once written
-            bar.update(sum(len(r) for r in missing))
-    finally:
-        bar.close()
-        writer.close()
+    with ActivationBuffers(capacity, geometry, lm.device) as buffers:
+        capture = BatchCapture(buffers, layers)
+        run_writer = RunWriter(lm.tokenizer, geometry, layers)
+        writer = BackgroundWriter()
+        submitted = 0
+        try:
+            for batch in batches:
+                keep = [i for i, r in enumerate(batch) if r.index not in done]
+                if not keep:
+                    continue
+                captured = _forward(lm, batch, capture, submitted % SLOTS, layers, hook_point)
+                writer.submit(
+                    [
+                        run_writer.task(captured, row, batch[row], paths[batch[row].index])
+                        for row in keep
+                    ]
+                )
+                submitted += 1
+                bar.update(sum(len(batch[i]) for i in keep))
+        finally:
+            bar.close()
+            writer.close()
     return [paths[r.index][0] for r in runs]
 
 
@@ -320,38 +327,15 @@ def _plan_batches(runs: list[RunStimulus], batch_size: int) -> list[list[RunStim
     return batches + [last]
 
 
-def _background_writer(tokenizer, geometry: VoxelGeometry, layers: list[int]):
-    """A :class:`BackgroundWriter` that writes jobs of this recording."""
-    from .writer import BackgroundWriter
-
-    # One block, reused run after run: a fresh allocation costs ~12x the copy in page faults.
-    # Padding columns are never written, so they stay zero; a shorter run uses a prefix view.
-    buffer = {"block": geometry.empty_block(0)}
-
-    def write_job(job: _Job) -> None:
-        for run, row, (bold, events) in zip(job.runs, job.rows, job.paths):
-            n = len(run)
-            if buffer["block"].shape[0] < n:
-                buffer["block"] = geometry.empty_block(n)
-            block = buffer["block"][:n]
-            block[:, :, : geometry.n_neurons] = job.acts.array[row, :, :n].transpose(1, 0, 2)
-            job.acts.release(row)  # its pages go back to the system now, not with the batch
-            _check_finite(block, run, layers)
-            tokens = [tokenizer.decode([int(t)]) for t in run.token_ids]
-            write_events(events, events_frame(run.token_ids, tokens, run.conditions, run.special))
-            write_run(bold, block, geometry)  # last: a run is complete once its bold exists
-
-    return BackgroundWriter(write_job)
-
-
 def _forward(
-    lm: LoadedModel, batch: list[RunStimulus], geometry: VoxelGeometry, layers, hook_point
-) -> BatchActivations:
-    """One batched forward pass; returns its ``(batch, n_layers, tokens, n_neurons)`` activations.
-
-    Each layer's neurons are copied out as the forward pass reaches them, so the model's own
-    tensors are freed layer by layer (see :mod:`.buffers` for where the copies go and why).
-    """
+    lm: LoadedModel,
+    batch: list[RunStimulus],
+    capture: BatchCapture,
+    slot: int,
+    layers: list[int],
+    hook_point: str,
+) -> CapturedBatch:
+    """One batched forward pass, captured into host slot ``slot``."""
     device = lm.device
     longest = max(len(r) for r in batch)
     pad = lm.tokenizer.pad_token_id or 0
@@ -360,67 +344,79 @@ def _forward(
     for i, r in enumerate(batch):
         ids[i, : len(r)] = torch.from_numpy(r.token_ids)
         mask[i, : len(r)] = 1
-    acts = BatchActivations((len(batch), len(layers), longest, geometry.n_neurons))
-    into = acts.tensor()
-    z_of = {layer: z for z, layer in enumerate(layers)}
-    staged: list[tuple[int, torch.Tensor]] = []  # device -> CPU copies in flight
+    capture.start(slot, len(batch), longest)
     last = max(layers)
 
-    def capture(layer: int, x: torch.Tensor):
-        x = x.view(ids.shape[0], ids.shape[1], -1)  # OPT flattens (batch, tokens) in its MLP
-        if x.device.type == "cpu":
-            into[:, z_of[layer]] = x  # casts from the model's dtype if needed
-        else:  # start the copy and let the device run on; placed once all are done
-            cuda = x.device.type == "cuda"
-            staged.append((z_of[layer], x.to("cpu", torch.float32, non_blocking=cuda)))
+    def hook(layer: int, x: torch.Tensor) -> None:
+        capture(layer, x)
         if layer == last and stop_early:
             raise _StopForward
 
     # Skip the layers after the last recorded one, unless accelerate dispatches the model
     # (its hooks must see every module's forward end, to move offloaded weights back).
     stop_early = last < layer_count(lm.model) - 1 and not getattr(lm.model, "hf_device_map", None)
-    with torch.inference_mode(), neuron_hooks(lm.model, capture, layers, hook_point):
+    with torch.inference_mode(), neuron_hooks(lm.model, hook, layers, hook_point):
         try:
             lm.model.base_model(
                 input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
             )
         except _StopForward:
             pass
-    if staged and torch.cuda.is_available():
-        for index in range(torch.cuda.device_count()):  # every GPU of a device_map
-            torch.cuda.synchronize(index)
-    for z, x in staged:
-        into[:, z] = x
-    return acts
+    return capture.finish([len(r) for r in batch])
 
 
-def _check_finite(block: np.ndarray, run: RunStimulus, layers: list[int]) -> None:
-    if np.isfinite(block.sum()):  # one float32 pass; an overflowing sum falls through
-        return
-    bad = ~np.isfinite(block)
-    if not bad.any():
-        return
-    # NaN spreads forward (through attention, 0 * NaN = NaN): report where it starts, the
-    # earliest layer, then the earliest token in it.
-    z = int(np.flatnonzero(bad.any(axis=(0, 2)))[0])
-    t = int(np.flatnonzero(bad[:, z].any(axis=1))[0])
-    raise NumericalError(
-        f"run {run.index} ({run.document}): NaN or Inf activation at layer {layers[z]}, token "
-        f"{t} (token id {int(run.token_ids[t])}); {int(bad.sum())} values in all. In float16 "
-        "this is usually overflow: record with --dtype bfloat16 or float32. Nothing of this "
-        "run was written."
+def _batch_capacity(batches: list[list[RunStimulus]]) -> int:
+    """Largest ``runs x tokens`` of a batch: what one batch of activations holds."""
+    return max(len(b) * max(len(r) for r in b) for b in batches)
+
+
+def _check_memory(capacity: int, geometry: VoxelGeometry, device) -> None:
+    """Refuse a recording whose batches do not fit in host (or device) memory."""
+    batch_bytes = capacity * geometry.n_layers * geometry.slice_size * 4
+    advice = (
+        "record with a smaller --batch-size, shorter runs (--max-tokens) or fewer layers "
+        "(--layers)."
     )
+    available = available_memory()
+    if available is not None and SLOTS * batch_bytes > 0.9 * available:
+        raise ResourceError(
+            f"recording holds {SLOTS} batches of activations in host memory, "
+            f"{SLOTS * batch_bytes / 1e9:.2f} GB ({batch_bytes / 1e9:.2f} GB each), but only "
+            f"{available / 1e9:.2f} GB is available; {advice}"
+        )
+    device = torch.device(device)
+    if device.type == "cuda":
+        device_free, _ = torch.cuda.mem_get_info(device)
+        if batch_bytes > 0.9 * device_free:
+            raise ResourceError(
+                f"one batch of activations ({batch_bytes / 1e9:.2f} GB, staged on {device}) "
+                f"does not fit in its free memory ({device_free / 1e9:.2f} GB); {advice}"
+            )
 
 
-def _check_disk(root: Path, todo: list[RunStimulus], geometry: VoxelGeometry) -> None:
-    need = sum(len(r) for r in todo) * geometry.n_layers * geometry.slice_size * 4
+def _check_disk(root: Path, todo: list[RunStimulus], geometry: VoxelGeometry, capacity) -> None:
+    """Plan before writing: refuse what the disk cannot hold; log the size and expected time."""
+    per_token = geometry.n_layers * geometry.slice_size * 4
+    need = sum(len(r) for r in todo) * per_token
     free = shutil.disk_usage(root).free
-    logger.info("about to write %.1f MB (%d runs); %.1f MB free", need / 1e6, len(todo), free / 1e6)
     if need * 1.05 + 50e6 > free:
         raise DiskSpaceError(
             f"recording needs about {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free at "
             f"{root}; free some space, record fewer layers (--layers) or shorter runs."
         )
+    speed = write_speed(root)
+    logger.info(
+        "about to write %.2f GB (%d runs; %d batches of up to %.0f MB in host memory); "
+        "%.1f GB free on disk; at this disk's synced write speed (%.2f GB/s) that takes "
+        "about %.0f s or less",
+        need / 1e9,
+        len(todo),
+        SLOTS,
+        capacity * per_token / 1e6,
+        free / 1e9,
+        speed / 1e9,
+        need / speed,
+    )
 
 
 def _remove_runs(folder: Path, ents: dict) -> None:

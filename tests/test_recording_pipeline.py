@@ -1,0 +1,116 @@
+"""The recording pipeline: raw NIfTI writes, memory planning and release, CUDA capture."""
+
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import llm2bids
+from llm2bids.bids import find_runs, load_run
+from llm2bids.bids.geometry import VoxelGeometry
+from llm2bids.bids.nifti import header_bytes, run_image, write_run
+from llm2bids.exceptions import ResourceError
+from llm2bids.models import wrap_model
+from llm2bids.stimuli import builtin_set, tokenize_runs
+from tiny import direct_activations, tiny_tokenizer
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("n_neurons, n_tokens", [(40, 7), (49, 1), (1536, 3)])
+def test_raw_run_is_byte_identical_to_nibabel(tmp_path, n_neurons, n_tokens):
+    """The fast writer (header bytes + the block itself) writes exactly nibabel's file."""
+    geometry = VoxelGeometry(3, n_neurons)
+    block = geometry.empty_block(n_tokens)
+    rng = np.random.default_rng(0)
+    block[:, :, :n_neurons] = rng.standard_normal((n_tokens, 3, n_neurons))
+    fast = write_run(tmp_path / "fast_bold.nii", block, geometry)
+    reference = tmp_path / "nibabel_bold.nii"
+    run_image(block, geometry).to_filename(reference)
+    assert fast.read_bytes() == reference.read_bytes()
+    assert header_bytes(geometry, n_tokens) == reference.read_bytes()[:352]
+    np.testing.assert_array_equal(
+        geometry.volume_to_tokens(np.asarray(nib.load(fast).dataobj)), block[:, :, :n_neurons]
+    )
+
+
+def test_batch_that_does_not_fit_in_memory_is_refused_before_writing(
+    tmp_path, tiny_dir, monkeypatch
+):
+    import llm2bids.recording.recorder as recorder
+
+    monkeypatch.setattr(recorder, "available_memory", lambda: 10_000)
+    root = tmp_path / "bids"
+    with pytest.raises(ResourceError, match=r"--batch-size.*--max-tokens.*--layers"):
+        llm2bids.record(root, model=str(tiny_dir("llama")), task="narrative", verbose=0)
+    assert not root.exists()  # nothing written, not even participants.tsv
+
+
+def _wide_llama(device="cpu", dtype=torch.float32):
+    """A llama whose MLP is wide enough (4096 neurons) that its buffers show in RSS."""
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=4096,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval().to(device, dtype)
+    return wrap_model(model, tiny_tokenizer(), "wide-llama")
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Rss:")) / 1024
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/smaps_rollup")
+def test_record_gives_its_buffers_back(tmp_path):
+    """Host memory returns to its level before ``record``: no slot is left mapped."""
+    from llm2bids.stimuli import heldout_text
+
+    lm = _wide_llama()
+    text = tmp_path / "long.txt"
+    text.write_text(heldout_text())  # several 512-token runs
+    kwargs = dict(model=lm, task="long", stimuli=text, max_tokens=512, batch_size=4, verbose=0)
+    llm2bids.record(tmp_path / "warm", **kwargs)  # first-call allocations of torch and co.
+    before = _resident_mb()
+    llm2bids.record(tmp_path / "bids", **kwargs)
+    after = _resident_mb()
+    runs = find_runs(tmp_path / "bids")
+    slot_mb = 4 * max(len(load_run(p).events) for p in runs) * 3 * 4096 * 4 / 2**20
+    assert slot_mb >= 90  # the two slots would be >= 180 MB if they stayed
+    assert after - before < 0.5 * slot_mb, (before, after)  # heap noise aside
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_round_trip_is_exact(tmp_path, dtype):
+    """Recorded on CUDA (pinned copies) equals a hook on the same CUDA device, exactly."""
+    lm = _wide_llama("cuda", dtype)
+    paths = llm2bids.record(
+        tmp_path / "bids", model=lm, task="narrative", max_tokens=64, batch_size=1, verbose=0
+    )
+    runs = tokenize_runs(builtin_set("narrative"), lm.tokenizer, max_tokens=64)
+    for bold in paths[:3]:
+        run = load_run(bold)
+        stim = runs[int(bold.name.split("_run-")[1][:2]) - 1]
+        np.testing.assert_array_equal(run.by_layer(), direct_activations(lm.model, stim.token_ids))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_recording_releases_host_and_device_memory(tmp_path):
+    lm = _wide_llama("cuda", torch.bfloat16)
+    kwargs = dict(model=lm, task="narrative", max_tokens=256, batch_size=4, verbose=0)
+    llm2bids.record(tmp_path / "warm", **kwargs)
+    host, device = _resident_mb(), torch.cuda.memory_allocated()
+    llm2bids.record(tmp_path / "bids", **kwargs)
+    assert _resident_mb() - host < 30
+    assert torch.cuda.memory_allocated() == device  # the stage is freed
