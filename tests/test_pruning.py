@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+import llm2bids
 from llm2bids.evaluation import (
     load_pruned,
     mask_neurons,
@@ -60,6 +61,11 @@ def test_pruned_equals_masked_keep_and_reloads(arch, tmp_path):
     reloaded = load_pruned(tmp_path / "p")
     with torch.inference_mode():
         np.testing.assert_array_equal(reloaded.model(IDS).logits.numpy(), logits.numpy())
+        # the top-level API: called like the model, tokenizer at hand
+        np.testing.assert_array_equal(
+            llm2bids.load_pruned(tmp_path / "p")(IDS).logits.numpy(), logits.numpy()
+        )
+    assert reloaded.tokenizer is not None
     assert _n_params(reloaded.model) == _n_params(pruned)
 
 

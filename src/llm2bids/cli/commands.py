@@ -9,7 +9,8 @@ from pathlib import Path
 
 from ..models import DEFAULT_MODEL, HOOK_POINTS
 from ..models.loading import DEVICES, DTYPES
-from .main import add_bids_app_arguments, command
+from .main import add_bids_app_arguments
+from .registry import command
 
 
 def _one_task(args):

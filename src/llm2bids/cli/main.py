@@ -13,21 +13,9 @@ from pathlib import Path
 
 from .._version import __version__
 from ..exceptions import Llm2BidsError
+from .registry import COMMANDS
 
 logger = logging.getLogger("llm2bids")
-
-COMMANDS = {}
-
-
-def command(name: str, help: str, add_arguments):
-    """Register ``fn(args)`` as sub-command ``name``; ``add_arguments(parser)`` declares its flags."""
-
-    def wrap(fn):
-        COMMANDS[name] = (fn, help, add_arguments)
-        return fn
-
-    return wrap
-
 
 def _formatter(prog):
     return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
@@ -49,7 +37,7 @@ def add_bids_app_arguments(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every sub-command."""
-    from . import commands  # noqa: F401  (registers the sub-commands)
+    from llm2bids.cli import commands  # noqa: F401  (fills the registry)
 
     parser = argparse.ArgumentParser(
         prog="llm2bids",

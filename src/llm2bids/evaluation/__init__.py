@@ -1,5 +1,6 @@
 """Evaluation: neuron sets, masking at inference, metrics, controls and pruning."""
 
+from .lesion import run_lesion
 from .masking import MODES, mask_neurons, neuron_means
 from .metrics import minimal_pair_accuracy, perplexity, sentence_logprobs
 from .minimal_pairs import minimal_pairs
@@ -16,6 +17,7 @@ __all__ = [
     "perplexity",
     "prune",
     "random_controls",
+    "run_lesion",
     "read_neuron_set",
     "save_pruned",
     "sentence_logprobs",

@@ -49,6 +49,10 @@ class LoadedModel:
     source: str = "folder"
     extra: dict = field(default_factory=dict)
 
+    def __call__(self, *args, **kwargs):
+        """Run the model: ``lm(input_ids).logits`` as with the transformers model itself."""
+        return self.model(*args, **kwargs)
+
     @property
     def architecture(self) -> str:
         """``config.model_type`` (for example ``"llama"``)."""

@@ -404,19 +404,26 @@ def _check_disk(root: Path, todo: list[RunStimulus], geometry: VoxelGeometry, ca
             f"recording needs about {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free at "
             f"{root}; free some space, record fewer layers (--layers) or shorter runs."
         )
-    speed = write_speed(root)
     logger.info(
         "about to write %.2f GB (%d runs; %d batches of up to %.0f MB in host memory); "
-        "%.1f GB free on disk; at this disk's synced write speed (%.2f GB/s) that takes "
-        "about %.0f s or less",
+        "%.1f GB free on disk",
         need / 1e9,
         len(todo),
         SLOTS,
         capacity * per_token / 1e6,
         free / 1e9,
-        speed / 1e9,
-        need / speed,
     )
+    if need >= PROBE_ABOVE:  # worth 16 MB and a sync to say how long it will take
+        speed = write_speed(root)
+        logger.info(
+            "at this disk's synced write speed (%.2f GB/s) that takes about %.0f s or less "
+            "(less while it fits in the page cache)",
+            speed / 1e9,
+            need / speed,
+        )
+
+
+PROBE_ABOVE = 1e9  # bytes: smaller recordings are not worth a write-speed probe
 
 
 def _remove_runs(folder: Path, ents: dict) -> None:
