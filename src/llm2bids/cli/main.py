@@ -17,6 +17,7 @@ from .registry import COMMANDS
 
 logger = logging.getLogger("llm2bids")
 
+
 def _formatter(prog):
     return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
 
