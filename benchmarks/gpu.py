@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from run import _batch_inputs, _batches, _sync
 
 
 def _llama(hidden, neurons, layers, heads, kv, vocab, tie):
@@ -77,31 +78,12 @@ def _reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _batches(runs, batch_size):
-    return [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
-
-
-def _ids(batch, device):
-    longest = max(len(r) for r in batch)
-    ids = torch.zeros((len(batch), longest), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(batch):
-        ids[i, : len(r)] = torch.from_numpy(r.token_ids)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def bare_forward(lm, runs, batch_size) -> float:
     """Seconds of the backbone's forward passes over all runs."""
     start = time.perf_counter()
     with torch.inference_mode():
         for batch in _batches(runs, batch_size):
-            ids, mask = _ids(batch, lm.device)
+            ids, mask = _batch_inputs(batch, lm.device)
             lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
     _sync()
     return time.perf_counter() - start
@@ -140,7 +122,7 @@ def reference_pipeline(lm, runs, batch_size, folder: Path, writers: int = 4) -> 
     pending = []
     with torch.inference_mode(), neuron_hooks(lm.model, hook):
         for batch in _batches(runs, batch_size):
-            ids, mask = _ids(batch, lm.device)
+            ids, mask = _batch_inputs(batch, lm.device)
             lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
             if not bool(torch.isfinite(buf[: len(batch)]).all()):
                 raise RuntimeError("non-finite activation")
@@ -237,7 +219,7 @@ def bench_shape(shape, device, dtype, n_tokens, run_tokens, batch_size, work: Pa
     target = np.random.default_rng(0).random(
         (layer_count(lm.model), neurons_per_layer(lm.model)[0])
     )
-    ids, _ = _ids(runs[:batch_size], lm.device)
+    ids, _ = _batch_inputs(runs[:batch_size], lm.device)
 
     def fwd():
         with torch.inference_mode():

@@ -34,6 +34,22 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _batches(runs, batch_size):
+    """Consecutive batches of ``batch_size`` runs."""
+    return [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
+
+
+def _batch_inputs(batch, device):
+    """Right-padded ``input_ids`` and ``attention_mask`` of a batch of runs, on ``device``."""
+    longest = max(len(r) for r in batch)
+    ids = torch.zeros((len(batch), longest), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(batch):
+        ids[i, : len(r)] = torch.from_numpy(r.token_ids)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
 def _median_time(fn, repeats):
     times = []
     for _ in range(repeats):
@@ -66,21 +82,14 @@ def bench_recording(lm, name, sizes, run_tokens, batch_size, repeats, rows):
         stim = _texts(n, run_tokens, lm.tokenizer)
         runs = tokenize_runs(stim, lm.tokenizer, max_tokens=run_tokens + 8)
         total = sum(len(r) for r in runs)
-        batches = [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
+        batches = _batches(runs, batch_size)
 
         def forward(full, batches=batches):
             with torch.inference_mode():
                 for b in batches:
-                    longest = max(len(r) for r in b)
-                    ids = torch.zeros((len(b), longest), dtype=torch.long)
-                    mask = torch.zeros_like(ids)
-                    for i, r in enumerate(b):
-                        ids[i, : len(r)] = torch.from_numpy(r.token_ids)
-                        mask[i, : len(r)] = 1
+                    ids, mask = _batch_inputs(b, lm.device)
                     (lm.model if full else lm.model.base_model)(
-                        input_ids=ids.to(lm.device),
-                        attention_mask=mask.to(lm.device),
-                        use_cache=False,
+                        input_ids=ids, attention_mask=mask, use_cache=False
                     )
 
         def rec(stim=stim):
@@ -291,7 +300,7 @@ def _pipeline_write(folder, tensors, geometry, runs, batch_size, threads, device
     folder.mkdir(parents=True, exist_ok=True)
     os.sync()  # start from a clean page cache, as the plain write does
     n_tokens = len(runs[0])
-    batches = [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
+    batches = _batches(runs, batch_size)
     layers = list(range(geometry.n_layers))
     start = time.perf_counter()
     with ActivationBuffers(batch_size * n_tokens, geometry, device) as buffers:

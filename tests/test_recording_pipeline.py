@@ -15,7 +15,7 @@ from llm2bids.bids.nifti import header_bytes, run_image, write_run
 from llm2bids.exceptions import ResourceError
 from llm2bids.models import wrap_model
 from llm2bids.stimuli import builtin_set, tokenize_runs
-from tiny import direct_activations, tiny_tokenizer
+from tiny import CONFIGS, direct_activations, tiny_tokenizer
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -51,14 +51,8 @@ def test_batch_that_does_not_fit_in_memory_is_refused_before_writing(
 
 def _wide_llama(device="cpu", dtype=torch.float32):
     """A llama whose MLP is wide enough (4096 neurons) that its buffers show in RSS."""
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=4096,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = CONFIGS["llama"]()
+    config.intermediate_size = 4096
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval().to(device, dtype)
     return wrap_model(model, tiny_tokenizer(), "wide-llama")

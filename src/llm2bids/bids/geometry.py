@@ -67,6 +67,11 @@ class VoxelGeometry:
         return self.nx * self.ny
 
     @property
+    def volume_size(self) -> int:
+        """Voxels in one volume (one token): ``n_layers * slice_size``, padding included."""
+        return self.n_layers * self.slice_size
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         """Spatial shape ``(nx, ny, n_layers)``."""
         return (self.nx, self.ny, self.n_layers)

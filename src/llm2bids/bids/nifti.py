@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import nibabel as nib
@@ -29,12 +30,14 @@ def run_image(block: np.ndarray, geometry: VoxelGeometry, repetition_time: float
     return img
 
 
+@functools.lru_cache(maxsize=256)
 def header_bytes(geometry: VoxelGeometry, n_tokens: int, repetition_time: float = 1.0) -> bytes:
     """The 352 bytes that precede the data block of a ``.nii`` run of ``n_tokens`` volumes.
 
     Byte for byte what nibabel writes for :func:`run_image` (the 348-byte header with
     ``vox_offset`` 352, unit scaling, then 4 zero bytes: no extensions), so a run can be written
-    as these bytes followed by the raw ``(T, n_layers, slice_size)`` float32 block.
+    as these bytes followed by the raw ``(T, n_layers, slice_size)`` float32 block. Cached: runs
+    of one recording share a few lengths.
     """
     header = run_image(geometry.empty_block(1), geometry, repetition_time).header.copy()
     header.set_data_shape((*geometry.shape, int(n_tokens)))
@@ -52,7 +55,6 @@ def write_run(
     block: np.ndarray,
     geometry: VoxelGeometry,
     repetition_time: float = 1.0,
-    header: bytes | None = None,
 ) -> Path:
     """Write one run atomically (``.nii`` or ``.nii.gz`` by the extension of ``path``).
 
@@ -64,8 +66,6 @@ def write_run(
         The NIfTI data block in C order (see :mod:`.geometry`).
     geometry : VoxelGeometry
     repetition_time : float, default=1.0
-    header : bytes or None, default=None
-        :func:`header_bytes` of this geometry and length, when the caller has it already.
 
     Notes
     -----
@@ -76,7 +76,7 @@ def write_run(
     path = Path(path)
     with atomic_path(path) as tmp:
         if path.name.endswith(".nii") and block.dtype == np.float32 and block.flags.c_contiguous:
-            head = header or header_bytes(geometry, block.shape[0], repetition_time)
+            head = header_bytes(geometry, block.shape[0], float(repetition_time))
             with open(tmp, "wb", buffering=0) as f:
                 _write_all(f, memoryview(head))
                 _write_all(f, memoryview(block).cast("B"))

@@ -57,8 +57,7 @@ class ActivationBuffers:
     def __init__(self, capacity: int, geometry: VoxelGeometry, device: torch.device):
         self.geometry = geometry
         self.device = torch.device(device)
-        self.volume = geometry.n_layers * geometry.slice_size  # floats per token
-        count = max(int(capacity) * self.volume, 1)
+        count = max(int(capacity) * geometry.volume_size, 1)
         self.nbytes = count * 4
         self._maps = [_anonymous_map(self.nbytes) for _ in range(SLOTS)]
         self._host = [torch.frombuffer(m, dtype=torch.float32, count=count) for m in self._maps]
@@ -81,7 +80,7 @@ class ActivationBuffers:
         return self._view(self.stage, batch, tokens)
 
     def _view(self, flat: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:
-        n = batch * tokens * self.volume
+        n = batch * tokens * self.geometry.volume_size
         return flat[:n].view(batch, tokens, self.geometry.n_layers, self.geometry.slice_size)
 
     @property

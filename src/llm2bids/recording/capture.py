@@ -30,13 +30,10 @@ class CapturedBatch:
         tokens is ``host[i, :n]``. Valid once :meth:`wait` returns.
     finite : list of bool
         Per run: every activation of the run is finite (checked where it was captured).
-    slot : int
-        The host slot it occupies.
     """
 
     host: torch.Tensor
     finite: list[bool]
-    slot: int
     _copied: torch.cuda.Event | None = None
 
     def wait(self) -> None:
@@ -94,7 +91,7 @@ class BatchCapture:
             if target.device.type == "cuda":
                 copied = torch.cuda.Event()
                 copied.record(torch.cuda.current_stream(target.device))
-        return CapturedBatch(host, finite, self._slot, copied)
+        return CapturedBatch(host, finite, copied)
 
 
 def _finite_runs(target: torch.Tensor, lengths: Sequence[int]) -> list[bool]:

@@ -142,12 +142,12 @@ def record(
             "with --layers."
         )
     geometry = VoxelGeometry(len(layers), widths.pop())
-    tasks = [
-        (stimset, tokenize_runs(stimset, lm.tokenizer, max_tokens, prepend_bos))
-        for stimset in stimulus_sets
-    ]
-    for _, runs in tasks:  # before anything is written
-        _check_memory(_batch_capacity(_plan_batches(runs, batch_size)), geometry, lm.device)
+    tasks = []
+    for stimset in stimulus_sets:
+        runs = tokenize_runs(stimset, lm.tokenizer, max_tokens, prepend_bos)
+        batches = _plan_batches(runs, batch_size)
+        _check_memory(_batch_capacity(batches), geometry, lm.device)  # before anything is written
+        tasks.append((stimset, runs, batches))
 
     bids_dataset.init_dataset(bids_dir)
     _io.remove_stale_temporaries(func_dir(bids_dir, sub, ses))  # this subject's folder only
@@ -161,15 +161,14 @@ def record(
         layers,
         hook_point,
         max_tokens,
-        batch_size,
         compress,
         overwrite,
         prepend_bos,
         verbose,
     )
     written: list[Path] = []
-    for stimset, runs in tasks:
-        written += _record_task(setup, stimset, runs)
+    for stimset, runs, batches in tasks:
+        written += _record_task(setup, stimset, runs, batches)
     return written
 
 
@@ -223,17 +222,18 @@ class _Setup:
     layers: list[int]
     hook_point: str
     max_tokens: int
-    batch_size: int
     compress: bool
     overwrite: bool
     prepend_bos: bool
     verbose: int
 
 
-def _record_task(setup: _Setup, stimset: StimulusSet, runs: list[RunStimulus]) -> list[Path]:
+def _record_task(
+    setup: _Setup, stimset: StimulusSet, runs: list[RunStimulus], batches: list[list[RunStimulus]]
+) -> list[Path]:
     root, lm, sub, ses, geometry = setup.root, setup.lm, setup.sub, setup.ses, setup.geometry
     layers, hook_point, max_tokens = setup.layers, setup.hook_point, setup.max_tokens
-    batch_size, compress, overwrite = setup.batch_size, setup.compress, setup.overwrite
+    compress, overwrite = setup.compress, setup.overwrite
     prepend_bos, verbose = setup.prepend_bos, setup.verbose
     bids_dataset.register_task(root, stimset, overwrite=overwrite)
     ents = {"sub": sub, "ses": ses, "task": stimset.task, "acq": hook_point}
@@ -270,7 +270,6 @@ def _record_task(setup: _Setup, stimset: StimulusSet, runs: list[RunStimulus]) -
         )
     if not todo:
         return [paths[r.index][0] for r in runs]
-    batches = _plan_batches(runs, batch_size)
     capacity = _batch_capacity(batches)
     _check_disk(root, todo, geometry, capacity)
 
@@ -372,7 +371,7 @@ def _batch_capacity(batches: list[list[RunStimulus]]) -> int:
 
 def _check_memory(capacity: int, geometry: VoxelGeometry, device) -> None:
     """Refuse a recording whose batches do not fit in host (or device) memory."""
-    batch_bytes = capacity * geometry.n_layers * geometry.slice_size * 4
+    batch_bytes = capacity * geometry.volume_size * 4
     advice = (
         "record with a smaller --batch-size, shorter runs (--max-tokens) or fewer layers "
         "(--layers)."
@@ -396,7 +395,7 @@ def _check_memory(capacity: int, geometry: VoxelGeometry, device) -> None:
 
 def _check_disk(root: Path, todo: list[RunStimulus], geometry: VoxelGeometry, capacity) -> None:
     """Plan before writing: refuse what the disk cannot hold; log the size and expected time."""
-    per_token = geometry.n_layers * geometry.slice_size * 4
+    per_token = geometry.volume_size * 4
     need = sum(len(r) for r in todo) * per_token
     free = shutil.disk_usage(root).free
     if need * 1.05 + 50e6 > free:

@@ -22,7 +22,7 @@ import numpy as np
 from ..bids.dataset import REPETITION_TIME
 from ..bids.events import events_frame, write_events
 from ..bids.geometry import VoxelGeometry
-from ..bids.nifti import header_bytes, write_run
+from ..bids.nifti import write_run
 from ..exceptions import NumericalError
 from ..stimuli import RunStimulus
 from .capture import CapturedBatch
@@ -142,7 +142,6 @@ class RunWriter:
         self.geometry = geometry
         self.layers = layers
         self._decode_lock = threading.Lock()  # tokenizers are not documented as thread-safe
-        self._headers: dict[int, bytes] = {}
 
     def task(self, captured: CapturedBatch, row: int, run: RunStimulus, paths: tuple[Path, Path]):
         """A callable that writes ``run`` (row ``row`` of ``captured``) to ``paths``."""
@@ -158,9 +157,7 @@ class RunWriter:
         with self._decode_lock:  # one call per run
             tokens = self.tokenizer.batch_decode([[int(t)] for t in run.token_ids])
         write_events(events, events_frame(run.token_ids, tokens, run.conditions, run.special))
-        if n not in self._headers:
-            self._headers[n] = header_bytes(self.geometry, n, REPETITION_TIME)
-        write_run(bold, block, self.geometry, header=self._headers[n])  # last: marks it done
+        write_run(bold, block, self.geometry, REPETITION_TIME)  # last: marks it done
 
 
 def _raise_nonfinite(block: np.ndarray, run: RunStimulus, layers: list[int]) -> None:
