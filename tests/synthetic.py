@@ -10,8 +10,8 @@ from llm2bids import _io
 from llm2bids.bids import dataset
 from llm2bids.bids.events import events_frame, write_events
 from llm2bids.bids.geometry import VoxelGeometry
-from llm2bids.bids.names import bids_name, func_dir
 from llm2bids.bids.nifti import write_run
+from llm2bids.bids.path import BIDSPath
 from llm2bids.stimuli import Document, Segment, StimulusSet
 
 
@@ -40,11 +40,12 @@ def write_synthetic(
     docs = [
         Document(f"run{i + 1}", [Segment(f"synthetic run {i + 1}", "x")]) for i in range(len(runs))
     ]
-    dataset.register_task(root, StimulusSet(task, "Synthetic data.", docs, "CC0"))
-    folder = func_dir(root, subject)
-    ents = {"sub": subject, "task": task, "acq": "mlp"}
+    stimuli = StimulusSet(task, "Synthetic data.", docs, "CC0")
+    dataset.register_task(root, task, stimuli.task_metadata(), stimuli.files())
+    recording = BIDSPath(subject=subject, task=task, acquisition="mlp", root=root)
     _io.write_json(
-        folder / bids_name("bold", ".json", **ents), {"RepetitionTime": 1.0, **geom.to_sidecar()}
+        recording.update(suffix="bold", extension=".json").fpath,
+        {"RepetitionTime": 1.0, **geom.to_sidecar()},
     )
     paths = []
     for i, acts in enumerate(runs):
@@ -57,10 +58,11 @@ def write_synthetic(
         block = geom.empty_block(t)
         block[:, :, :n_neurons] = acts
         write_events(
-            folder / bids_name("events", ".tsv", **ents, run=i + 1),
+            recording.update(run=i + 1, suffix="events", extension=".tsv").fpath,
             events_frame(np.arange(t), [f"tok{j}" for j in range(t)], conds, special),
         )
-        paths.append(write_run(folder / bids_name("bold", ".nii", **ents, run=i + 1), block, geom))
+        bold = recording.update(run=i + 1, suffix="bold", extension=".nii").fpath
+        paths.append(write_run(bold, block, geom))
     return paths
 
 

@@ -55,6 +55,9 @@ def test_demo_outputs_validate_and_report_parses(demo):
     ):
         assert section in text
     assert "A voxel is one MLP neuron" in text
+    # the methods say what the sidecars say, not what the code once did
+    assert "sliding windows of 256 tokens, stride 128" in text
+    assert "smoothing_fwhm = None" in text and "random_state = 0" in text
 
 
 def test_rerun_reuses_stages(demo, tiny_dir):

@@ -216,7 +216,7 @@ def test_layers_subset_and_resid_hook(tmp_path, tiny_dir, valid):
         max_tokens=64,
         verbose=0,
     )
-    assert load_run(resid[0], acq="resid").geometry.n_neurons == 32
+    assert load_run(resid[0], hook_point="resid").geometry.n_neurons == 32
     valid(root)
 
 

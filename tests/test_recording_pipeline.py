@@ -11,7 +11,7 @@ import transformers
 import llm2bids
 from llm2bids.bids import find_runs, load_run
 from llm2bids.bids.geometry import VoxelGeometry
-from llm2bids.bids.nifti import header_bytes, run_image, write_run
+from llm2bids.bids.nifti import header_bytes, run_image, write_run, write_run_pieces
 from llm2bids.exceptions import ResourceError
 from llm2bids.models import wrap_model
 from llm2bids.stimuli import builtin_set, tokenize_runs
@@ -31,10 +31,47 @@ def test_raw_run_is_byte_identical_to_nibabel(tmp_path, n_neurons, n_tokens):
     reference = tmp_path / "nibabel_bold.nii"
     run_image(block, geometry).to_filename(reference)
     assert fast.read_bytes() == reference.read_bytes()
+    # the gather writer of CPU recordings: per-layer arrays, laid out by the writes themselves
+    layers = [np.ascontiguousarray(block[:, z, :n_neurons]) for z in range(3)]
+    for piece_bytes in (1, 4 * geometry.volume_size + 1, 1 << 23):
+        pieces = (buffers for _, _, buffers in geometry.block_pieces(layers, piece_bytes))
+        gathered = write_run_pieces(tmp_path / "gathered_bold.nii", pieces, geometry, n_tokens)
+        assert gathered.read_bytes() == reference.read_bytes()
     assert header_bytes(geometry, n_tokens) == reference.read_bytes()[:352]
     np.testing.assert_array_equal(
         geometry.volume_to_tokens(np.asarray(nib.load(fast).dataobj)), block[:, :, :n_neurons]
     )
+
+
+def test_activations_modified_after_the_hook_are_recorded_as_the_hook_saw_them(tmp_path):
+    """A model that changes its hooked tensor in place later in the forward pass.
+
+    The CPU capture keeps the model's own tensors; it must notice the change (version
+    counters) and compute the batch again with copies, not write the changed values.
+    """
+    from llm2bids.models import arch_spec
+
+    lm = _wide_llama()
+    runs = tokenize_runs(builtin_set("narrative"), lm.tokenizer, max_tokens=32)
+    expected = [direct_activations(lm.model, r.token_ids) for r in runs[:2]]
+    spec = arch_spec(lm.model)
+
+    def change_input(module, args, output):  # after the down projection has used it
+        args[0].mul_(2)
+
+    handles = [
+        spec.down_module(lm.model, layer).register_forward_hook(change_input)
+        for layer in range(len(spec.blocks(lm.model)))
+    ]
+    try:
+        paths = llm2bids.record(
+            tmp_path / "bids", model=lm, task="narrative", max_tokens=32, batch_size=1, verbose=0
+        )
+    finally:
+        for handle in handles:
+            handle.remove()
+    for bold, want in zip(paths[:2], expected):
+        np.testing.assert_array_equal(load_run(bold).by_layer(), want)
 
 
 def test_batch_that_does_not_fit_in_memory_is_refused_before_writing(
@@ -108,3 +145,14 @@ def test_cuda_recording_releases_host_and_device_memory(tmp_path):
     llm2bids.record(tmp_path / "bids", **kwargs)
     assert _resident_mb() - host < 30
     assert torch.cuda.memory_allocated() == device  # the stage is freed
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])
+def test_finiteness_check_is_exact(bad):
+    from llm2bids.recording.writer import _finite
+
+    values = np.full((5, 7), np.finfo(np.float32).max, dtype=np.float32)  # a sum overflows
+    values[::2] *= -1
+    if bad is not None:
+        values[3, 4] = bad
+    assert _finite(values) is (bad is None)

@@ -21,11 +21,11 @@ CHILD = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     import llm2bids.recording.writer as writer
-    real = writer.write_run
+    real = writer.write_run_pieces  # how a CPU recording writes its runs
     flag = Path(sys.argv[3])
     count = {"n": 0}
 
-    def slow(path, block, geometry, *a, **k):
+    def slow(path, *a, **k):
         count["n"] += 1
         if count["n"] == 4:          # three runs are complete: signal, then hang mid-write
             from llm2bids._io import atomic_path
@@ -33,9 +33,9 @@ CHILD = textwrap.dedent("""
                 tmp.write_bytes(b"partial")
                 flag.touch()
                 time.sleep(float(sys.argv[4]))
-        return real(path, block, geometry, *a, **k)
+        return real(path, *a, **k)
 
-    writer.write_run = slow
+    writer.write_run_pieces = slow
     import llm2bids
     llm2bids.record(sys.argv[1], model=sys.argv[2], task="narrative", max_tokens=48,
                     batch_size=1, verbose=0)
@@ -191,6 +191,7 @@ def test_nan_activation_names_layer_and_token(tmp_path, tiny_dir):
     finally:
         handle.remove()
     assert find_runs(tmp_path / "bids") == []
+    assert not list((tmp_path / "bids").rglob("*_events.tsv"))  # nothing of the run is left
 
 
 def test_constant_neurons_are_handled(tmp_path):

@@ -8,13 +8,27 @@ nibabel, nilearn, pybids and the BIDS validator work on them unchanged.
 from ._version import __version__
 from .bids import VoxelGeometry, find_runs, load_run, neuron_masker, validate
 from .decomposition import FunctionalNetworks, run_networks
-from .evaluation import load_pruned, mask_neurons, prune, run_lesion, save_pruned
+from .demo import run_demo
+from .evaluation import (
+    load_pruned,
+    mask_neurons,
+    prune,
+    rank_neurons,
+    read_neuron_set,
+    run_lesion,
+    run_prune,
+    save_pruned,
+    top_neurons,
+)
 from .glm import run_localize
 from .models import load_model
 from .recording import record
+from .report import build_report
 
 __all__ = [
     "FunctionalNetworks",
+    "build_report",
+    "run_demo",
     "VoxelGeometry",
     "__version__",
     "find_runs",
@@ -24,10 +38,14 @@ __all__ = [
     "mask_neurons",
     "neuron_masker",
     "prune",
+    "rank_neurons",
+    "read_neuron_set",
     "record",
     "run_lesion",
     "run_localize",
     "run_networks",
+    "run_prune",
     "save_pruned",
+    "top_neurons",
     "validate",
 ]

@@ -13,19 +13,24 @@ import logging
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import pandas as pd
 import torch
 
 from . import _io
 from .bids import find_runs, validate
-from .bids.geometry import VoxelGeometry
+from .bids.path import BIDSPath, pruned_dir
 from .bids.reader import run_geometry
 from .decomposition import run_networks
 from .derivatives import init_derivatives, provenance, write_table
-from .evaluation import load_pruned, mask_neurons, prune, save_pruned
-from .evaluation.lesion import keep_only_curve, run_lesion
+from .evaluation import (
+    keep_only_curve,
+    load_pruned,
+    mask_neurons,
+    rank_neurons,
+    run_lesion,
+    run_prune,
+    top_neurons,
+)
 from .exceptions import Llm2BidsError
 from .glm import run_localize
 from .models import load_model
@@ -38,6 +43,7 @@ logger = logging.getLogger("llm2bids.demo")
 FULL = {
     "max_tokens": 256,
     "n_components": 10,
+    "threshold": 3.0,
     "n_permutations": 50,
     "n_controls": 5,
     "keep_fractions": [0.1, 0.25, 0.5],
@@ -47,6 +53,9 @@ FULL = {
 QUICK = {
     "max_tokens": 96,
     "n_components": 4,
+    # a tiny model has ~100 neurons: at |z| >= 3 (0.3% of a Gaussian bulk) a map often
+    # selects none, and whether it does depends on the BLAS and solver versions
+    "threshold": 2.0,
     "n_permutations": 10,
     "n_controls": 2,
     "keep_fractions": [0.25, 0.5],
@@ -105,7 +114,7 @@ def run_demo(
     if not raw_valid.valid:
         raise Llm2BidsError("the raw dataset does not validate:\n" + raw_valid.summary())
 
-    p = p | {"n_components": cfg["n_components"], "n_permutations": cfg["n_permutations"]}
+    p = p | {k: cfg[k] for k in ("n_components", "threshold", "n_permutations")}
     if not stages.fresh("networks", p):
         say(
             f"[3/8] networks: CanICA ({cfg['n_components']} components) per task and over all tasks, recurrence"
@@ -115,6 +124,7 @@ def run_demo(
             deriv,
             participant_label=[sub],
             n_components=cfg["n_components"],
+            threshold=cfg["threshold"],
             n_permutations=cfg["n_permutations"],
             verbose=verbose,
         )
@@ -136,20 +146,21 @@ def run_demo(
     else:
         say("[4/8] localizer: reused")
 
-    func = deriv / f"sub-{sub}" / "func"
-    networks_table = func / f"sub-{sub}_acq-mlp_desc-canica_keyneurons.tsv"
-    localizer_table = (
-        func / f"sub-{sub}_task-langloc_acq-mlp_desc-sentenceMinusNonword_keyneurons.tsv"
-    )
+    networks = BIDSPath(subject=sub, acquisition="mlp", description="canica", root=deriv)
+    localizer = networks.update(task="langloc", description="sentenceMinusNonword")
+    tables = {
+        "networks": networks.update(suffix="keyneurons", extension=".tsv"),
+        "localizer": localizer.update(suffix="keyneurons", extension=".tsv"),
+    }
     p = p | {"n_controls": cfg["n_controls"]}
     summaries = {}
-    for name, table in (("networks", networks_table), ("localizer", localizer_table)):
+    for name, table in tables.items():
         if not stages.fresh(f"lesion-{name}", p):
             say(f"[5/8] lesion the {name} units versus {cfg['n_controls']} random controls")
             results = run_lesion(
                 bids,
                 deriv,
-                table,
+                table.fpath,
                 participant_label=[sub],
                 n_controls=cfg["n_controls"],
                 model=lm,
@@ -159,16 +170,15 @@ def run_demo(
             stages.finish(f"lesion-{name}", p)
         else:
             say(f"[5/8] lesion {name}: reused")
-            les = sorted(
-                func.glob(
-                    f"*desc-{'canica' if name == 'networks' else 'sentenceMinusNonword'}Ablate_lesion.json"
-                )
+            lesion = table.update(
+                description=f"{table.description}Ablate", suffix="lesion", extension=".json"
             )
-            summaries[name] = json.loads(les[0].read_text())["Summary"]
+            summaries[name] = json.loads(lesion.fpath.read_text())["Summary"]
 
-    ranking = _ranking(func / f"sub-{sub}_acq-mlp_desc-canica_components.nii.gz", bids, sub)
+    components = networks.update(suffix="components", extension=".nii.gz")
+    ranking = rank_neurons(components.fpath, run_geometry(find_runs(bids, subject=sub)[0]))
     p = p | {"keep_fractions": cfg["keep_fractions"], "keep_controls": cfg["keep_controls"]}
-    keep_path = func / f"sub-{sub}_acq-mlp_desc-canica_keeponly.tsv"
+    keep_path = networks.update(suffix="keeponly", extension=".tsv").fpath
     if not stages.fresh("keep-only", p):
         say(f"[6/8] keep only the top key neurons at {cfg['keep_fractions']} versus random sets")
         curve = keep_only_curve(
@@ -188,12 +198,12 @@ def run_demo(
         say("[6/8] keep-only: reused")
 
     p = p | {"prune_fraction": cfg["prune_fraction"]}
-    prune_path = func / f"sub-{sub}_acq-mlp_desc-canica_pruning.tsv"
+    prune_path = networks.update(suffix="pruning", extension=".tsv").fpath
     if not stages.fresh("prune", p):
         say(f"[7/8] prune to the top {cfg['prune_fraction']:.0%} key neurons, save, reload")
         write_table(
             prune_path,
-            _prune_and_reload(lm, ranking, cfg["prune_fraction"], deriv / "pruned" / f"sub-{sub}"),
+            _prune_and_reload(lm, ranking, cfg["prune_fraction"], pruned_dir(deriv, sub)),
             provenance(fraction=cfg["prune_fraction"]),
         )
         stages.finish("prune", p)
@@ -218,24 +228,11 @@ def run_demo(
     return {"bids": bids, "derivatives": deriv, "report": report, "summaries": summaries}
 
 
-def _ranking(components: Path, bids: Path, sub: str) -> pd.DataFrame:
-    """Every neuron with its largest |z| over the components: the keep-only ranking."""
-    geom: VoxelGeometry = run_geometry(find_runs(bids, subject=sub)[0])
-    maps = np.asarray(nib.load(components).dataobj)[geom.mask]  # (neurons, components)
-    labels = geom.labels()
-    return pd.DataFrame(
-        {"layer": labels.layer, "neuron": labels.neuron, "z": np.abs(maps).max(axis=1)}
-    )
-
-
 def _prune_and_reload(lm, ranking: pd.DataFrame, fraction: float, folder: Path) -> pd.DataFrame:
+    """Prune to the top ``fraction`` of neurons, reload, and compare with the masked model."""
     n_layers, n_neurons = layer_count(lm.model), neurons_per_layer(lm.model)[0]
-    k = int(round(fraction * n_layers * n_neurons))
-    top = ranking.sort_values("z", ascending=False).iloc[:k]
-    keep = np.zeros((n_layers, n_neurons), bool)
-    keep[top.layer.to_numpy(int), top.neuron.to_numpy(int)] = True
-    pruned = prune(lm.model, keep)
-    save_pruned(pruned, lm.tokenizer, folder, source=lm.spec)
+    keep = top_neurons(ranking, fraction, n_layers, n_neurons)
+    result = run_prune(lm, keep, folder)
     reloaded = load_pruned(folder).model
     ids = lm.tokenizer(
         "The children built a small wooden raft and floated it down the river." * 8,
@@ -252,14 +249,13 @@ def _prune_and_reload(lm, ranking: pd.DataFrame, fraction: float, folder: Path) 
             for _ in range(5):
                 m(ids)
             timings[name] = (time.perf_counter() - start) / 5 * 1000
-    count = lambda m: sum(x.numel() for x in m.parameters())  # noqa: E731
     return pd.DataFrame(
         [
             {
                 "kept_fraction": fraction,
-                "kept_neurons": int(keep.sum()),
-                "parameters_dense": count(lm.model),
-                "parameters_pruned": count(reloaded),
+                "kept_neurons": result["kept_neurons"],
+                "parameters_dense": result["parameters_dense"],
+                "parameters_pruned": sum(x.numel() for x in reloaded.parameters()),
                 "max_abs_logit_diff_vs_keep_mask": diff,
                 "latency_dense_ms": round(timings["dense"], 2),
                 "latency_pruned_ms": round(timings["pruned"], 2),

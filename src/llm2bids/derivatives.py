@@ -10,7 +10,8 @@ import pandas as pd
 
 from . import _io
 from ._version import __version__
-from .bids.dataset import BIDS_VERSION, NOT_BRAIN_DATA, require_dataset
+from .bids.dataset import BIDS_VERSION, NOT_BRAIN_DATA, generated_by, require_dataset
+from .bids.path import BIDSPath
 from .exceptions import InputError
 
 # Suffixes the BIDS schema does not name yet; listed so that the validator passes.
@@ -74,7 +75,7 @@ def init_derivatives(output_dir: str | Path, bids_dir: str | Path) -> Path:
                     "Name": "llm2bids derivatives",
                     "BIDSVersion": BIDS_VERSION,
                     "DatasetType": "derivative",
-                    "GeneratedBy": [{"Name": "llm2bids", "Version": __version__}],
+                    "GeneratedBy": generated_by(),
                     "SourceDatasets": [{"URL": _relative_url(bids_dir, output_dir)}],
                 },
             )
@@ -96,7 +97,7 @@ def _relative_url(bids_dir: Path, output_dir: Path) -> str:
 
 def provenance(**parameters) -> dict:
     """The sidecar keys every derivative carries: generator, version and exact parameters."""
-    return {"GeneratedBy": [{"Name": "llm2bids", "Version": __version__}], "Parameters": parameters}
+    return {"GeneratedBy": generated_by(), "Parameters": parameters}
 
 
 def write_img(path: Path, img: nib.Nifti1Image, sidecar: dict | None = None) -> Path:
@@ -117,4 +118,4 @@ def write_table(path: Path, frame: pd.DataFrame, sidecar: dict | None = None) ->
 
 
 def _json_for(path: Path) -> Path:
-    return path.with_name(path.name.split(".")[0] + ".json")
+    return path.with_name(BIDSPath.from_path(path).update(extension=".json").basename)

@@ -10,8 +10,8 @@ import pandas as pd
 from .. import _io
 from .._version import __version__
 from ..exceptions import DatasetError, ParameterClashError
-from ..stimuli import StimulusSet
 from .events import events_sidecar
+from .path import BIDSPath
 
 BIDS_VERSION = "1.10.0"
 REPETITION_TIME = 1.0
@@ -69,6 +69,11 @@ PARTICIPANTS_SIDECAR = {
 PARTICIPANT_COLUMNS = list(PARTICIPANTS_SIDECAR)
 
 
+def generated_by() -> list[dict]:
+    """The ``GeneratedBy`` value of everything llm2bids writes."""
+    return [{"Name": "llm2bids", "Version": __version__}]
+
+
 def is_dataset(root: str | Path) -> bool:
     """Whether ``root`` holds a ``dataset_description.json``."""
     return (Path(root) / "dataset_description.json").is_file()
@@ -110,7 +115,7 @@ def init_dataset(root: str | Path, name: str = "llm2bids recording") -> Path:
                     "DatasetType": "raw",
                     "License": "CC0",
                     "Authors": ["llm2bids"],
-                    "GeneratedBy": [{"Name": "llm2bids", "Version": __version__}],
+                    "GeneratedBy": generated_by(),
                     "HowToAcknowledge": "Cite llm2bids and arXiv:2502.20408.",
                 },
             )
@@ -159,57 +164,59 @@ def add_participant(root: str | Path, row: dict) -> None:
         _io.write_tsv(Path(root) / "participants.tsv", frame)
 
 
-def register_task(root: str | Path, stimuli: StimulusSet, overwrite: bool = False) -> Path:
-    """Write ``task-<label>_bold.json`` and the task's texts under ``stimuli/`` (locked).
+def register_task(
+    root: str | Path,
+    task: str,
+    metadata: dict,
+    files: dict[str, str | pd.DataFrame],
+    overwrite: bool = False,
+) -> Path:
+    """Write ``task-<label>_bold.json`` and the task's stimulus files under ``stimuli/`` (locked).
 
     A task is one stimulus set: recording other texts under an existing task name raises
     :class:`ParameterClashError` unless ``overwrite``.
+
+    Parameters
+    ----------
+    root : str or Path
+    task : str
+    metadata : dict
+        The task's sidecar fields; ``metadata["StimulusSet"]["SHA256"]`` identifies the texts.
+    files : dict of str to str or DataFrame
+        Stimulus files by name: text, or a table written as TSV.
+    overwrite : bool, default=False
     """
     root = Path(root)
-    path = root / f"task-{stimuli.task}_bold.json"
+    path = BIDSPath(task=task, suffix="bold", extension=".json", root=root).fpath
+    folder = Path("stimuli") / f"task-{BIDSPath(task=task).task}"
     meta = {
-        "TaskName": stimuli.task,
-        "TaskDescription": stimuli.description,
+        **{k: v for k, v in metadata.items() if k not in ("StimulusSet", "Conditions")},
         "RepetitionTime": REPETITION_TIME,
         "Instructions": "None: the model reads the text; it is given no instructions.",
-        "StimulusSet": {
-            "SHA256": stimuli.fingerprint(),
-            "Documents": [d.name for d in stimuli.documents],
-            "License": stimuli.license,
-            "Folder": f"stimuli/task-{stimuli.task}",
-        },
+        "StimulusSet": {**metadata["StimulusSet"], "Folder": folder.as_posix()},
+        **({"Conditions": metadata["Conditions"]} if "Conditions" in metadata else {}),
     }
-    if stimuli.conditions:
-        meta["Conditions"] = stimuli.conditions
+    sha = meta["StimulusSet"]["SHA256"]
     with _io.dataset_lock(root):
         if path.exists() and not overwrite:
-            old = _io.read_json(path)
-            old_sha = old.get("StimulusSet", {}).get("SHA256")
-            if old_sha != meta["StimulusSet"]["SHA256"]:
+            old_sha = _io.read_json(path).get("StimulusSet", {}).get("SHA256")
+            if old_sha != sha:
                 raise ParameterClashError(
-                    f"task {stimuli.task!r} already exists in {root} with other stimuli "
-                    f"(stimulus SHA-256 {str(old_sha)[:12]}… vs {meta['StimulusSet']['SHA256'][:12]}…)"
+                    f"task {task!r} already exists in {root} with other stimuli "
+                    f"(stimulus SHA-256 {str(old_sha)[:12]}… vs {sha[:12]}…)"
                     "; choose another --task name, or pass --overwrite to replace it."
                 )
             return path
         _io.write_json(path, meta)
-        _io.write_json(root / f"task-{stimuli.task}_events.json", events_sidecar())
-        folder = root / "stimuli" / f"task-{stimuli.task}"
-        for doc in stimuli.documents:
-            _io.write_text(folder / f"{doc.name}.txt", doc.text + "\n")
-            if len({s.condition for s in doc.segments}) > 1:
-                segs = pd.DataFrame(
-                    {
-                        "text": [s.text for s in doc.segments],
-                        "condition": [s.condition for s in doc.segments],
-                    }
-                )
-                if any(s.duration_of is not None for s in doc.segments):
-                    # row (from 0) whose token count this segment was cut to
-                    segs["duration_of"] = [
-                        "n/a" if s.duration_of is None else s.duration_of for s in doc.segments
-                    ]
-                _io.write_tsv(folder / f"{doc.name}.tsv", segs)
+        _io.write_json(
+            path.with_name(BIDSPath(task=task, suffix="events", extension=".json").basename),
+            events_sidecar(),
+        )
+        for name, content in files.items():
+            if isinstance(content, pd.DataFrame):
+                _io.write_tsv(root / folder / name, content)
+            else:
+                _io.write_text(root / folder / name, content)
     return path
 
 

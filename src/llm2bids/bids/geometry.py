@@ -22,6 +22,7 @@ import pandas as pd
 from ..exceptions import DatasetError, InputError
 
 MAX_NIFTI_AXIS = 32767
+_IOV_MAX = 1024  # buffers per gather write (POSIX guarantees at least 16; Linux allows 1024)
 
 
 @dataclass(frozen=True)
@@ -129,10 +130,61 @@ class VoxelGeometry:
         x, y, z = np.nonzero(self.mask)
         return pd.DataFrame({"layer": z, "neuron": x + self.nx * y, "x": x, "y": y, "z": z})
 
+    def layer_counts(self, member: np.ndarray) -> pd.DataFrame:
+        """Count the neurons flagged in ``member`` (masker order) per layer.
+
+        Returns
+        -------
+        DataFrame
+            ``layer, n_key_neurons, fraction`` (fraction of the layer's neurons).
+        """
+        layers = self.labels().layer.to_numpy()
+        counts = np.bincount(layers[np.asarray(member, dtype=bool)], minlength=self.n_layers)
+        return pd.DataFrame(
+            {
+                "layer": np.arange(self.n_layers),
+                "n_key_neurons": counts,
+                "fraction": np.round(counts / self.n_neurons, 6),
+            }
+        )
+
     # -- data ----------------------------------------------------------------------------
     def empty_block(self, n_tokens: int, dtype=np.float32) -> np.ndarray:
         """A zeroed ``(n_tokens, n_layers, slice_size)`` block: the NIfTI data in C order."""
         return np.zeros((n_tokens, self.n_layers, self.slice_size), dtype=dtype)
+
+    def block_pieces(self, layers: list[np.ndarray], piece_bytes: int = 8 << 20):
+        """The NIfTI data block of per-layer arrays, piece by piece, without assembling it.
+
+        Parameters
+        ----------
+        layers : list of ndarray, each ``(T, n_neurons)`` float32, C-contiguous
+            One array per z-slice, in order.
+        piece_bytes : int, default=8 MiB
+            About how many bytes of the block each piece covers.
+
+        Yields
+        ------
+        start, stop : int
+            The tokens the piece covers.
+        buffers : list of ndarray
+            The piece's bytes in file order (token by token, each layer's neurons then its
+            zero padding), ready for a gather write (``os.writev``).
+        """
+        pad = self.slice_size - self.n_neurons
+        zeros = np.zeros(pad, dtype=np.float32)
+        per_token = self.n_layers * (2 if pad else 1)
+        step = max(1, min(_IOV_MAX // per_token, piece_bytes // (4 * self.volume_size)))
+        n_tokens = layers[0].shape[0]
+        for start in range(0, n_tokens, step):
+            stop = min(start + step, n_tokens)
+            buffers = []
+            for t in range(start, stop):
+                for layer in layers:
+                    buffers.append(layer[t])
+                    if pad:
+                        buffers.append(zeros)
+            yield start, stop, buffers
 
     def block_to_volume(self, block: np.ndarray) -> np.ndarray:
         """View a ``(T, n_layers, slice_size)`` block as the ``(nx, ny, n_layers, T)`` volume."""

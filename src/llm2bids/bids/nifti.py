@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import nibabel as nib
@@ -83,6 +85,56 @@ def write_run(
         else:
             run_image(block, geometry, repetition_time).to_filename(tmp)
     return path
+
+
+def write_run_pieces(
+    path: str | Path,
+    pieces: Iterable[list[np.ndarray]],
+    geometry: VoxelGeometry,
+    n_tokens: int,
+    repetition_time: float = 1.0,
+) -> Path:
+    """Write one uncompressed run atomically from pieces of its data block, in file order.
+
+    Parameters
+    ----------
+    path : str or Path
+        The run's final ``.nii`` name; it exists only once the whole file is written.
+    pieces : iterable of lists of ndarray
+        Float32 buffers whose bytes, one after the other, are the data block of ``n_tokens``
+        volumes (as :meth:`VoxelGeometry.block_pieces` yields them). Each list is written with
+        one gather write. An exception raised by the iterable removes the partial file.
+    geometry : VoxelGeometry
+    n_tokens : int
+    repetition_time : float, default=1.0
+    """
+    path = Path(path)
+    if not path.name.endswith(".nii"):
+        raise ValueError(f"write_run_pieces writes uncompressed .nii files, got {path.name}.")
+    expected = n_tokens * geometry.volume_size * 4
+    written = 0
+    with atomic_path(path) as tmp, open(tmp, "wb", buffering=0) as f:
+        _write_all(f, memoryview(header_bytes(geometry, n_tokens, float(repetition_time))))
+        for buffers in pieces:
+            written += _writev_all(f, buffers)
+        if written != expected:
+            raise ValueError(f"{path.name}: the pieces hold {written} bytes, expected {expected}.")
+    return path
+
+
+def _writev_all(f, buffers: list[np.ndarray]) -> int:
+    """Write ``buffers`` one after the other with as few system calls as possible."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    total = sum(len(v) for v in views)
+    done = os.writev(f.fileno(), views) if hasattr(os, "writev") else 0
+    if done < total:  # a short write (or no writev): finish buffer by buffer
+        for view in views:
+            if done >= len(view):
+                done -= len(view)
+                continue
+            _write_all(f, view[done:])
+            done = 0
+    return total
 
 
 def _write_all(f, data: memoryview) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,12 +13,14 @@ import pandas as pd
 
 from .._io import read_json
 from ..exceptions import DatasetError, InputError
+from .dataset import require_dataset
 from .events import read_events
 from .geometry import VoxelGeometry
-from .names import bids_name, parse_entities, strip_prefix
+from .names import strip_prefix
 from .nifti import open_run, read_volume
+from .path import BIDSPath
 
-BOLD_SUFFIXES = ("_bold.nii", "_bold.nii.gz")
+BOLD_EXTENSIONS = (".nii", ".nii.gz")
 
 
 @dataclass
@@ -53,14 +57,11 @@ class RunData:
 
 def sidecar_paths(bold: Path) -> list[Path]:
     """Sidecars that apply to ``bold`` (inheritance: dataset level first, run level last)."""
-    ents = parse_entities(bold.name)
-    root = bold.parents[3] if "ses" in ents else bold.parents[2]
-    keep = {k: ents[k] for k in ("sub", "ses", "task", "acq") if k in ents}
-    return [
-        root / f"task-{ents['task']}_bold.json",
-        bold.parent / bids_name("bold", ".json", **keep),
-        bold.with_name(bold.name.split(".")[0] + ".json"),
-    ]
+    run = BIDSPath.from_path(bold)
+    root = bold.parents[3] if run.session else bold.parents[2]
+    json = BIDSPath(task=run.task, suffix="bold", extension=".json", root=root)
+    recording = run.update(run=None, extension=".json", root=root)
+    return [json.fpath, recording.fpath, run.update(extension=".json", root=root).fpath]
 
 
 def run_metadata(bold: str | Path) -> dict:
@@ -78,37 +79,69 @@ def run_geometry(bold: str | Path, metadata: dict | None = None) -> VoxelGeometr
     return VoxelGeometry.from_sidecar(meta, source=f"sidecar of {Path(bold).name}")
 
 
+def check_same_geometry(runs: Sequence[Path]) -> VoxelGeometry:
+    """The geometry shared by all runs; a run that differs is named in the error."""
+    geometries = [run_geometry(r) for r in runs]
+    for run, geom in zip(runs, geometries):
+        if geom != geometries[0]:
+            raise DatasetError(
+                f"run {run.name} has {geom.n_layers} layers x {geom.n_neurons} neurons, but "
+                f"{runs[0].name} has {geometries[0].n_layers} x {geometries[0].n_neurons}; "
+                "decompose runs of one model and hook point together."
+            )
+    return geometries[0]
+
+
 def events_path(bold: str | Path) -> Path:
     """The ``_events.tsv`` that belongs to a ``_bold`` file."""
     bold = Path(bold)
-    stem = bold.name.split(".")[0]
-    return bold.with_name(stem[: -len("_bold")] + "_events.tsv")
+    run = BIDSPath.from_path(bold, root=bold.parent)  # the folder itself: no directory logic
+    return bold.with_name(run.update(suffix="events", extension=".tsv").basename)
 
 
 def find_runs(
     root: str | Path,
     subject: str | None = None,
     task: str | None = None,
-    acq: str | None = "mlp",
+    hook_point: str | None = "mlp",
     session: str | None = None,
 ) -> list[Path]:
     """Bold files of a dataset matching the filters, sorted (subject, session, task, run)."""
-    root = Path(root)
-    runs = []
-    for path in sorted(root.glob("sub-*/**/func/*_bold.nii*")):
-        if path.name.startswith("."):
+    query = BIDSPath(
+        subject=strip_prefix(subject) if subject else None,
+        session=strip_prefix(session, "ses-") if session else None,
+        task=task or None,
+        acquisition=hook_point or None,
+        suffix="bold",
+        root=root,
+    )
+    return [p.fpath for p in query.match() if p.extension in BOLD_EXTENSIONS]
+
+
+def select_runs(
+    bids_dir: str | Path,
+    participant_label: Sequence[str] | None = None,
+    tasks: Sequence[str] | None = None,
+    hook_point: str = "mlp",
+) -> dict[str, dict[str, list[Path]]]:
+    """Runs of a dataset by subject then task, after the filters; errors when none match."""
+    bids_dir = require_dataset(bids_dir)
+    subjects = [strip_prefix(p) for p in participant_label] if participant_label else None
+    selected: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
+    for path in find_runs(bids_dir, hook_point=hook_point):
+        run = BIDSPath.from_path(path)
+        if subjects and run.subject not in subjects:
             continue
-        ents = parse_entities(path.name)
-        if subject and ents.get("sub") != strip_prefix(subject):
+        if tasks and run.task not in tasks:
             continue
-        if task and ents.get("task") != task:
-            continue
-        if acq and ents.get("acq") != acq:
-            continue
-        if session and ents.get("ses") != strip_prefix(session, "ses-"):
-            continue
-        runs.append(path)
-    return runs
+        selected[run.subject][run.task].append(path)
+    if not selected:
+        raise DatasetError(
+            f"no runs in {bids_dir} match participant(s) {participant_label or 'any'}, task(s) "
+            f"{list(tasks) if tasks else 'any'}, hook point {hook_point}; check the labels with "
+            "`llm2bids validate` or list the dataset's subject folders."
+        )
+    return {sub: dict(tasks_) for sub, tasks_ in selected.items()}
 
 
 def load_run(
@@ -118,7 +151,7 @@ def load_run(
     subject: str | None = None,
     task: str | None = None,
     run: int | None = None,
-    acq: str = "mlp",
+    hook_point: str = "mlp",
     session: str | None = None,
     drop_special: bool = False,
 ) -> RunData:
@@ -131,7 +164,7 @@ def load_run(
     ----------
     bold : str or Path or None
         Path of the run's ``_bold.nii[.gz]``.
-    root, subject, task, run, acq, session
+    root, subject, task, run, hook_point, session
         Entities that name the run in the dataset ``root``.
     drop_special : bool, default=False
         Drop the special tokens (rows with ``special == 1`` in the events).
@@ -146,12 +179,13 @@ def load_run(
             raise InputError("load_run needs a bold path, or root, subject, task and run.")
         matches = [
             p
-            for p in find_runs(root, subject, task, acq, session)
-            if int(parse_entities(p.name).get("run", -1)) == int(run)
+            for p in find_runs(root, subject, task, hook_point, session)
+            if BIDSPath.from_path(p).run == int(run)
         ]
         if not matches:
             raise DatasetError(
-                f"no run {run} of sub-{strip_prefix(subject)} task-{task} acq-{acq} in {root}."
+                f"no run {run} of subject {strip_prefix(subject)}, task {task}, hook point "
+                f"{hook_point} in {root}."
             )
         bold = matches[0]
     bold = Path(bold)

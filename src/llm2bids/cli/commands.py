@@ -1,24 +1,48 @@
-"""The sub-commands. Each parses its arguments and calls one public function."""
+"""The sub-commands. Each maps its arguments onto one public function of :mod:`llm2bids`.
+
+Defaults are read from the functions' own signatures and choices from the library's
+constants, so that the command line cannot drift from the Python API.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from pathlib import Path
 
+import llm2bids
+
+from ..bids.names import strip_prefix
+from ..bids.path import participant_id, subjects
+from ..decomposition import METHODS
+from ..evaluation import MODES
+from ..exceptions import DatasetError, InputError
 from ..models import DEFAULT_MODEL, HOOK_POINTS
 from ..models.loading import DEVICES, DTYPES
 from .main import add_bids_app_arguments
 from .registry import command
 
 
+def default(fn, name: str):
+    """The default of parameter ``name`` of ``fn``: the CLI's default for its flag."""
+    return inspect.signature(fn).parameters[name].default
+
+
+def _hook_point_argument(group, fn) -> None:
+    group.add_argument(
+        "--hook-point",
+        default=default(fn, "hook_point"),
+        choices=HOOK_POINTS,
+        help="which recording to analyse (the acq- entity): MLP neurons or residual stream",
+    )
+
+
 def _one_task(args):
     """``--task`` as record() takes it: one name with --stimuli, else a list or None."""
     if args.task and args.stimuli is not None:
         if len(args.task) > 1:
-            from ..exceptions import InputError
-
             raise InputError("with --stimuli, --task takes one name (the task of those texts).")
         return args.task[0]
     return args.task
@@ -32,8 +56,8 @@ def _record_args(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MODEL,
         help="hub id, local folder or .gguf file; default: embedded SmolLM2-135M",
     )
-    g.add_argument("--device", default="auto", choices=DEVICES)
-    g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    g.add_argument("--device", default=default(llm2bids.record, "device"), choices=DEVICES)
+    g.add_argument("--dtype", default=default(llm2bids.record, "dtype"), choices=list(DTYPES))
     g.add_argument(
         "--device-map",
         default=None,
@@ -60,13 +84,18 @@ def _record_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="a text file, a folder of .txt files, or a TSV with a 'text' column",
     )
-    g.add_argument("--max-tokens", type=int, default=512, help="longest run, in tokens")
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=default(llm2bids.record, "max_tokens"),
+        help="longest run, in tokens",
+    )
     g = p.add_argument_group("output")
     g.add_argument("--subject", default=None, help="subject label; default: from the model name")
     g.add_argument("--session", default=None, help="session label (checkpoint or revision)")
-    g.add_argument("--hook-point", default="mlp", choices=HOOK_POINTS)
+    _hook_point_argument(g, llm2bids.record)
     g.add_argument("--layers", type=int, nargs="+", default=None, help="record only these layers")
-    g.add_argument("--batch-size", type=int, default=4)
+    g.add_argument("--batch-size", type=int, default=default(llm2bids.record, "batch_size"))
     g.add_argument("--compress", action="store_true", help="write .nii.gz instead of .nii")
     g.add_argument(
         "--overwrite", action="store_true", help="replace a recording made with other parameters"
@@ -75,9 +104,7 @@ def _record_args(p: argparse.ArgumentParser) -> None:
 
 @command("record", "record a model's neurons over stimuli into a BIDS dataset", _record_args)
 def _record(args) -> int:
-    from ..recording import record
-
-    paths = record(
+    paths = llm2bids.record(
         args.bids_dir,
         model=args.model,
         task=_one_task(args),
@@ -108,9 +135,7 @@ def _validate_args(p):
 
 @command("validate", "run the official BIDS validator (bids-validator-deno)", _validate_args)
 def _validate(args) -> int:
-    from ..bids import validate
-
-    result = validate(args.bids_dir, recursive=args.recursive)
+    result = llm2bids.validate(args.bids_dir, recursive=args.recursive)
     if args.json:
         json.dump({"errors": result.errors, "warnings": result.warnings}, sys.stdout, indent=1)
     else:
@@ -128,24 +153,28 @@ __all__ = ["add_bids_app_arguments"]
 def _networks_args(p):
     add_bids_app_arguments(p)
     g = p.add_argument_group("decomposition")
+    fn = llm2bids.run_networks
     g.add_argument("--task", nargs="+", default=None, help="tasks to analyse; default all")
-    g.add_argument("--method", default="canica", choices=["canica", "dictlearning"])
-    g.add_argument("--n-components", type=int, default=20)
+    _hook_point_argument(g, fn)
+    g.add_argument("--method", default=default(fn, "method"), choices=METHODS)
+    g.add_argument("--n-components", type=int, default=default(fn, "n_components"))
     g.add_argument(
         "--threshold",
         type=float,
-        default=3.0,
+        default=default(fn, "threshold"),
         help="|z| at or above which a neuron belongs to a network",
     )
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--n-jobs", type=int, default=1)
+    g.add_argument("--seed", type=int, default=default(fn, "seed"))
+    g.add_argument("--n-jobs", type=int, default=default(fn, "n_jobs"))
     g = p.add_argument_group("recurrence")
     g.add_argument(
         "--no-per-run",
         action="store_true",
         help="skip the single-run decompositions (recurrence across runs)",
     )
-    g.add_argument("--n-permutations", type=int, default=100, help="size of the null")
+    g.add_argument(
+        "--n-permutations", type=int, default=default(fn, "n_permutations"), help="size of the null"
+    )
 
 
 @command(
@@ -154,9 +183,7 @@ def _networks_args(p):
     _networks_args,
 )
 def _networks(args) -> int:
-    from ..decomposition import run_networks
-
-    written = run_networks(
+    written = llm2bids.run_networks(
         args.bids_dir,
         args.output_dir,
         participant_label=args.participant_label,
@@ -168,6 +195,7 @@ def _networks(args) -> int:
         n_jobs=args.n_jobs,
         per_run=not args.no_per_run,
         n_permutations=args.n_permutations,
+        hook_point=args.hook_point,
         verbose=args.verbose,
     )
     print(f"{len(written)} files in {args.output_dir}")
@@ -177,10 +205,12 @@ def _networks(args) -> int:
 def _localize_args(p):
     add_bids_app_arguments(p)
     g = p.add_argument_group("contrast")
+    fn = llm2bids.run_localize
     g.add_argument("--task", required=True, help="task whose conditions are contrasted")
+    _hook_point_argument(g, fn)
     g.add_argument(
         "--contrast",
-        default="sentence - nonword",
+        default=default(fn, "contrast"),
         help="nilearn contrast expression over trial_type values",
     )
     g.add_argument(
@@ -193,14 +223,16 @@ def _localize_args(p):
     x.add_argument("--top-percent", type=float, default=None, help="top P%% of units by t")
     x.add_argument("--threshold", type=float, default=None, help="units with z >= Z")
     x.add_argument("--alpha", type=float, default=None, help="corrected significance level")
-    g.add_argument("--height-control", default="bonferroni", choices=["bonferroni", "fdr", "fpr"])
+    g.add_argument(
+        "--height-control",
+        default=default(fn, "height_control"),
+        choices=["bonferroni", "fdr", "fpr"],  # nilearn's threshold_stats_img
+    )
 
 
 @command("localize", "localize units with a task contrast (nilearn GLM, no HRF)", _localize_args)
 def _localize(args) -> int:
-    from ..glm import run_localize
-
-    results = run_localize(
+    results = llm2bids.run_localize(
         args.bids_dir,
         args.output_dir,
         task=args.task,
@@ -211,9 +243,10 @@ def _localize(args) -> int:
         alpha=args.alpha,
         height_control=args.height_control,
         second_level=args.second_level,
+        hook_point=args.hook_point,
     )
     for sub, res in results.items():
-        print(f"sub-{sub}: {int(res.selected.sum())} units selected ({res.selection})")
+        print(f"{participant_id(sub)}: {int(res.selected.sum())} units selected ({res.selection})")
     return 0
 
 
@@ -227,9 +260,15 @@ def _lesion_args(p):
         help="key-neuron TSV (from `networks` or `localize`), dseg atlas or stat map",
     )
     g.add_argument("--component", type=int, default=None, help="only this network / label")
-    g.add_argument("--mode", default="ablate", choices=["ablate", "keep"])
-    g.add_argument("--controls", type=int, default=5, help="random size-matched control sets")
-    g.add_argument("--seed", type=int, default=0)
+    fn = llm2bids.run_lesion
+    g.add_argument("--mode", default=default(fn, "mode"), choices=MODES)
+    g.add_argument(
+        "--controls",
+        type=int,
+        default=default(fn, "n_controls"),
+        help="random size-matched control sets",
+    )
+    g.add_argument("--seed", type=int, default=default(fn, "seed"))
     g.add_argument(
         "--eval-text",
         type=Path,
@@ -238,15 +277,13 @@ def _lesion_args(p):
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="default: the subject's model_spec")
-    g.add_argument("--device", default="auto", choices=DEVICES)
-    g.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    g.add_argument("--device", default=default(fn, "device"), choices=DEVICES)
+    g.add_argument("--dtype", default=default(fn, "dtype"), choices=list(DTYPES))
 
 
 @command("lesion", "lesion (or keep only) a neuron set versus random controls", _lesion_args)
 def _lesion(args) -> int:
-    from ..evaluation.lesion import run_lesion
-
-    results = run_lesion(
+    results = llm2bids.run_lesion(
         args.bids_dir,
         args.output_dir,
         args.networks,
@@ -264,7 +301,7 @@ def _lesion(args) -> int:
     for sub, (_, summary) in results.items():
         for metric, s in summary.items():
             print(
-                f"sub-{sub} {metric}: baseline {s['baseline']:.4g}, target {s['target']:.4g}, "
+                f"{participant_id(sub)} {metric}: baseline {s['baseline']:.4g}, target {s['target']:.4g}, "
                 f"controls {s['control_mean']:.4g} ± {s['control_sd']:.2g}"
             )
     return 0
@@ -280,30 +317,25 @@ def _prune_args(p):
         action="store_true",
         help="FLAP-style: fold removed neurons' mean (over held-out text) into the bias",
     )
-    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--device", default=default(llm2bids.run_prune, "device"), choices=DEVICES)
 
 
 @command(
     "prune", "remove all neurons but a set from the weights and save the smaller model", _prune_args
 )
 def _prune(args) -> int:
-    from ..evaluation import neuron_means, prune, read_neuron_set, save_pruned
-    from ..models import load_model
-    from ..models.hooks import layer_count, neurons_per_layer
-    from ..stimuli import heldout_text
-
-    lm = load_model(args.model, device=args.device)
-    keep = read_neuron_set(
-        args.keep, layer_count(lm.model), neurons_per_layer(lm.model)[0], component=args.component
+    result = llm2bids.run_prune(
+        args.model,
+        args.keep,
+        args.out,
+        component=args.component,
+        bias_compensation=args.bias_compensation,
+        device=args.device,
     )
-    means = neuron_means(lm, heldout_text()) if args.bias_compensation else None
-    pruned = prune(lm.model, keep, means=means)
-    save_pruned(pruned, lm.tokenizer, args.out, source=lm.spec)
-    before = sum(p.numel() for p in lm.model.parameters())
-    after = sum(p.numel() for p in pruned.parameters())
     print(
-        f"kept {int(keep.sum())} of {keep.size} MLP neurons; parameters {before} -> {after}; "
-        f"saved to {args.out} (load with llm2bids.evaluation.load_pruned)"
+        f"kept {result['kept_neurons']} of {result['total_neurons']} MLP neurons; parameters "
+        f"{result['parameters_dense']} -> {result['parameters_pruned']}; saved to "
+        f"{result['folder']} (load with llm2bids.load_pruned)"
     )
     return 0
 
@@ -319,9 +351,7 @@ def _demo_args(p):
     "demo", "run the whole study (record -> networks -> localizer -> lesions -> report)", _demo_args
 )
 def _demo(args) -> int:
-    from ..demo import run_demo
-
-    run_demo(
+    llm2bids.run_demo(
         args.out_dir,
         model=args.model,
         quick=args.quick,
@@ -338,18 +368,13 @@ def _report_args(p):
 
 @command("report", "regenerate the HTML report(s) from derivatives alone", _report_args)
 def _report(args) -> int:
-    from ..bids.names import strip_prefix
-    from ..report import build_report
-
     labels = (
         [strip_prefix(p) for p in args.participant_label]
         if args.participant_label
-        else sorted(p.name[4:] for p in args.output_dir.glob("sub-*") if p.is_dir())
+        else subjects(args.output_dir)
     )
     if not labels:
-        from ..exceptions import DatasetError
-
         raise DatasetError(f"{args.output_dir} holds no sub-* folders: is it a derivatives folder?")
     for label in labels:
-        print(build_report(args.output_dir, label))
+        print(llm2bids.build_report(args.output_dir, label))
     return 0

@@ -1,6 +1,7 @@
 """Decomposition: functional networks with nilearn's CanICA and DictLearning."""
 
-from .app import run_networks, select_runs
+from ..bids.reader import select_runs  # kept importable from here
+from .app import run_networks
 from .networks import DEFAULT_THRESHOLD, METHODS, FunctionalNetworks, zscore_maps
 
 __all__ = [

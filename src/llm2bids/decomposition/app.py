@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,41 +13,14 @@ import pandas as pd
 from sklearn.base import clone
 from tqdm.auto import tqdm
 
-from ..bids.dataset import require_dataset
-from ..bids.names import bids_name, parse_entities, strip_prefix
-from ..bids.reader import find_runs, run_metadata, special_mask
+from ..bids.path import BIDSPath
+from ..bids.reader import check_same_geometry, run_metadata, select_runs, special_mask
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_img, write_table
-from ..exceptions import DatasetError, InputError
+from ..exceptions import InputError
 from ..overlap import compare_fits, recurrence_frequency
-from .networks import METHODS, FunctionalNetworks, check_n_components, check_same_geometry
+from .networks import METHODS, FunctionalNetworks, check_n_components
 
 logger = logging.getLogger("llm2bids.decomposition")
-
-
-def select_runs(
-    bids_dir: str | Path,
-    participant_label: Sequence[str] | None = None,
-    tasks: Sequence[str] | None = None,
-    acq: str = "mlp",
-) -> dict[str, dict[str, list[Path]]]:
-    """Runs of a dataset by subject then task, after the filters; errors when none match."""
-    bids_dir = require_dataset(bids_dir)
-    subjects = [strip_prefix(p) for p in participant_label] if participant_label else None
-    selected: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))
-    for path in find_runs(bids_dir, acq=acq):
-        ents = parse_entities(path.name)
-        if subjects and ents["sub"] not in subjects:
-            continue
-        if tasks and ents["task"] not in tasks:
-            continue
-        selected[ents["sub"]][ents["task"]].append(path)
-    if not selected:
-        raise DatasetError(
-            f"no runs in {bids_dir} match participant(s) {participant_label or 'any'}, task(s) "
-            f"{list(tasks) if tasks else 'any'}, acq-{acq}; check the labels with "
-            "`llm2bids validate` or list sub-*/func/."
-        )
-    return {sub: dict(tasks_) for sub, tasks_ in selected.items()}
 
 
 def run_networks(
@@ -63,7 +35,7 @@ def run_networks(
     n_jobs: int = 1,
     per_run: bool = True,
     n_permutations: int = 100,
-    acq: str = "mlp",
+    hook_point: str = "mlp",
     verbose: int = 1,
 ) -> list[Path]:
     """Find functional networks per model and task, across tasks, and test their recurrence.
@@ -81,7 +53,7 @@ def run_networks(
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}.")
     check_output_dir(bids_dir, output_dir)
-    selected = select_runs(bids_dir, participant_label, tasks, acq)
+    selected = select_runs(bids_dir, participant_label, tasks, hook_point)
     for by_task in selected.values():  # check everything before writing anything
         all_runs = [r for runs in by_task.values() for r in runs]
         check_same_geometry(all_runs)
@@ -98,41 +70,28 @@ def run_networks(
     for sub, by_task in selected.items():
         fits = {}
         model_id = run_metadata(next(iter(by_task.values()))[0]).get("ModelID", "n/a")
-        params = {
-            "method": method,
-            "n_components": n_components,
-            "threshold": threshold,
-            "random_state": seed,
-            "smoothing_fwhm": None,
-            "standardize": "zscore_sample",
-            "drop_special": True,
+        params = template.get_params() | {
+            "estimator": template.estimator_params(),
             "model_id": model_id,
         }
-        bar = tqdm(total=len(by_task) + 1, desc=f"sub-{sub} networks", disable=not verbose)
+        recording = BIDSPath(subject=sub, acquisition=hook_point, root=output_dir)
+        bar = tqdm(total=len(by_task) + 1, desc=f"{sub} networks", disable=not verbose)
         for task, runs in by_task.items():
             fit = clone(template).fit(runs)
             fits[task] = fit
-            written += write_networks(
-                output_dir, fit, {"sub": sub, "task": task, "acq": acq}, params, bids_dir
-            )
+            written += write_networks(fit, recording.update(task=task), params, bids_dir)
             bar.update()
         all_runs = [r for runs in by_task.values() for r in runs]
         if len(by_task) > 1:
             fit_all = clone(template).fit(all_runs)
             fits["__all__"] = fit_all  # also the reference of the seed comparison
             written += write_networks(
-                output_dir,
-                fit_all,
-                {"sub": sub, "acq": acq},
-                params | {"tasks": sorted(by_task)},
-                bids_dir,
+                fit_all, recording, params | {"tasks": sorted(by_task)}, bids_dir
             )
         bar.update()
         bar.close()
         written += _recurrence(
-            output_dir,
-            sub,
-            acq,
+            recording,
             by_task,
             fits,
             template,
@@ -145,17 +104,18 @@ def run_networks(
 
 
 def write_networks(
-    output_dir: Path, fit: FunctionalNetworks, ents: dict, params: dict, bids_dir
+    fit: FunctionalNetworks, base: BIDSPath, params: dict, bids_dir: str | Path
 ) -> list[Path]:
-    """Write one fit's derivatives under ``output_dir/sub-<label>/func``."""
-    folder = Path(output_dir) / f"sub-{ents['sub']}" / "func"
+    """Write one fit's derivatives, named after ``base`` (the derivatives root and entities)."""
     desc = fit.method
+    described = base.update(description=desc)
+    atlas = base.update(atlas=desc)
     sources = [f"bids:raw:{os.path.relpath(r, bids_dir)}" for r in fit.runs_]
     side = provenance(**params) | {"Sources": sources}
     geom = fit.geometry_
     out = [
         write_img(
-            folder / bids_name("components", ".nii.gz", **ents, desc=desc),
+            described.update(suffix="components", extension=".nii.gz").fpath,
             fit.components_img_,
             side
             | {
@@ -164,12 +124,12 @@ def write_networks(
             },
         ),
         write_table(
-            folder / bids_name("mixing", ".tsv", **ents, desc=desc),
+            described.update(suffix="mixing", extension=".tsv").fpath,
             fit.mixing_,
             side | {"Description": "Component time courses per run; one row per token."},
         ),
         write_table(
-            folder / bids_name("keyneurons", ".tsv", **ents, desc=desc),
+            described.update(suffix="keyneurons", extension=".tsv").fpath,
             fit.key_neurons_,
             side
             | {
@@ -182,7 +142,7 @@ def write_networks(
             },
         ),
         write_table(
-            folder / bids_name("layercounts", ".tsv", **ents, desc=desc),
+            described.update(suffix="layercounts", extension=".tsv").fpath,
             fit.layer_counts(),
             side | {"Description": "Key neurons per layer."},
         ),
@@ -194,7 +154,7 @@ def write_networks(
     dseg[geom.mask] = labels
     out.append(
         write_img(
-            folder / bids_name("dseg", ".nii.gz", **ents, atlas=desc),
+            atlas.update(suffix="dseg", extension=".nii.gz").fpath,
             nib.Nifti1Image(dseg, geom.affine),
             side,
         )
@@ -202,7 +162,7 @@ def write_networks(
     k = fit.components_.shape[0]
     out.append(
         write_table(
-            folder / bids_name("dseg", ".tsv", **ents, atlas=desc),
+            atlas.update(suffix="dseg", extension=".tsv").fpath,
             pd.DataFrame(
                 {
                     "index": np.arange(k + 1),
@@ -213,14 +173,14 @@ def write_networks(
     )
     out.append(
         write_img(
-            folder / bids_name("probseg", ".nii.gz", **ents, atlas=desc),
+            atlas.update(suffix="probseg", extension=".nii.gz").fpath,
             fit.maps_to_img(fit.networks_.astype(np.float32)),
             side | {"Description": "Network memberships (1 inside), one volume per network."},
         )
     )
     out.append(
         write_table(
-            folder / bids_name("connectivity", ".tsv", **ents, desc=desc),
+            described.update(suffix="connectivity", extension=".tsv").fpath,
             connectivity(fit),
             side
             | {
@@ -245,9 +205,7 @@ def connectivity(fit: FunctionalNetworks) -> pd.DataFrame:
 
 
 def _recurrence(
-    output_dir,
-    sub,
-    acq,
+    recording: BIDSPath,
     by_task,
     fits,
     template: FunctionalNetworks,
@@ -297,7 +255,9 @@ def _recurrence(
         group = fits[task]
         run_fits = [
             clone(template).fit([r])
-            for r in tqdm(runs, desc=f"sub-{sub} task-{task} single-run fits", disable=not verbose)
+            for r in tqdm(
+                runs, desc=f"{recording.subject} {task} single-run fits", disable=not verbose
+            )
         ]
         for run, fit in zip(runs, run_fits):
             table = compare_fits(
@@ -312,20 +272,19 @@ def _recurrence(
                 table.assign(
                     scope="run",
                     reference=f"task-{task}",
-                    other=f"run-{parse_entities(run.name)['run']}",
+                    other=f"run-{BIDSPath.from_path(run).run:02d}",
                 )
             )
         freq = recurrence_frequency([f.networks_ for f in run_fits])
         geom = group.geometry_
         data = np.zeros(geom.shape, dtype=np.float32)
         data[geom.mask] = freq
-        folder = Path(output_dir) / f"sub-{sub}" / "func"
+        frequency = recording.update(
+            task=task, description=f"{method}Recurrence", suffix="map", extension=".nii.gz"
+        )
         written.append(
             write_img(
-                folder
-                / bids_name(
-                    "map", ".nii.gz", sub=sub, task=task, acq=acq, desc=f"{method}Recurrence"
-                ),
+                frequency.fpath,
                 nib.Nifti1Image(data, geom.affine),
                 provenance(**params)
                 | {
@@ -342,10 +301,7 @@ def _recurrence(
         ]
         written.append(
             write_table(
-                Path(output_dir)
-                / f"sub-{sub}"
-                / "func"
-                / bids_name("recurrence", ".tsv", sub=sub, acq=acq, desc=method),
+                recording.update(description=method, suffix="recurrence", extension=".tsv").fpath,
                 table[cols],
                 provenance(**params, n_permutations=n_permutations)
                 | {

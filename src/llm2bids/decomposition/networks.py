@@ -17,10 +17,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
 
 from ..bids.geometry import VoxelGeometry
-from ..bids.reader import load_img, run_geometry, special_mask
-from ..exceptions import DatasetError, InputError, NumericalError
+from ..bids.reader import check_same_geometry, load_img, special_mask
+from ..exceptions import InputError, NumericalError
 
 logger = logging.getLogger("llm2bids.decomposition")
 
@@ -155,11 +156,16 @@ class FunctionalNetworks(BaseEstimator):
         self.runs_ = runs
         return self
 
-    def _make_estimator(self):
-        from nilearn.decomposition import CanICA, DictLearning
+    def estimator_params(self) -> dict:
+        """The nilearn estimator and the arguments it is built with (the mask aside).
 
+        Returns
+        -------
+        dict
+            ``{"class": "CanICA" | "DictLearning", <argument>: <value>, ...}``; what the
+            derivatives' sidecars record.
+        """
         common = {
-            "mask": self.geometry_.mask_img(),
             "n_components": self.n_components,
             "smoothing_fwhm": None,
             "standardize": "zscore_sample",
@@ -170,8 +176,21 @@ class FunctionalNetworks(BaseEstimator):
             "memory_level": 0,
         }
         if self.method == "canica":
-            return CanICA(**common, threshold=None, n_init=self.n_init, do_cca=True)
-        return DictLearning(**common, alpha=self.alpha, n_epochs=self.n_epochs)
+            return {
+                "class": "CanICA",
+                **common,
+                "threshold": None,
+                "n_init": self.n_init,
+                "do_cca": True,
+            }
+        return {"class": "DictLearning", **common, "alpha": self.alpha, "n_epochs": self.n_epochs}
+
+    def _make_estimator(self):
+        from nilearn import decomposition
+
+        params = self.estimator_params()
+        cls = getattr(decomposition, params.pop("class"))
+        return cls(mask=self.geometry_.mask_img(), **params)
 
     def maps_to_img(self, maps: np.ndarray) -> nib.Nifti1Image:
         """Put ``(k, n_neurons_total)`` maps in masker order into a 4D image."""
@@ -184,20 +203,7 @@ class FunctionalNetworks(BaseEstimator):
 
     def layer_counts(self) -> pd.DataFrame:
         """Key neurons per layer: ``layer, n_key_neurons, fraction``."""
-        return layer_counts(self.networks_.any(axis=0), self.geometry_)
-
-
-def check_same_geometry(runs: Sequence[Path]) -> VoxelGeometry:
-    """The geometry shared by all runs; a run that differs is named in the error."""
-    geometries = [run_geometry(r) for r in runs]
-    for run, geom in zip(runs, geometries):
-        if geom != geometries[0]:
-            raise DatasetError(
-                f"run {run.name} has {geom.n_layers} layers x {geom.n_neurons} neurons, but "
-                f"{runs[0].name} has {geometries[0].n_layers} x {geometries[0].n_neurons}; "
-                "decompose runs of one model and hook point together."
-            )
-    return geometries[0]
+        return self.geometry_.layer_counts(self.networks_.any(axis=0))
 
 
 def check_n_components(n_components: int, samples: Sequence[np.ndarray], drop_special=True):
@@ -241,19 +247,6 @@ def key_neuron_table(
     return table.sort_values(["component", "layer", "neuron"], ignore_index=True)
 
 
-def layer_counts(member: np.ndarray, geometry: VoxelGeometry) -> pd.DataFrame:
-    """Count neurons flagged in ``member`` (masker order) per layer."""
-    layers = geometry.labels().layer.to_numpy()
-    counts = np.bincount(layers[member], minlength=geometry.n_layers)
-    return pd.DataFrame(
-        {
-            "layer": np.arange(geometry.n_layers),
-            "n_key_neurons": counts,
-            "fraction": np.round(counts / geometry.n_neurons, 6),
-        }
-    )
-
-
 def _spike_regressors(sample_mask: np.ndarray) -> np.ndarray | None:
     """One indicator column per dropped volume (None when nothing is dropped)."""
     dropped = np.flatnonzero(~sample_mask)
@@ -280,8 +273,16 @@ def _mixing_table(series, samples, raw, zmaps) -> pd.DataFrame:
 
 
 def _report_convergence(caught, method: str) -> int:
-    """Log the solver's convergence warnings once, saying how often and why; return the count."""
-    texts = [str(w.message) for w in caught if "converge" in str(w.message).lower()]
+    """Log the solver's convergence warnings once, saying how often and why; return the count.
+
+    Every other warning caught during the fit is issued again, unchanged.
+    """
+    texts = []
+    for w in caught:
+        if issubclass(w.category, ConvergenceWarning) or "converge" in str(w.message).lower():
+            texts.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     if not texts:
         return 0
     message = (

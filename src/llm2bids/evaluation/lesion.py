@@ -11,16 +11,17 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..bids.dataset import read_participants, require_dataset
-from ..bids.names import bids_name, parse_entities, strip_prefix
+from ..bids.names import strip_prefix
+from ..bids.path import BIDSPath, participant_id
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_table
 from ..exceptions import DatasetError, InputError
 from ..models import LoadedModel, load_model
 from ..models.hooks import layer_count, neurons_per_layer
 from ..stimuli import heldout_text
 from .masking import mask_neurons
-from .metrics import minimal_pair_accuracy, perplexity
+from .metrics import PERPLEXITY_STRIDE, PERPLEXITY_WINDOW, minimal_pair_accuracy, perplexity
 from .minimal_pairs import minimal_pairs
-from .neuronsets import random_controls, read_neuron_set
+from .neuronsets import random_controls, read_neuron_set, top_neurons
 
 logger = logging.getLogger("llm2bids.evaluation")
 
@@ -31,8 +32,8 @@ def evaluate(
     lm: LoadedModel,
     text: str | None = None,
     pairs: pd.DataFrame | None = None,
-    window: int = 256,
-    stride: int = 128,
+    window: int = PERPLEXITY_WINDOW,
+    stride: int = PERPLEXITY_STRIDE,
 ) -> dict:
     """Perplexity and greedy next-token accuracy on ``text`` and minimal-pair accuracy."""
     text = heldout_text() if text is None else text
@@ -109,22 +110,16 @@ def keep_only_curve(
 ) -> pd.DataFrame:
     """Keep only the top ``fraction`` of neurons (ranked by |z|) versus random sets of that size."""
     n_layers, n_neurons = layer_count(lm.model), neurons_per_layer(lm.model)[0]
-    ranked = ranking.assign(absz=ranking.z.abs()).sort_values("absz", ascending=False)
-    ranked = ranked.drop_duplicates(["layer", "neuron"])
     rows = []
     for fraction in fractions:
-        k = int(round(fraction * n_layers * n_neurons))
-        if k > len(ranked):
+        target = top_neurons(ranking, fraction, n_layers, n_neurons)
+        if target is None:
             logger.warning(
-                "keep-only %.3g needs %d neurons, the table ranks %d; skipped",
+                "keep-only %.3g needs %d neurons, the table ranks fewer; skipped",
                 fraction,
-                k,
-                len(ranked),
+                int(round(fraction * n_layers * n_neurons)),
             )
             continue
-        target = np.zeros((n_layers, n_neurons), bool)
-        top = ranked.iloc[:k]
-        target[top.layer.to_numpy(int), top.neuron.to_numpy(int)] = True
         study = lesion_study(lm, target, "keep", n_controls, seed, text, pairs, verbose)
         rows.append(study[study.condition != "baseline"].assign(fraction=fraction))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
@@ -132,9 +127,11 @@ def keep_only_curve(
 
 def _participant_model(bids_dir: Path, sub: str) -> str:
     participants = read_participants(bids_dir)
-    row = participants[participants.participant_id == f"sub-{sub}"]
+    row = participants[participants.participant_id == participant_id(sub)]
     if row.empty or "model_spec" not in row:
-        raise DatasetError(f"participants.tsv has no model_spec for sub-{sub}; pass --model.")
+        raise DatasetError(
+            f"participants.tsv has no model_spec for {participant_id(sub)}; pass --model."
+        )
     return row.iloc[0]["model_spec"]
 
 
@@ -169,21 +166,22 @@ def run_lesion(
     networks = Path(networks)
     if not networks.exists():
         raise InputError(f"--networks {str(networks)!r} does not exist.")
-    ents = parse_entities(networks.name)
-    subjects = (
-        [strip_prefix(p) for p in participant_label]
-        if participant_label
-        else (
-            [ents["sub"]]
-            if "sub" in ents
-            else read_participants(bids_dir).participant_id.str[4:].tolist()
-        )
-    )
+    try:
+        source = BIDSPath.from_path(networks)
+    except DatasetError:  # a neuron set of the user's own, not named by llm2bids
+        source = BIDSPath()
+    if participant_label:
+        subjects = [strip_prefix(p) for p in participant_label]
+    elif source.subject is not None:
+        subjects = [source.subject]
+    else:
+        subjects = [strip_prefix(p) for p in read_participants(bids_dir).participant_id]
     text = None
     if text_file is not None:
         text = Path(text_file).read_text(encoding="utf-8")
         if not text.strip():
             raise InputError(f"evaluation text {text_file} is empty.")
+    pairs = minimal_pairs()
     output_dir = init_derivatives(output_dir, bids_dir)
     results = {}
     for sub in subjects:
@@ -195,18 +193,22 @@ def run_lesion(
         target = read_neuron_set(
             networks, layer_count(lm.model), neurons_per_layer(lm.model)[0], component=component
         )
-        table = lesion_study(lm, target, mode, n_controls, seed, text, verbose=verbose)
+        table = lesion_study(lm, target, mode, n_controls, seed, text, pairs, verbose=verbose)
         summary = summarize(table)
         desc = (
-            ents.get("desc", "set") + (f"Comp{component}" if component else "") + mode.capitalize()
+            (source.description or "set")
+            + (f"Comp{component}" if component else "")
+            + mode.capitalize()
         )
-        out_ents = {k: ents[k] for k in ("task", "acq") if k in ents}
-        path = (
-            Path(output_dir)
-            / f"sub-{sub}"
-            / "func"
-            / bids_name("lesion", ".tsv", sub=sub, **out_ents, desc=desc)
-        )
+        path = BIDSPath(
+            subject=sub,
+            task=source.task,
+            acquisition=source.acquisition,
+            description=desc,
+            suffix="lesion",
+            extension=".tsv",
+            root=output_dir,
+        ).fpath
         write_table(
             path,
             table,
@@ -218,10 +220,13 @@ def run_lesion(
                 seed=seed,
                 model_id=lm.model_id,
                 fill="zero",
-                perplexity_window=256,
-                perplexity_stride=128,
+                perplexity_window=int(table.window.iloc[0]),
+                perplexity_stride=int(table.stride.iloc[0]),
                 text="built-in held-out text" if text is None else str(text_file),
-                minimal_pairs="built-in templated pairs (3 phenomena x 20)",
+                minimal_pairs=(
+                    f"built-in templated minimal pairs ({pairs.phenomenon.nunique()} phenomena, "
+                    f"{len(pairs)} pairs)"
+                ),
             )
             | {"Summary": summary},
         )

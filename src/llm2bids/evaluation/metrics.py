@@ -17,8 +17,14 @@ def _ids(lm: LoadedModel, text: str) -> torch.Tensor:
     return torch.tensor(([bos] if bos is not None else []) + ids)
 
 
+PERPLEXITY_WINDOW = 256  # tokens per sliding window
+PERPLEXITY_STRIDE = 128  # tokens between window starts
+
+
 @torch.inference_mode()
-def perplexity(lm: LoadedModel, text: str, window: int = 256, stride: int = 128) -> dict:
+def perplexity(
+    lm: LoadedModel, text: str, window: int = PERPLEXITY_WINDOW, stride: int = PERPLEXITY_STRIDE
+) -> dict:
     """Perplexity of ``text`` with sliding windows (each token scored once).
 
     Every window of ``window`` tokens starts ``stride`` after the previous one; the tokens

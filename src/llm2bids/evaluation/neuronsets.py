@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..bids.geometry import VoxelGeometry
+from ..bids.path import suffix_of
 from ..exceptions import InputError
 
 
@@ -101,7 +102,7 @@ def _from_image(path: Path, n_neurons, component, threshold) -> tuple[np.ndarray
             f"{path.name} has a {data.shape[:2]} grid per layer, but {n_neurons} neurons per layer "
             f"give {geom.shape[:2]}: the map comes from a different model."
         )
-    if "_dseg" in path.name:
+    if suffix_of(path) == "dseg":
         hit = data == component if component is not None else data > 0
     else:
         if threshold is None:
@@ -109,6 +110,68 @@ def _from_image(path: Path, n_neurons, component, threshold) -> tuple[np.ndarray
         hit = data >= threshold
     x, y, z = np.nonzero(hit & geom.mask)
     return z, x + geom.nx * y
+
+
+def rank_neurons(components: str | Path | nib.Nifti1Image, geometry: VoxelGeometry) -> pd.DataFrame:
+    """Rank every neuron by its largest ``|z|`` over a set of component maps.
+
+    Parameters
+    ----------
+    components : str, Path or Nifti1Image
+        A 4D component image (``*_components.nii.gz`` of ``llm2bids networks``).
+    geometry : VoxelGeometry
+        The recording's geometry.
+
+    Returns
+    -------
+    DataFrame
+        ``layer, neuron, z`` (``z``: the largest ``|z|``), one row per neuron, in masker order.
+    """
+    img = components if isinstance(components, nib.Nifti1Image) else nib.load(components)
+    data = np.asarray(img.dataobj)
+    if data.ndim == 3:
+        data = data[..., None]
+    if data.shape[:3] != geometry.shape:
+        raise InputError(
+            f"component maps of spatial shape {data.shape[:3]} do not fit a geometry of "
+            f"{geometry.n_layers} layers x {geometry.n_neurons} neurons {geometry.shape}."
+        )
+    maps = data[geometry.mask]  # (neurons, components)
+    labels = geometry.labels()
+    return pd.DataFrame(
+        {"layer": labels.layer, "neuron": labels.neuron, "z": np.abs(maps).max(axis=1)}
+    )
+
+
+def top_neurons(ranking: pd.DataFrame, fraction: float, n_layers: int, n_neurons: int):
+    """The top ``fraction`` of all ``n_layers * n_neurons`` neurons by ``|z|``, as a mask.
+
+    Parameters
+    ----------
+    ranking : DataFrame
+        ``layer, neuron, z`` rows (as :func:`rank_neurons` gives, or a key-neuron table); a
+        neuron listed several times counts once, with its largest ``|z|``.
+    fraction : float
+        In (0, 1].
+    n_layers, n_neurons : int
+        The model's size.
+
+    Returns
+    -------
+    ndarray of bool, shape (n_layers, n_neurons), or None
+        ``None`` when the ranking lists fewer neurons than the fraction asks for.
+    """
+    if not 0 < fraction <= 1:
+        raise InputError(f"fraction must lie in (0, 1], got {fraction!r}.")
+    ranked = ranking.assign(absz=ranking.z.abs()).sort_values("absz", ascending=False)
+    ranked = ranked.drop_duplicates(["layer", "neuron"])
+    k = int(round(fraction * n_layers * n_neurons))
+    if k > len(ranked):
+        return None
+    mask = np.zeros((n_layers, n_neurons), dtype=bool)
+    top = ranked.iloc[:k]
+    mask[top.layer.to_numpy(int), top.neuron.to_numpy(int)] = True
+    return mask
 
 
 def random_controls(target: np.ndarray, n_controls: int = 5, seed: int = 0) -> list[np.ndarray]:

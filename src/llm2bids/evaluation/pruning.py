@@ -18,7 +18,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from .. import _io
-from .._version import __version__
+from ..bids.dataset import generated_by
 from ..exceptions import InputError, ModelLoadError
 from ..models import LoadedModel, arch_spec
 from .masking import check_mask
@@ -60,6 +60,16 @@ def _in_slice(module, cols: torch.Tensor, conv1d: bool, extra_bias: torch.Tensor
     return new.to(w.device, w.dtype)
 
 
+def _slice_mlp(mlp, spec, idx: torch.Tensor, n_neurons: int, extra_bias=None) -> None:
+    """Keep neurons ``idx`` of one MLP (of ``n_neurons``): rows of the up (and gate)
+    projections, columns of the down projection (whose bias gains ``extra_bias``)."""
+    rows = torch.cat([idx, idx + n_neurons]) if spec.fused_gate_up else idx
+    for name in spec.up:
+        setattr(mlp, name, _out_slice(getattr(mlp, name), rows, spec.conv1d))
+    down = getattr(mlp, spec.down)
+    setattr(mlp, spec.down, _in_slice(down, idx, spec.conv1d, extra_bias))
+
+
 def prune(
     model: torch.nn.Module | LoadedModel,
     keep: np.ndarray,
@@ -97,19 +107,16 @@ def prune(
     for layer in range(keep.shape[0]):
         idx = torch.as_tensor(np.flatnonzero(keep[layer]), dtype=torch.long)
         mlp = spec.mlp_module(pruned, layer)
-        rows = torch.cat([idx, idx + n_neurons]) if spec.fused_gate_up else idx
-        for name in spec.up:
-            setattr(mlp, name, _out_slice(getattr(mlp, name), rows, spec.conv1d))
-        down = getattr(mlp, spec.down)
         extra = None
         if means is not None:
+            down = getattr(mlp, spec.down)
             removed = np.flatnonzero(~keep[layer])
             mu = torch.as_tensor(
                 means[layer][removed], dtype=torch.float32, device=down.weight.device
             )
             w = down.weight.data.float()
             extra = (mu @ w[removed]) if spec.conv1d else (w[:, removed] @ mu)
-        setattr(mlp, spec.down, _in_slice(down, idx, spec.conv1d, extra))
+        _slice_mlp(mlp, spec, idx, n_neurons, extra)
         kept.append(idx.tolist())
     pruned.llm2bids_kept_neurons = kept
     _drop_dequantized_quantizer(pruned)
@@ -143,7 +150,7 @@ def save_pruned(model: torch.nn.Module, tokenizer, path: str | Path, source: str
     _io.write_json(
         path / PRUNING_FILE,
         {
-            "GeneratedBy": [{"Name": "llm2bids", "Version": __version__}],
+            "GeneratedBy": generated_by(),
             "Source": source,
             "Architecture": model.config.model_type,
             "NeuronsPerLayer": [len(k) for k in kept],
@@ -208,19 +215,14 @@ def load_pruned(path: str | Path, device: str = "cpu") -> LoadedModel:
     model = AutoModelForCausalLM.from_config(config)
     spec = arch_spec(model)
     for layer, (size, has_bias) in enumerate(zip(info["NeuronsPerLayer"], info["DownBias"])):
-        idx = torch.arange(size)
         mlp = spec.mlp_module(model, layer)
-        n = spec.n_neurons(model, layer)
-        rows = torch.cat([idx, idx + n]) if spec.fused_gate_up else idx
-        for name in spec.up:
-            setattr(mlp, name, _out_slice(getattr(mlp, name), rows, spec.conv1d))
         down = getattr(mlp, spec.down)
-        extra = (
+        extra = (  # a compensated bias the unpruned architecture lacks
             torch.zeros(down.weight.shape[1 if spec.conv1d else 0])
             if has_bias and down.bias is None
             else None
         )
-        setattr(mlp, spec.down, _in_slice(down, idx, spec.conv1d, extra))
+        _slice_mlp(mlp, spec, torch.arange(size), spec.n_neurons(model, layer), extra)
     state = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(file))
@@ -249,3 +251,59 @@ def load_pruned(path: str | Path, device: str = "cpu") -> LoadedModel:
     return LoadedModel(
         model=model, tokenizer=tokenizer, spec=str(path), model_id=path.name, source="folder"
     )
+
+
+def run_prune(
+    model: str | LoadedModel,
+    keep: str | Path | np.ndarray,
+    output_dir: str | Path,
+    component: int | None = None,
+    bias_compensation: bool = False,
+    device: str = "cpu",
+) -> dict:
+    """Prune a model to a neuron set and save it: what ``llm2bids prune`` does.
+
+    Parameters
+    ----------
+    model : str or LoadedModel
+        A model spec (hub id, folder, ``.gguf`` file) or a loaded model.
+    keep : str, Path or ndarray of bool
+        The neurons to keep: a neuron-set file (see
+        :func:`~llm2bids.evaluation.read_neuron_set`) or a ``(n_layers, n_neurons)`` mask.
+    output_dir : str or Path
+        Folder of the pruned model (reload it with :func:`load_pruned`).
+    component : int or None, default=None
+        With a neuron-set file: keep only this network.
+    bias_compensation : bool, default=False
+        FLAP-style: fold the removed neurons' mean over the built-in held-out text into the
+        down projection's bias.
+    device : str, default="cpu"
+        Where to load ``model`` when it is a spec.
+
+    Returns
+    -------
+    dict
+        ``kept_neurons``, ``total_neurons``, ``parameters_dense``, ``parameters_pruned`` and
+        ``folder``.
+    """
+    from ..models import load_model
+    from ..models.hooks import layer_count, neurons_per_layer
+    from ..stimuli import heldout_text
+    from .masking import neuron_means
+    from .neuronsets import read_neuron_set
+
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    if not isinstance(keep, np.ndarray):
+        keep = read_neuron_set(
+            keep, layer_count(lm.model), neurons_per_layer(lm.model)[0], component=component
+        )
+    means = neuron_means(lm, heldout_text()) if bias_compensation else None
+    pruned = prune(lm.model, keep, means=means)
+    folder = save_pruned(pruned, lm.tokenizer, output_dir, source=lm.spec)
+    return {
+        "kept_neurons": int(keep.sum()),
+        "total_neurons": int(keep.size),
+        "parameters_dense": sum(p.numel() for p in lm.model.parameters()),
+        "parameters_pruned": sum(p.numel() for p in pruned.parameters()),
+        "folder": folder,
+    }

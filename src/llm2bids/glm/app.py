@@ -9,9 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..bids.names import bids_name
-from ..bids.reader import run_metadata
-from ..decomposition.app import select_runs
+from ..bids.path import BIDSPath
+from ..bids.reader import run_metadata, select_runs
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_img, write_table
 from ..exceptions import InputError
 from .localize import contrast_label, localize
@@ -28,7 +27,7 @@ def run_localize(
     alpha: float | None = None,
     height_control: str = "bonferroni",
     second_level: bool = False,
-    acq: str = "mlp",
+    hook_point: str = "mlp",
 ) -> dict[str, object]:
     """Localize with a contrast for each selected subject and write the derivatives.
 
@@ -43,7 +42,7 @@ def run_localize(
     if not task:
         raise InputError("--task is required: the task whose conditions the contrast compares.")
     check_output_dir(bids_dir, output_dir)
-    selected = select_runs(bids_dir, participant_label, [task], acq)
+    selected = select_runs(bids_dir, participant_label, [task], hook_point)
     label = contrast_label(contrast)
     results = {}
     for sub, by_task in selected.items():  # fit everything before writing anything
@@ -53,8 +52,8 @@ def run_localize(
     output_dir = init_derivatives(output_dir, bids_dir)
     for sub, res in results.items():
         runs = selected[sub][task]
-        folder = Path(output_dir) / f"sub-{sub}" / "func"
-        ents = {"sub": sub, "task": task, "acq": acq}
+        base = BIDSPath(subject=sub, task=task, acquisition=hook_point, root=output_dir)
+        selected_units = base.update(description=label, extension=".tsv")
         side = provenance(
             contrast=contrast,
             selection=res.selection,
@@ -67,16 +66,14 @@ def run_localize(
         ) | {"Sources": [f"bids:raw:{os.path.relpath(r, bids_dir)}" for r in runs]}
         for stat, img in res.maps.items():
             write_img(
-                folder / bids_name("statmap", ".nii.gz", **ents, contrast=label, stat=stat),
+                base.update(contrast=label, stat=stat, suffix="statmap", extension=".nii.gz").fpath,
                 nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine),
                 side | {"Statistic": stat},
             )
         write_table(
-            folder / bids_name("keyneurons", ".tsv", **ents, desc=label),
+            selected_units.update(suffix="keyneurons").fpath,
             res.table(),
             side | {"Description": f"Units selected by the contrast ({res.selection})."},
         )
-        write_table(
-            folder / bids_name("layercounts", ".tsv", **ents, desc=label), res.layer_counts(), side
-        )
+        write_table(selected_units.update(suffix="layercounts").fpath, res.layer_counts(), side)
     return results

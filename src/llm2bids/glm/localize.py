@@ -20,8 +20,7 @@ import pandas as pd
 from scipy import stats
 
 from ..bids.geometry import VoxelGeometry
-from ..bids.reader import load_img, load_run, read_run_events
-from ..decomposition.networks import check_same_geometry, layer_counts
+from ..bids.reader import check_same_geometry, load_img, load_run, read_run_events
 from ..exceptions import InputError
 from ..stimuli.runs import SPECIAL_CONDITION
 
@@ -72,7 +71,7 @@ class LocalizerResult:
 
     def layer_counts(self) -> pd.DataFrame:
         """Selected units per layer."""
-        return layer_counts(self.selected, self.geometry)
+        return self.geometry.layer_counts(self.selected)
 
 
 def contrast_label(contrast: str) -> str:
@@ -208,7 +207,6 @@ def localize(
         minimize_memory=True,
     )
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # nilearn: "no HRF" / design notices
         # nilearn notices that do not apply: the mask is given on purpose, and the contrast is
         # an expression over condition names, which is right for runs with different designs.
         warnings.filterwarnings("ignore", ".*Generation of a mask has been requested")

@@ -13,7 +13,9 @@ contiguous ``[i, :n]`` and is written to its file as it is (see :mod:`..bids.geo
   device-to-host copy per batch runs at the bus's speed and asynchronously; they are
   unregistered at the end. torch's pinned-memory cache is not used: it keeps one block per
   batch shape alive after the recording.
-- On the CPU, the model's hooks write into a host slot directly (no device copy).
+- On the CPU the slots hold each layer's activations one after the other (no layout, which
+  the writers do), or nothing at all when the model's own tensors are large enough to keep
+  (see :class:`ActivationBuffers`); two batches either way.
 - Both slots are faulted in when they are mapped (``MAP_POPULATE``), in the kernel, at about
   ten times the speed of first touches from the forward pass; and they stay resident until the
   recording ends. Handing each written run's pages back (as an earlier version did) made every
@@ -34,6 +36,7 @@ from ..bids.geometry import VoxelGeometry
 logger = logging.getLogger("llm2bids.recording")
 
 SLOTS = 2  # host batches: one written while the next is captured
+KEEP_ABOVE = 32 << 20  # bytes of one layer's batch from which CPU tensors are kept uncopied
 
 
 class ActivationBuffers:
@@ -47,24 +50,46 @@ class ActivationBuffers:
         The recorded layers and their width.
     device : torch.device
         Where the hooked activations arrive. For a device other than the CPU, one batch is
-        staged there (laid out, cast to float32 and checked there) and copied to the host once.
+        staged there (laid out, cast to float32 and checked there) and copied to the host once,
+        into one of two host slots.
 
     Notes
     -----
     Use as a context manager: everything is given back on exit, also on error.
+
+    On the CPU the slots hold each layer's activations contiguously (the writers lay them out
+    in the file), and only when one layer of a batch is smaller than ``KEEP_ABOVE`` (32 MiB).
+    Larger tensors are kept as the model made them, with no copy: glibc serves blocks of 32
+    MiB and more with their own mappings, which return to the system when freed. Smaller
+    model tensors kept alive between batches land in the heap between the forward pass's
+    temporaries and fragment it (measured: +200 MB peak for SmolLM2 at batch 4 x 128
+    tokens), so those are copied into the slots, which cost the same two batches.
     """
 
     def __init__(self, capacity: int, geometry: VoxelGeometry, device: torch.device):
         self.geometry = geometry
         self.device = torch.device(device)
-        count = max(int(capacity) * geometry.volume_size, 1)
-        self.nbytes = count * 4
-        self._maps = [_anonymous_map(self.nbytes) for _ in range(SLOTS)]
-        self._host = [torch.frombuffer(m, dtype=torch.float32, count=count) for m in self._maps]
+        self.capacity = int(capacity)
+        self._maps: list[mmap.mmap] = []
+        self._host: list[torch.Tensor] = []
         self._registered: list[int] = []
         self.stage: torch.Tensor | None = None
-        if self.device.type != "cpu":
-            self.stage = torch.empty(count, dtype=torch.float32, device=self.device)
+        self.keeps_model_tensors = False
+        if self.device.type == "cpu":
+            # the activations are in host memory already: large ones are kept as they are,
+            # smaller ones are copied into per-layer slabs of the slots (see the Notes)
+            self.keeps_model_tensors = self.capacity * geometry.n_neurons * 4 >= KEEP_ABOVE
+            count = 0 if self.keeps_model_tensors else self.capacity * geometry.n_total
+        else:
+            count = self.capacity * geometry.volume_size
+        self.nbytes = max(count, 1) * 4
+        if count == 0:
+            return
+        self._maps = [_anonymous_map(self.nbytes) for _ in range(SLOTS)]
+        self._host = [torch.frombuffer(m, dtype=torch.float32, count=count) for m in self._maps]
+        if self.device.type == "cpu":
+            return
+        self.stage = torch.empty(count, dtype=torch.float32, device=self.device)
         if self.device.type == "cuda":
             self._register()
 
@@ -73,10 +98,17 @@ class ActivationBuffers:
         """Slot ``slot`` as a contiguous ``(batch, tokens, n_layers, slice_size)`` tensor."""
         return self._view(self._host[slot], batch, tokens)
 
+    def layer_slabs(self, slot: int, batch: int, tokens: int) -> list[torch.Tensor]:
+        """Slot ``slot`` as one contiguous ``(batch, tokens, n_neurons)`` tensor per layer (CPU)."""
+        n = batch * tokens * self.geometry.n_neurons
+        flat = self._host[slot]
+        return [
+            flat[z * n : (z + 1) * n].view(batch, tokens, self.geometry.n_neurons)
+            for z in range(self.geometry.n_layers)
+        ]
+
     def capture_target(self, slot: int, batch: int, tokens: int) -> torch.Tensor:
-        """Where the hooks write: the device stage, or the host slot itself on the CPU."""
-        if self.stage is None:
-            return self.host(slot, batch, tokens)
+        """Where the hooks write: the device stage."""
         return self._view(self.stage, batch, tokens)
 
     def _view(self, flat: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:

@@ -13,10 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import _io
-from .._version import __version__
 from ..bids import dataset as bids_dataset
 from ..bids.geometry import VoxelGeometry
-from ..bids.names import bids_name, check_label, func_dir, strip_prefix
+from ..bids.names import check_label, strip_prefix
+from ..bids.path import BIDSPath, participant_id
 from ..exceptions import DiskSpaceError, InputError, ResourceError
 from ..models import HOOK_POINTS, LoadedModel, clean_label, load_model, neuron_hooks
 from ..models.hooks import layer_count, neurons_per_layer
@@ -29,7 +29,7 @@ from ..stimuli import (
     tokenize_runs,
 )
 from .buffers import SLOTS, ActivationBuffers
-from .capture import BatchCapture, CapturedBatch
+from .capture import ActivationsModified, BatchCapture, CapturedBatch
 from .resources import available_memory, write_speed
 from .writer import BackgroundWriter, RunWriter
 
@@ -150,7 +150,8 @@ def record(
         tasks.append((stimset, runs, batches))
 
     bids_dataset.init_dataset(bids_dir)
-    _io.remove_stale_temporaries(func_dir(bids_dir, sub, ses))  # this subject's folder only
+    # this subject's folder only
+    _io.remove_stale_temporaries(BIDSPath(subject=sub, session=ses, root=bids_dir).directory)
     bids_dataset.add_participant(bids_dir, _participant_row(lm, sub))
     setup = _Setup(
         bids_dir,
@@ -198,7 +199,7 @@ def _check_layers(lm: LoadedModel, layers) -> list[int]:
 
 def _participant_row(lm: LoadedModel, sub: str) -> dict:
     return {
-        "participant_id": f"sub-{sub}",
+        "participant_id": participant_id(sub),
         "model_id": lm.model_id,
         "model_spec": lm.spec,
         "revision": lm.revision,
@@ -235,10 +236,13 @@ def _record_task(
     layers, hook_point, max_tokens = setup.layers, setup.hook_point, setup.max_tokens
     compress, overwrite = setup.compress, setup.overwrite
     prepend_bos, verbose = setup.prepend_bos, setup.verbose
-    bids_dataset.register_task(root, stimset, overwrite=overwrite)
-    ents = {"sub": sub, "ses": ses, "task": stimset.task, "acq": hook_point}
-    folder = func_dir(root, sub, ses)
-    sidecar = folder / bids_name("bold", ".json", **ents)
+    bids_dataset.register_task(
+        root, stimset.task, stimset.task_metadata(), stimset.files(), overwrite=overwrite
+    )
+    recording = BIDSPath(
+        subject=sub, session=ses, task=stimset.task, acquisition=hook_point, root=root
+    )
+    sidecar = recording.update(suffix="bold", extension=".json").fpath
     params = {
         "model_spec": lm.spec,
         "revision": lm.revision,
@@ -254,13 +258,13 @@ def _record_task(
     ext = ".nii.gz" if compress else ".nii"
     paths = {
         r.index: (
-            folder / bids_name("bold", ext, **ents, run=r.index),
-            folder / bids_name("events", ".tsv", **ents, run=r.index),
+            recording.update(run=r.index, suffix="bold", extension=ext).fpath,
+            recording.update(run=r.index, suffix="events", extension=".tsv").fpath,
         )
         for r in runs
     }
     if not resume:
-        _remove_runs(folder, ents)
+        _remove_runs(recording)
     _io.write_json(sidecar, _sidecar(lm, geometry, layers, hook_point, params))
     done = {i for i, (bold, events) in paths.items() if bold.exists() and events.exists()}
     todo = [r for r in runs if r.index not in done]
@@ -354,14 +358,29 @@ def _forward(
     # Skip the layers after the last recorded one, unless accelerate dispatches the model
     # (its hooks must see every module's forward end, to move offloaded weights back).
     stop_early = last < layer_count(lm.model) - 1 and not getattr(lm.model, "hf_device_map", None)
-    with torch.inference_mode(), neuron_hooks(lm.model, hook, layers, hook_point):
+    # no_grad, not inference_mode: the capture checks the version counters of the tensors it
+    # keeps, which inference tensors lack
+    with (
+        torch.inference_mode(False),
+        torch.no_grad(),
+        neuron_hooks(lm.model, hook, layers, hook_point),
+    ):
         try:
             lm.model.base_model(
                 input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False
             )
         except _StopForward:
             pass
-    return capture.finish([len(r) for r in batch])
+    try:
+        return capture.finish([len(r) for r in batch])
+    except ActivationsModified:
+        logger.info(
+            "the model modifies its activations in place after the %s hook point; "
+            "recording with a copy of each layer from now on",
+            hook_point,
+        )
+        capture.copy = True
+        return _forward(lm, batch, capture, slot, layers, hook_point)
 
 
 def _batch_capacity(batches: list[list[RunStimulus]]) -> int:
@@ -425,10 +444,11 @@ def _check_disk(root: Path, todo: list[RunStimulus], geometry: VoxelGeometry, ca
 PROBE_ABOVE = 1e9  # bytes: smaller recordings are not worth a write-speed probe
 
 
-def _remove_runs(folder: Path, ents: dict) -> None:
-    pattern = bids_name("run-*", "", **ents).replace("_run-*", "_run-*_")
-    for path in folder.glob(pattern + "*"):
-        path.unlink()
+def _remove_runs(recording: BIDSPath) -> None:
+    """Remove every run file (bold, events) of a recording."""
+    for found in recording.match():
+        if found.run is not None:
+            found.fpath.unlink()
 
 
 def _sidecar(lm: LoadedModel, geometry: VoxelGeometry, layers, hook_point, params) -> dict:
@@ -450,5 +470,5 @@ def _sidecar(lm: LoadedModel, geometry: VoxelGeometry, layers, hook_point, param
         "DataDtype": "float32",
         **geometry.to_sidecar(),
         "RecordingParameters": params,
-        "GeneratedBy": [{"Name": "llm2bids", "Version": __version__}],
+        "GeneratedBy": bids_dataset.generated_by(),
     }

@@ -22,7 +22,7 @@ import numpy as np
 from ..bids.dataset import REPETITION_TIME
 from ..bids.events import events_frame, write_events
 from ..bids.geometry import VoxelGeometry
-from ..bids.nifti import write_run
+from ..bids.nifti import write_run, write_run_pieces
 from ..exceptions import NumericalError
 from ..stimuli import RunStimulus
 from .capture import CapturedBatch
@@ -151,24 +151,68 @@ class RunWriter:
         bold, events = paths
         n = len(run)
         captured.wait()
-        block = captured.host[row, :n].numpy()  # contiguous: the run's NIfTI data block
-        if not captured.finite[row]:
-            _raise_nonfinite(block, run, self.layers)
+        if captured.layers is None:
+            block = captured.host[row, :n].numpy()  # contiguous: the run's NIfTI data block
+            if not captured.finite[row]:
+                _raise_nonfinite([block[:, z] for z in range(block.shape[1])], run, self.layers)
+        else:
+            layers = captured.run_layers(row, n)
+            if bold.name.endswith(".gz"):  # compressed: nibabel needs the whole block
+                block = self.geometry.empty_block(n)
+                for z, layer in enumerate(layers):
+                    block[:, z, : layer.shape[1]] = layer
+                if not np.isfinite(block).all():
+                    _raise_nonfinite(layers, run, self.layers)
         with self._decode_lock:  # one call per run
             tokens = self.tokenizer.batch_decode([[int(t)] for t in run.token_ids])
         write_events(events, events_frame(run.token_ids, tokens, run.conditions, run.special))
-        write_run(bold, block, self.geometry, REPETITION_TIME)  # last: marks it done
+        try:  # the bold file last: it marks the run done
+            if captured.layers is None or bold.name.endswith(".gz"):
+                write_run(bold, block, self.geometry, REPETITION_TIME)
+            else:
+                pieces = self._checked_pieces(layers, run)
+                write_run_pieces(bold, pieces, self.geometry, n, REPETITION_TIME)
+        except NumericalError:
+            events.unlink(missing_ok=True)
+            raise
+
+    def _checked_pieces(self, layers: list[np.ndarray], run: RunStimulus):
+        """The run's data block piece by piece, each checked finite just before it is written.
+
+        The check reads a piece the gather write reads right after, from the cache.
+        """
+        for start, stop, buffers in self.geometry.block_pieces(layers):
+            if not all(_finite(layer[start:stop]) for layer in layers):
+                _raise_nonfinite(layers, run, self.layers)
+            yield buffers
 
 
-def _raise_nonfinite(block: np.ndarray, run: RunStimulus, layers: list[int]) -> None:
-    bad = ~np.isfinite(block)
+def _finite(values: np.ndarray) -> bool:
+    """Whether every value is finite, exactly: the dot product with zeros is 0 (NaN otherwise).
+
+    ``x * 0`` is NaN for a NaN or an infinity and 0 for any finite ``x``, so nothing can
+    overflow; BLAS computes it at close to memory speed.
+    """
+    flat = values.reshape(-1)
+    with np.errstate(invalid="ignore"):
+        return not np.dot(flat, _zeros(flat.size))  # NaN is truthy
+
+
+@functools.lru_cache(maxsize=8)
+def _zeros(n: int) -> np.ndarray:
+    return np.zeros(n, dtype=np.float32)
+
+
+def _raise_nonfinite(layers: list[np.ndarray], run: RunStimulus, layer_ids: list[int]) -> None:
+    """Raise for the run whose per-layer ``(tokens, width)`` values hold a NaN or an Inf."""
+    bad = [~np.isfinite(layer) for layer in layers]
     # NaN spreads forward (through attention, 0 * NaN = NaN): report where it starts, the
     # earliest layer, then the earliest token in it.
-    z = int(np.flatnonzero(bad.any(axis=(0, 2)))[0])
-    t = int(np.flatnonzero(bad[:, z].any(axis=1))[0])
+    z = next(z for z, b in enumerate(bad) if b.any())
+    t = int(np.flatnonzero(bad[z].any(axis=1))[0])
     raise NumericalError(
-        f"run {run.index} ({run.document}): NaN or Inf activation at layer {layers[z]}, token "
-        f"{t} (token id {int(run.token_ids[t])}); {int(bad.sum())} values in all. In float16 "
-        "this is usually overflow: record with --dtype bfloat16 or float32. Nothing of this "
-        "run was written."
+        f"run {run.index} ({run.document}): NaN or Inf activation at layer {layer_ids[z]}, "
+        f"token {t} (token id {int(run.token_ids[t])}); {sum(int(b.sum()) for b in bad)} values "
+        "in all. In float16 this is usually overflow: record with --dtype bfloat16 or float32. "
+        "Nothing of this run was written."
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -12,6 +14,8 @@ import pandas as pd
 from .._io import write_text
 from .._version import __version__
 from ..bids.dataset import NOT_BRAIN_DATA
+from ..bids.path import BIDSPath, figures_dir, participant_id, report_path
+from ..decomposition import METHODS
 from . import figures as fig
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -38,76 +42,90 @@ def _table(frame: pd.DataFrame, n: int = 12) -> str:
     return frame.head(n).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
 
 
-def _sidecar(path: Path) -> dict:
-    side = path.with_name(path.name.split(".")[0] + ".json")
+def _sidecar(file: BIDSPath) -> dict:
+    side = file.sidecar().fpath
     return json.loads(side.read_text()) if side.exists() else {}
 
 
-def build_report(derivatives: str | Path, subject: str) -> Path:
-    """Draw every figure and write ``sub-<subject>.html`` from the derivatives folder."""
-    root = Path(derivatives)
-    func = root / f"sub-{subject}" / "func"
-    figdir = root / "figures" / f"sub-{subject}"
-    sections: list[str] = []
-    params_seen: dict = {}
+@dataclass(frozen=True)
+class Section:
+    """One kind of report section: the files that make it (an entity query) and its renderer.
 
-    comps = sorted(func.glob("*_desc-canica_components.nii.gz")) + sorted(
-        func.glob("*_desc-dictlearning_components.nii.gz")
+    ``render(files, context)`` returns the HTML of zero or more sections.
+    """
+
+    query: dict
+    render: Callable[[list[BIDSPath], _Context], list[str]]
+
+
+@dataclass
+class _Context:
+    root: Path
+    figures: Path
+    params: dict = field(default_factory=dict)  # sidecar Parameters, by kind, for Methods
+
+    def figure(self, path: Path, caption: str) -> str:
+        return _figure(path, caption, self.root)
+
+
+def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
+    comps = sorted(
+        (c for c in files if c.description in METHODS),
+        key=lambda c: (METHODS.index(c.description), c.fpath),
     )
-    overall = [c for c in comps if "_task-" not in c.name] or comps[:1]
-    if overall:
-        c = overall[0]
-        params_seen["networks"] = _sidecar(c).get("Parameters", {})
-        n_comp = fig.load_volume(c).shape[3]
-        parts = ["<h2>Functional networks</h2>"]
-        for k in range(min(n_comp, 4)):
-            path = fig.layer_mosaic(
-                fig.load_volume(c, k),
-                figdir / f"component-{k + 1:02d}.png",
-                f"component {k + 1} (z)",
+    overall = [c for c in comps if c.task is None] or comps[:1]
+    if not overall:
+        return []
+    c = overall[0]
+    ctx.params["networks"] = _sidecar(c).get("Parameters", {})
+    n_comp = fig.load_volume(c.fpath).shape[3]
+    parts = ["<h2>Functional networks</h2>"]
+    for k in range(min(n_comp, 4)):
+        path = fig.layer_mosaic(
+            fig.load_volume(c.fpath, k),
+            ctx.figures / f"component-{k + 1:02d}.png",
+            f"component {k + 1} (z)",
+        )
+        parts.append(
+            ctx.figure(
+                path,
+                f"Component {k + 1} of the group decomposition over all "
+                "tasks, z-scored and drawn as a layer mosaic (one panel per layer).",
             )
-            parts.append(
-                _figure(
-                    path,
-                    f"Component {k + 1} of the group decomposition over all "
-                    "tasks, z-scored and drawn as a layer mosaic (one panel per layer).",
-                    root,
-                )
+        )
+    counts = c.update(suffix="layercounts", extension=".tsv").fpath
+    if counts.exists():
+        table = pd.read_csv(counts, sep="\t")
+        parts.append(
+            ctx.figure(
+                fig.layer_counts_plot(
+                    table, ctx.figures / "key-neurons-per-layer.png", "key neurons per layer"
+                ),
+                "Key neurons (|z| >= threshold in some network) per layer.",
             )
-        counts = c.with_name(c.name.replace("_components.nii.gz", "_layercounts.tsv"))
-        if counts.exists():
-            table = pd.read_csv(counts, sep="\t")
-            parts.append(
-                _figure(
-                    fig.layer_counts_plot(
-                        table, figdir / "key-neurons-per-layer.png", "key neurons per layer"
-                    ),
-                    "Key neurons (|z| >= threshold in some network) per layer.",
-                    root,
-                )
+        )
+    keys = c.update(suffix="keyneurons", extension=".tsv").fpath
+    if keys.exists():
+        parts.append("<p>Key-neuron table (first rows):</p>" + _table(pd.read_csv(keys, sep="\t")))
+    conn = c.update(suffix="connectivity", extension=".tsv").fpath
+    if conn.exists():
+        matrix = pd.read_csv(conn, sep="\t").set_index("component")
+        parts.append(
+            ctx.figure(
+                fig.heatmap(
+                    matrix, ctx.figures / "connectivity.png", "network connectivity (correlation)"
+                ),
+                "Correlation between the networks' time courses (nilearn "
+                "ConnectivityMeasure), averaged over runs.",
             )
-        keys = c.with_name(c.name.replace("_components.nii.gz", "_keyneurons.tsv"))
-        if keys.exists():
-            parts.append(
-                "<p>Key-neuron table (first rows):</p>" + _table(pd.read_csv(keys, sep="\t"))
-            )
-        conn = c.with_name(c.name.replace("_components.nii.gz", "_connectivity.tsv"))
-        if conn.exists():
-            matrix = pd.read_csv(conn, sep="\t").set_index("component")
-            parts.append(
-                _figure(
-                    fig.heatmap(
-                        matrix, figdir / "connectivity.png", "network connectivity (correlation)"
-                    ),
-                    "Correlation between the networks' time courses (nilearn "
-                    "ConnectivityMeasure), averaged over runs.",
-                    root,
-                )
-            )
-        sections.append("\n".join(parts))
+        )
+    return ["\n".join(parts)]
 
-    for rec in sorted(func.glob("*_recurrence.tsv")):
-        table = pd.read_csv(rec, sep="\t")
+
+def _recurrence(files: list[BIDSPath], ctx: _Context) -> list[str]:
+    sections = []
+    for rec in files:
+        table = pd.read_csv(rec.fpath, sep="\t")
         parts = ["<h2>Recurrence across tasks and runs</h2>"]
         tasks = table[table.scope == "task"]
         if not tasks.empty:
@@ -116,10 +134,10 @@ def build_report(derivatives: str | Path, subject: str) -> Path:
             for (a, b), g in tasks.groupby(["reference", "other"]):
                 matrix.loc[a, b] = matrix.loc[b, a] = g.dice.mean()
             parts.append(
-                _figure(
+                ctx.figure(
                     fig.heatmap(
                         matrix,
-                        figdir / "recurrence-tasks.png",
+                        ctx.figures / "recurrence-tasks.png",
                         "mean matched Dice between tasks",
                         0,
                         1,
@@ -127,7 +145,6 @@ def build_report(derivatives: str | Path, subject: str) -> Path:
                     ),
                     "Mean Dice of one-to-one matched networks (Hungarian on |spatial "
                     "correlation|) between the tasks' group decompositions.",
-                    root,
                 )
             )
         runs = table[table.scope == "run"]
@@ -143,103 +160,154 @@ def build_report(derivatives: str | Path, subject: str) -> Path:
                 "<em>recurring_fraction</em> = matched pairs beating the permutation null "
                 "(p &lt; 0.05).</p>" + _table(summary.reset_index())
             )
-        for freq in sorted(func.glob("*_desc-*Recurrence_map.nii.gz"))[:2]:
+        maps = BIDSPath(
+            subject=rec.subject, suffix="map", extension=".nii.gz", root=ctx.root
+        ).match()
+        frequency = [m for m in maps if m.description in RECURRENCE_DESCRIPTIONS]
+        for freq in frequency[:2]:
             parts.append(
-                _figure(
+                ctx.figure(
                     fig.layer_mosaic(
-                        fig.load_volume(freq),
-                        figdir / (freq.name.split(".")[0] + ".png"),
+                        fig.load_volume(freq.fpath),
+                        ctx.figures / freq.update(extension=".png").basename,
                         "recurrence frequency",
                         cmap="viridis",
                         symmetric=False,
                     ),
-                    f"Fraction of single-run decompositions in which each neuron belongs to a network ({freq.name}).",
-                    root,
+                    "Fraction of single-run decompositions in which each neuron belongs to a "
+                    f"network ({freq.basename}).",
                 )
             )
         sections.append("\n".join(parts))
+    return sections
 
-    zmaps = sorted(func.glob("*_stat-z_statmap.nii.gz"))
-    if zmaps:
-        parts = ["<h2>Localizer (GLM)</h2>"]
-        for z in zmaps:
-            params_seen["localizer"] = _sidecar(z).get("Parameters", {})
-            parts.append(
-                _figure(
-                    fig.layer_mosaic(
-                        fig.load_volume(z),
-                        figdir / (z.name.split(".")[0] + ".png"),
-                        "contrast z-map",
-                    ),
-                    f"z-map of the contrast {params_seen['localizer'].get('contrast', '')} "
-                    "(nilearn FirstLevelModel, no HRF, no drift, no smoothing).",
-                    root,
-                )
-            )
-        for counts in sorted(func.glob("*_layercounts.tsv")):
-            if "Minus" in counts.name:
-                table = pd.read_csv(counts, sep="\t")
-                parts.append(
-                    _figure(
-                        fig.layer_counts_plot(
-                            table,
-                            figdir / "localizer-units-per-layer.png",
-                            "localizer units per layer",
-                        ),
-                        "Units selected by the localizer contrast, per layer.",
-                        root,
-                    )
-                )
-        sections.append("\n".join(parts))
 
-    lesions = sorted(func.glob("*_lesion.tsv"))
-    if lesions:
-        parts = ["<h2>Lesions versus random controls</h2>"]
-        for les in lesions:
-            table = pd.read_csv(les, sep="\t")
-            side = _sidecar(les)
-            parts.append(
-                _figure(
-                    fig.lesion_plot(
-                        table,
-                        figdir / (les.name.split(".")[0] + ".png"),
-                        les.name.split("_desc-")[-1].replace("_lesion.tsv", ""),
-                    ),
-                    f"Effect of masking the target set ({side.get('Parameters', {}).get('mode')}) next to "
-                    "size-matched random neuron sets; dashed: intact model.",
-                    root,
-                )
+def _localizer(files: list[BIDSPath], ctx: _Context) -> list[str]:
+    if not files:
+        return []
+    parts = ["<h2>Localizer (GLM)</h2>"]
+    for z in files:
+        ctx.params["localizer"] = _sidecar(z).get("Parameters", {})
+        parts.append(
+            ctx.figure(
+                fig.layer_mosaic(
+                    fig.load_volume(z.fpath),
+                    ctx.figures / z.update(extension=".png").basename,
+                    "contrast z-map",
+                ),
+                f"z-map of the contrast {ctx.params['localizer'].get('contrast', '')} "
+                "(nilearn FirstLevelModel, no HRF, no drift, no smoothing).",
             )
-            parts.append(_table(table, 20))
-        sections.append("\n".join(parts))
-
-    keeps = sorted(func.glob("*_keeponly.tsv"))
-    for keep in keeps:
-        table = pd.read_csv(keep, sep="\t")
-        sections.append(
-            "<h2>Keep only the key neurons</h2>"
-            + _figure(
-                fig.keep_only_plot(table, figdir / "keep-only.png", "keep-only curves"),
-                "Metrics when only the top key neurons (by |z|) are kept, versus random sets of the "
-                "same size.",
-                root,
-            )
-            + _table(table, 30)
         )
+    for z in files:  # the units each contrast selected
+        counts = z.update(
+            contrast=None,
+            stat=None,
+            description=z.contrast,
+            suffix="layercounts",
+            extension=".tsv",
+        ).fpath
+        if counts.exists():
+            parts.append(
+                ctx.figure(
+                    fig.layer_counts_plot(
+                        pd.read_csv(counts, sep="\t"),
+                        ctx.figures / "localizer-units-per-layer.png",
+                        "localizer units per layer",
+                    ),
+                    "Units selected by the localizer contrast, per layer.",
+                )
+            )
+    return ["\n".join(parts)]
 
-    prunes = sorted(func.glob("*_pruning.tsv"))
-    for pr in prunes:
-        sections.append("<h2>Pruned model</h2>" + _table(pd.read_csv(pr, sep="\t")))
 
-    methods = _methods(params_seen)
+def _lesions(files: list[BIDSPath], ctx: _Context) -> list[str]:
+    if not files:
+        return []
+    parts = ["<h2>Lesions versus random controls</h2>"]
+    for les in files:
+        table = pd.read_csv(les.fpath, sep="\t")
+        params = _sidecar(les).get("Parameters", {})
+        ctx.params.setdefault("lesion", params)
+        parts.append(
+            ctx.figure(
+                fig.lesion_plot(
+                    table, ctx.figures / les.update(extension=".png").basename, les.description
+                ),
+                f"Effect of masking the target set ({params.get('mode')}) next to "
+                "size-matched random neuron sets; dashed: intact model.",
+            )
+        )
+        parts.append(_table(table, 20))
+    return ["\n".join(parts)]
+
+
+def _keep_only(files: list[BIDSPath], ctx: _Context) -> list[str]:
+    return [
+        "<h2>Keep only the key neurons</h2>"
+        + ctx.figure(
+            fig.keep_only_plot(
+                pd.read_csv(keep.fpath, sep="\t"), ctx.figures / "keep-only.png", "keep-only curves"
+            ),
+            "Metrics when only the top key neurons (by |z|) are kept, versus random sets of the "
+            "same size.",
+        )
+        + _table(pd.read_csv(keep.fpath, sep="\t"), 30)
+        for keep in files
+    ]
+
+
+def _pruning(files: list[BIDSPath], ctx: _Context) -> list[str]:
+    return ["<h2>Pruned model</h2>" + _table(pd.read_csv(p.fpath, sep="\t")) for p in files]
+
+
+RECURRENCE_DESCRIPTIONS = tuple(f"{method}Recurrence" for method in METHODS)
+
+#: The report, in order: each kind of section, found by the entities of its files.
+SECTIONS = (
+    Section({"suffix": "components", "extension": ".nii.gz"}, _networks),
+    Section({"suffix": "recurrence", "extension": ".tsv"}, _recurrence),
+    Section({"suffix": "statmap", "stat": "z", "extension": ".nii.gz"}, _localizer),
+    Section({"suffix": "lesion", "extension": ".tsv"}, _lesions),
+    Section({"suffix": "keeponly", "extension": ".tsv"}, _keep_only),
+    Section({"suffix": "pruning", "extension": ".tsv"}, _pruning),
+)
+
+
+def build_report(derivatives: str | Path, subject: str) -> Path:
+    """Draw every figure and write ``sub-<subject>.html`` from the derivatives folder.
+
+    Parameters
+    ----------
+    derivatives : str or Path
+        A derivatives folder written by llm2bids.
+    subject : str
+        The subject (model) label.
+
+    Returns
+    -------
+    Path
+        The report.
+    """
+    root = Path(derivatives)
+    ctx = _Context(root, figures_dir(root, subject))
+    sections: list[str] = []
+    for section in SECTIONS:
+        files = BIDSPath(subject=subject, root=root, **section.query).match()
+        sections += section.render(files, ctx)
+    methods = _methods(ctx.params)
+    label = html.escape(participant_id(subject))
     body = (
-        f"<h1>llm2bids report: sub-{html.escape(subject)}</h1>"
+        f"<h1>llm2bids report: {label}</h1>"
         f'<p class="warn">{html.escape(NOT_BRAIN_DATA)}</p>'
         + "\n".join(sections)
         + f"<h2>Methods</h2><pre>{html.escape(methods)}</pre>"
     )
-    page = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>llm2bids sub-{html.escape(subject)}</title><style>{CSS}</style></head><body>{body}</body></html>"
-    out = root / f"sub-{subject}.html"
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>llm2bids {label}</title><style>{CSS}</style></head><body>{body}</body></html>"
+    )
+    out = report_path(root, subject)
     write_text(out, page)
     return out
 
@@ -250,6 +318,7 @@ def _methods(params: dict) -> str:
     import transformers
 
     net = params.get("networks", {})
+    estimator = net.get("estimator", {})
     loc = params.get("localizer", {})
     return (
         f"Activations of the MLP neurons (the input of each layer's down projection) of "
@@ -259,8 +328,14 @@ def _methods(params: dict) -> str:
         "1 s by convention). Special tokens (BOS) were recorded and left out of all analyses.\n\n"
         f"Functional networks were estimated with nilearn {nilearn.__version__} "
         f"{str(net.get('method', 'canica')).upper()} (n_components = {net.get('n_components')}, "
-        f"random_state = {net.get('random_state')}, explicit neuron mask, no smoothing, "
-        "per-run z-scoring, special tokens regressed out with spike regressors). Component maps "
+        f"random_state = {net.get('random_state')}, explicit neuron mask, smoothing_fwhm = "
+        f"{estimator.get('smoothing_fwhm')}, standardize = {estimator.get('standardize')!r}"
+        + (
+            ", special tokens regressed out with spike regressors"
+            if net.get("drop_special")
+            else ""
+        )
+        + "). Component maps "
         f"were z-scored over neurons and sign-corrected; a neuron belongs to a network where "
         f"|z| >= {net.get('threshold')}. Networks were matched across tasks and runs one to one "
         "(Hungarian assignment on |spatial correlation|) and compared with Dice and Jaccard "
@@ -272,8 +347,19 @@ def _methods(params: dict) -> str:
             if loc
             else ""
         )
-        + "Causal tests zeroed the selected neurons at inference and compared perplexity on "
-        "held-out text (sliding windows of 256 tokens, stride 128), accuracy on templated "
-        "minimal pairs, and greedy next-token accuracy with random neuron sets matched in size "
-        "per layer."
+        + _causal_methods(params.get("lesion", {}))
+    )
+
+
+def _causal_methods(lesion: dict) -> str:
+    """What the lesion sidecars say was done (nothing when no lesion was run)."""
+    if not lesion:
+        return ""
+    return (
+        f"Causal tests set the selected neurons to {lesion.get('fill', 'zero')} at inference "
+        f"({lesion.get('mode')}) and compared perplexity on {lesion.get('text')} (sliding "
+        f"windows of {lesion.get('perplexity_window')} tokens, stride "
+        f"{lesion.get('perplexity_stride')}), accuracy on {lesion.get('minimal_pairs')}, and "
+        "greedy next-token accuracy with random neuron sets matched in size per layer "
+        f"({lesion.get('n_controls')} controls)."
     )

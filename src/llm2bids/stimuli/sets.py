@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+import pandas as pd
+
 from ..exceptions import InputError
 
 
@@ -72,6 +74,42 @@ class StimulusSet:
             for d in self.documents
         ]
         return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()
+
+    def task_metadata(self) -> dict:
+        """The task's sidecar fields (``TaskName``, ``TaskDescription``, the stimulus set)."""
+        meta = {
+            "TaskName": self.task,
+            "TaskDescription": self.description,
+            "StimulusSet": {
+                "SHA256": self.fingerprint(),
+                "Documents": [d.name for d in self.documents],
+                "License": self.license,
+            },
+        }
+        if self.conditions:
+            meta["Conditions"] = self.conditions
+        return meta
+
+    def files(self) -> dict[str, str | pd.DataFrame]:
+        """The texts to store with the dataset, by file name: each document as ``.txt``, and
+        its segments as ``.tsv`` when they carry several conditions."""
+        out: dict[str, str | pd.DataFrame] = {}
+        for doc in self.documents:
+            out[f"{doc.name}.txt"] = doc.text + "\n"
+            if len({s.condition for s in doc.segments}) > 1:
+                segs = pd.DataFrame(
+                    {
+                        "text": [s.text for s in doc.segments],
+                        "condition": [s.condition for s in doc.segments],
+                    }
+                )
+                if any(s.duration_of is not None for s in doc.segments):
+                    # row (from 0) whose token count this segment was cut to
+                    segs["duration_of"] = [
+                        "n/a" if s.duration_of is None else s.duration_of for s in doc.segments
+                    ]
+                out[f"{doc.name}.tsv"] = segs
+        return out
 
 
 def _if_set(value) -> list:

@@ -1,0 +1,147 @@
+"""The package's seams: BIDS names live in bids/, analysis stages do not import each other."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+import llm2bids
+from llm2bids.bids.path import BIDSPath
+
+PACKAGE = Path(llm2bids.__file__).parent
+ANALYSIS_STAGES = ("decomposition", "glm", "evaluation")
+
+# What building or finding a BIDS file name by hand looks like: an entity formatted into a
+# name (followed by another entity, a suffix or a folder), a folder of the layout spelled out,
+# a glob or a substring test on entity text, or the name helpers bids/ replaced.
+NAME_BY_HAND = [
+    re.compile(r"""\b(sub|ses|task|acq|run|desc|atlas)-\{[^}]*\}(_|/)"""),
+    re.compile(r"""/\s*f?["'](sub|ses)-"""),
+    re.compile(r"""["']func["']"""),
+    re.compile(r"""glob\([^)]*(sub-|_desc-|_bold|_events|_task-|_acq-)"""),
+    re.compile(r"""["'][^"']*_(desc|task|acq|run|sub)-[^"']*["']\s+(not\s+)?in\b"""),
+    re.compile(r"""split\(["']_(desc|task|acq|run)-"""),
+    re.compile(r"""\b(bids_name|parse_entities|func_dir)\b"""),
+]
+
+
+def _modules_outside_bids():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if PACKAGE / "bids" not in path.parents:
+            yield path
+
+
+def test_no_bids_name_is_built_or_found_outside_bids():
+    offences = []
+    for path in _modules_outside_bids():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if any(pattern.search(line) for pattern in NAME_BY_HAND):
+                offences.append(f"{path.relative_to(PACKAGE)}:{number}: {line.strip()}")
+    assert not offences, "BIDS names by hand (use BIDSPath):\n" + "\n".join(offences)
+
+
+def test_the_name_check_catches_what_it_should():
+    caught = [
+        'func / f"sub-{sub}_acq-mlp_desc-canica_keyneurons.tsv"',
+        'Path(out) / f"sub-{sub}" / "func"',
+        'func.glob("*_desc-canica_components.nii.gz")',
+        'if "_desc-" in name:',
+        'les.name.split("_desc-")[-1]',
+        'bids_name("bold", ".json", **ents)',
+    ]
+    for line in caught:
+        assert any(p.search(line) for p in NAME_BY_HAND), line
+    allowed = ['desc=f"{sub} networks"', 'other=f"run-{run:02d}",']
+    for line in allowed:
+        assert not any(p.search(line) for p in NAME_BY_HAND), line
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """The llm2bids subpackages ``path`` imports (relative or absolute)."""
+    tree = ast.parse(path.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 2 and node.module:  # from ..stage import x
+                found.add(node.module.split(".")[0])
+            elif node.level == 0 and (node.module or "").startswith("llm2bids."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("llm2bids.")}
+    return found
+
+
+@pytest.mark.parametrize("stage", ANALYSIS_STAGES)
+def test_analysis_stages_do_not_import_each_other(stage):
+    for path in sorted((PACKAGE / stage).rglob("*.py")):
+        others = _imported_packages(path) & (set(ANALYSIS_STAGES) - {stage})
+        assert not others, f"{path.relative_to(PACKAGE)} imports the stage(s) {sorted(others)}"
+
+
+def test_bids_does_not_import_the_stimuli():
+    for path in sorted((PACKAGE / "bids").rglob("*.py")):
+        assert "stimuli" not in _imported_packages(path), path.name
+
+
+def test_bids_path_round_trips_and_queries(tmp_path):
+    run = BIDSPath(
+        subject="m1", task="narrative", acquisition="mlp", run=3, suffix="bold", extension=".nii"
+    )
+    assert run.basename == "sub-m1_task-narrative_acq-mlp_run-03_bold.nii"
+    placed = run.update(root=tmp_path)
+    assert placed.fpath == tmp_path / "sub-m1" / "func" / run.basename
+    assert BIDSPath.from_path(placed.fpath, root=tmp_path) == placed
+    stat = BIDSPath(subject="m1", task="t", contrast="aMinusB", stat="z", suffix="statmap")
+    assert (
+        stat.update(extension=".nii.gz").basename
+        == "sub-m1_task-t_contrast-aMinusB_stat-z_statmap.nii.gz"
+    )
+
+    for r in (1, 2):
+        for suffix, ext in (("bold", ".nii"), ("events", ".tsv")):
+            path = placed.update(run=r, suffix=suffix, extension=ext).fpath
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+    placed.update(run=None, extension=".json").fpath.write_text("{}")
+    (
+        placed.directory / ".llm2bids-tmp-1-x-sub-m1_task-narrative_acq-mlp_run-09_bold.nii"
+    ).write_bytes(b"")
+    (placed.directory / "notes.txt").write_text("not BIDS")
+    bolds = BIDSPath(suffix="bold", extension=".nii", root=tmp_path).match()
+    assert [b.run for b in bolds] == [1, 2]  # hidden temporaries and foreign files never match
+    assert len(BIDSPath(subject="m1", task="narrative", root=tmp_path).match()) == 5
+    assert BIDSPath(subject="m2", root=tmp_path).match() == []
+    # a run's sidecar is the recording's (inheritance), or its own when it has one
+    assert bolds[0].sidecar() == placed.update(run=None, extension=".json")
+    with pytest.raises(llm2bids.exceptions.InputError, match="letters and digits"):
+        BIDSPath(subject="m_1")
+    with pytest.raises(llm2bids.exceptions.InputError, match="no field"):
+        run.update(desc="x")
+
+
+def test_python_m_lists_every_command():
+    import subprocess
+    import sys
+
+    from llm2bids.cli.main import build_parser
+
+    out = subprocess.run(
+        [sys.executable, "-m", "llm2bids", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    commands = build_parser()._subparsers._group_actions[0].choices
+    assert set(commands) >= {"record", "networks", "localize", "lesion", "prune", "report"}
+    for name in commands:
+        assert name in out
+
+
+def test_cli_defaults_are_the_libraries():
+    from llm2bids.cli.main import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["networks", "bids", "out", "participant"])
+    assert args.n_components == 20 and args.method == "canica" and args.hook_point == "mlp"
+    args = parser.parse_args(["record", "bids"])
+    assert args.max_tokens == 512 and args.batch_size == 4
+    args = parser.parse_args(["localize", "b", "o", "participant", "--task", "t"])
+    assert args.hook_point == "mlp"
