@@ -81,7 +81,10 @@ def test_second_level(planted):
 def test_app_writes_valid_derivatives(planted, tmp_path, valid):
     root, _, _ = planted
     out = tmp_path / "deriv"
-    run_localize(root, out, task="synth", contrast="sentence - nonword", top_percent=5)
+    results = run_localize(root, out, task="synth", contrast="sentence - nonword", top_percent=5)
+    files = results["synth"].files
+    assert set(files) == {"statmap-z", "statmap-t", "statmap-effect", "keyneurons", "layercounts"}
+    assert all(p.exists() for p in files.values())
     func = out / "sub-synth" / "func"
     for stat in ("z", "t", "effect"):
         assert (

@@ -10,7 +10,11 @@ from llm2bids.decomposition import run_networks
 @pytest.fixture(scope="module")
 def derivatives(recorded, tmp_path_factory):
     out = tmp_path_factory.mktemp("deriv") / "llm2bids"
-    run_networks(recorded, out, n_components=3, n_permutations=20, verbose=0)
+    written = run_networks(recorded, out, n_components=3, n_permutations=20, verbose=0)
+    # what was written comes back by role, and each role is the files' own suffix
+    assert {"components", "keyneurons", "layercounts", "dseg", "recurrence"} <= set(written)
+    for role, paths in written.items():
+        assert paths and all(p.exists() and p.name.split(".")[0].endswith(role) for p in paths)
     return out
 
 

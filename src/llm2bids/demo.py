@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from . import _io
+from ._docs import fill_doc
 from .bids import find_runs, validate
 from .bids.path import BIDSPath, pruned_dir
 from .bids.reader import run_geometry
@@ -79,6 +80,7 @@ class _Stages:
         _io.write_json(self.path, self.done)
 
 
+@fill_doc
 def run_demo(
     out_dir: str | Path,
     model: str | None = None,
@@ -86,7 +88,20 @@ def run_demo(
     overwrite: bool = False,
     verbose: int = 1,
 ) -> dict:
-    """Run the whole study; return the paths and the numbers it printed."""
+    """Run the whole study; return the paths and the numbers it printed.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        Where the dataset, its derivatives and the report go.
+    model : str or None, default=None
+        A model spec; ``None`` is the embedded SmolLM2-135M.
+    quick : bool, default=False
+        Small settings (minutes on a CPU; for tests).
+    overwrite : bool, default=False
+        Redo every stage instead of reusing finished ones.
+    %(verbose)s
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     bids, deriv = out / "bids", out / "bids" / "derivatives" / "llm2bids"

@@ -101,7 +101,16 @@ def provenance(**parameters) -> dict:
 
 
 def write_img(path: Path, img: nib.Nifti1Image, sidecar: dict | None = None) -> Path:
-    """Write a NIfTI derivative (and its JSON sidecar) atomically."""
+    """Write a NIfTI derivative (and its JSON sidecar) atomically.
+
+    Parameters
+    ----------
+    path : Path
+        The derivative's BIDS name (its sidecar goes beside it as ``.json``).
+    img : nibabel.Nifti1Image
+    sidecar : dict or None, default=None
+        Metadata (usually :func:`provenance`); ``None`` writes no sidecar.
+    """
     with _io.atomic_path(path) as tmp:
         img.to_filename(tmp)
     if sidecar is not None:
@@ -110,7 +119,16 @@ def write_img(path: Path, img: nib.Nifti1Image, sidecar: dict | None = None) -> 
 
 
 def write_table(path: Path, frame: pd.DataFrame, sidecar: dict | None = None) -> Path:
-    """Write a TSV derivative (and its JSON sidecar) atomically."""
+    """Write a TSV derivative (and its JSON sidecar) atomically.
+
+    Parameters
+    ----------
+    path : Path
+        The derivative's BIDS name (its sidecar goes beside it as ``.json``).
+    frame : DataFrame
+    sidecar : dict or None, default=None
+        Metadata (usually :func:`provenance`); ``None`` writes no sidecar.
+    """
     _io.write_tsv(path, frame)
     if sidecar is not None:
         _io.write_json(_json_for(path), sidecar)

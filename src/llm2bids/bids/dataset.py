@@ -225,6 +225,15 @@ def check_recording_params(path: Path, params: dict, overwrite: bool) -> bool:
 
     Returns True when the sidecar exists with the same parameters (a resume). Raises
     :class:`ParameterClashError` naming the differing parameters, unless ``overwrite``.
+
+    Parameters
+    ----------
+    path : Path
+        The recording's ``_bold.json`` sidecar (it may not exist yet).
+    params : dict
+        The parameters of the recording about to be made.
+    overwrite : bool
+        Replace a recording made with other parameters instead of raising.
     """
     if not path.exists():
         return False

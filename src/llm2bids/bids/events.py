@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .._docs import fill_doc
 from .._io import atomic_path
 from .._version import __version__
 from ..exceptions import DatasetError
@@ -102,10 +103,24 @@ def unescape_token(cell: str) -> str:
     return _ESCAPE_RE.sub(repl, cell)
 
 
+@fill_doc
 def events_frame(
     token_ids, tokens: list[str], conditions: list[str], special, repetition_time: float = 1.0
 ) -> pd.DataFrame:
-    """Build the events table of one run."""
+    """Build the events table of one run.
+
+    Parameters
+    ----------
+    token_ids : array-like of int
+        The run's token ids, one per volume.
+    tokens : list of str
+        Each token decoded on its own.
+    conditions : list of str
+        Each token's condition (``trial_type``).
+    special : array-like of bool or int
+        1 for special tokens (BOS and the like), 0 otherwise.
+    %(repetition_time)s
+    """
     n = len(token_ids)
     position = np.arange(n)
     return pd.DataFrame(

@@ -96,7 +96,13 @@ class VoxelGeometry:
         return neuron % self.nx, neuron // self.nx, layer
 
     def neuron_of(self, x, y, z):
-        """Return ``(layer, neuron)`` of voxel(s) ``(x, y, z)``; padding voxels raise."""
+        """Return ``(layer, neuron)`` of voxel(s) ``(x, y, z)``; padding voxels raise.
+
+        Parameters
+        ----------
+        x, y, z : int or array-like of int
+            Voxel coordinates.
+        """
         neuron = np.asarray(x) + self.nx * np.asarray(y)
         if np.any(neuron >= self.n_neurons):
             raise InputError("voxel lies in the padding, not on a neuron.")

@@ -10,6 +10,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .._docs import fill_doc
 from .._io import atomic_path
 from ..exceptions import DatasetError
 from .geometry import VoxelGeometry
@@ -17,8 +18,17 @@ from .geometry import VoxelGeometry
 DESCRIP = b"llm2bids: LLM activations, not brain data"
 
 
+@fill_doc
 def run_image(block: np.ndarray, geometry: VoxelGeometry, repetition_time: float = 1.0):
-    """Wrap a ``(T, n_layers, slice_size)`` float32 block as a 4D image (no copy)."""
+    """Wrap a ``(T, n_layers, slice_size)`` float32 block as a 4D image (no copy).
+
+    Parameters
+    ----------
+    block : ndarray of float32, shape (T, n_layers, slice_size)
+        The NIfTI data block in C order.
+    %(geometry)s
+    %(repetition_time)s
+    """
     volume = geometry.block_to_volume(block)
     img = nib.Nifti1Image(volume, geometry.affine)
     header = img.header

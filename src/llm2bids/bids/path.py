@@ -223,6 +223,19 @@ class BIDSPath:
         return self.root
 
 
+def by_role(paths) -> dict[str, list[Path]]:
+    """Group written files by their role, the BIDS suffix (``components``, ``keyneurons``, ...).
+
+    Sidecars (``.json``) are left out: each belongs to the file of the same name.
+    """
+    roles: dict[str, list[Path]] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.name.endswith(".json"):
+            roles.setdefault(suffix_of(path), []).append(path)
+    return roles
+
+
 def suffix_of(path: str | os.PathLike) -> str:
     """The suffix of a BIDS-like file name (``..._dseg.nii.gz`` -> ``dseg``), entities unchecked.
 

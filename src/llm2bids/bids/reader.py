@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from .._docs import fill_doc
 from .._io import read_json
 from ..exceptions import DatasetError, InputError
 from .dataset import require_dataset
@@ -106,7 +107,17 @@ def find_runs(
     hook_point: str | None = "mlp",
     session: str | None = None,
 ) -> list[Path]:
-    """Bold files of a dataset matching the filters, sorted (subject, session, task, run)."""
+    """Bold files of a dataset matching the filters, sorted (subject, session, task, run).
+
+    Parameters
+    ----------
+    root : str or Path
+        The dataset.
+    subject, task, session : str or None, default=None
+        Filters (``sub-``/``ses-`` prefixes accepted); ``None`` matches any.
+    hook_point : str or None, default="mlp"
+        The ``acq-`` entity of the runs; ``None`` matches any.
+    """
     query = BIDSPath(
         subject=strip_prefix(subject) if subject else None,
         session=strip_prefix(session, "ses-") if session else None,
@@ -118,13 +129,23 @@ def find_runs(
     return [p.fpath for p in query.match() if p.extension in BOLD_EXTENSIONS]
 
 
+@fill_doc
 def select_runs(
     bids_dir: str | Path,
     participant_label: Sequence[str] | None = None,
     tasks: Sequence[str] | None = None,
     hook_point: str = "mlp",
 ) -> dict[str, dict[str, list[Path]]]:
-    """Runs of a dataset by subject then task, after the filters; errors when none match."""
+    """Runs of a dataset by subject then task, after the filters; errors when none match.
+
+    Parameters
+    ----------
+    %(bids_dir)s
+    %(participant_label)s
+    tasks : sequence of str or None, default=None
+        Tasks to keep; ``None`` keeps every one.
+    %(hook_point)s
+    """
     bids_dir = require_dataset(bids_dir)
     subjects = [strip_prefix(p) for p in participant_label] if participant_label else None
     selected: dict[str, dict[str, list[Path]]] = defaultdict(lambda: defaultdict(list))

@@ -76,6 +76,8 @@ def validate(root: str | Path, recursive: bool = False, timeout: float = 600) ->
         A raw dataset, or a derivatives folder (a dataset of its own).
     recursive : bool, default=False
         Also validate the datasets under ``derivatives/``.
+    timeout : float, default=600
+        Seconds after which the validator is stopped (an error says so).
 
     Returns
     -------

@@ -198,7 +198,8 @@ def _networks(args) -> int:
         hook_point=args.hook_point,
         verbose=args.verbose,
     )
-    print(f"{len(written)} files in {args.output_dir}")
+    counts = ", ".join(f"{len(paths)} {role}" for role, paths in written.items())
+    print(f"{sum(map(len, written.values()))} files in {args.output_dir} ({counts})")
     return 0
 
 

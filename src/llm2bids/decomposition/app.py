@@ -13,7 +13,8 @@ import pandas as pd
 from sklearn.base import clone
 from tqdm.auto import tqdm
 
-from ..bids.path import BIDSPath
+from .._docs import fill_doc
+from ..bids.path import BIDSPath, by_role
 from ..bids.reader import check_same_geometry, run_metadata, select_runs, special_mask
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_img, write_table
 from ..exceptions import InputError
@@ -23,6 +24,7 @@ from .networks import METHODS, FunctionalNetworks, check_n_components
 logger = logging.getLogger("llm2bids.decomposition")
 
 
+@fill_doc
 def run_networks(
     bids_dir: str | Path,
     output_dir: str | Path,
@@ -37,7 +39,7 @@ def run_networks(
     n_permutations: int = 100,
     hook_point: str = "mlp",
     verbose: int = 1,
-) -> list[Path]:
+) -> dict[str, list[Path]]:
     """Find functional networks per model and task, across tasks, and test their recurrence.
 
     For each subject (model): one group decomposition per task and one over all tasks; per
@@ -45,10 +47,32 @@ def run_networks(
     matched with each other. Writes components, mixing, atlas (dseg/probseg), key neurons,
     per-layer counts, connectivity, recurrence tables and recurrence-frequency maps.
 
+    Parameters
+    ----------
+    %(bids_dir)s
+    %(output_dir)s
+    %(participant_label)s
+    tasks : sequence of str or None, default=None
+        Tasks to analyse; ``None`` takes every recorded one.
+    method : {"canica", "dictlearning"}, default="canica"
+    n_components : int, default=20
+    threshold : float, default=3.0
+        ``|z|`` from which a neuron belongs to a network.
+    %(seed)s
+    n_jobs : int, default=1
+    per_run : bool, default=True
+        Also decompose each run on its own and match it to its task's networks.
+    n_permutations : int, default=100
+        Size of the permutation null of the recurrence tests.
+    %(hook_point)s
+    %(verbose)s
+
     Returns
     -------
-    list of Path
-        Files written.
+    dict of str to list of Path
+        The files written, by role (their BIDS suffix): ``components``, ``mixing``,
+        ``keyneurons``, ``layercounts``, ``dseg``, ``probseg``, ``connectivity``,
+        ``recurrence`` and ``map`` (recurrence frequency).
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}.")
@@ -100,13 +124,25 @@ def run_networks(
             params,
             verbose,
         )
-    return written
+    return by_role(written)
 
 
+@fill_doc
 def write_networks(
     fit: FunctionalNetworks, base: BIDSPath, params: dict, bids_dir: str | Path
 ) -> list[Path]:
-    """Write one fit's derivatives, named after ``base`` (the derivatives root and entities)."""
+    """Write one fit's derivatives, named after ``base`` (the derivatives root and entities).
+
+    Parameters
+    ----------
+    fit : FunctionalNetworks
+        A fitted decomposition.
+    base : BIDSPath
+        The derivatives root and the entities the files are named with.
+    params : dict
+        The ``Parameters`` of the sidecars.
+    %(bids_dir)s
+    """
     desc = fit.method
     described = base.update(description=desc)
     atlas = base.update(atlas=desc)

@@ -19,6 +19,7 @@ from scipy import stats
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 
+from .._docs import fill_doc
 from ..bids.geometry import VoxelGeometry
 from ..bids.reader import check_same_geometry, load_img, special_mask
 from ..exceptions import InputError, NumericalError
@@ -207,7 +208,17 @@ class FunctionalNetworks(BaseEstimator):
 
 
 def check_n_components(n_components: int, samples: Sequence[np.ndarray], drop_special=True):
-    """Refuse more components than the shortest run has time points (``samples``: sample masks)."""
+    """Refuse more components than the shortest run has time points (``samples``: sample masks).
+
+    Parameters
+    ----------
+    n_components : int
+        The components asked for.
+    samples : sequence of ndarray of bool
+        Each run's sample mask (True for ordinary tokens).
+    drop_special : bool, default=True
+        Whether special tokens are left out (then only ordinary tokens count).
+    """
     usable = min(int(s.sum()) if drop_special else len(s) for s in samples)
     if n_components > usable:
         raise InputError(
@@ -228,10 +239,20 @@ def zscore_maps(maps: np.ndarray) -> np.ndarray:
     return z
 
 
+@fill_doc
 def key_neuron_table(
     components: np.ndarray, networks: np.ndarray, geometry: VoxelGeometry
 ) -> pd.DataFrame:
-    """Rows ``layer, neuron, component, z, n_networks`` for every membership."""
+    """Rows ``layer, neuron, component, z, n_networks`` for every membership.
+
+    Parameters
+    ----------
+    components : ndarray, shape (n_components, n_neurons_total)
+        z-scored maps, columns in nilearn's masker order.
+    networks : ndarray of bool, same shape
+        Membership (``|z| >= threshold``).
+    %(geometry)s
+    """
     labels = geometry.labels()
     comp, col = np.nonzero(networks)
     counts = networks.sum(axis=0)

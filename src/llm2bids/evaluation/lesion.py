@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .._docs import fill_doc
 from ..bids.dataset import read_participants, require_dataset
 from ..bids.names import strip_prefix
 from ..bids.path import BIDSPath, participant_id
@@ -28,6 +29,7 @@ logger = logging.getLogger("llm2bids.evaluation")
 METRICS = ("perplexity", "next_token_accuracy", "minimal_pair_accuracy")
 
 
+@fill_doc
 def evaluate(
     lm: LoadedModel,
     text: str | None = None,
@@ -35,12 +37,22 @@ def evaluate(
     window: int = PERPLEXITY_WINDOW,
     stride: int = PERPLEXITY_STRIDE,
 ) -> dict:
-    """Perplexity and greedy next-token accuracy on ``text`` and minimal-pair accuracy."""
+    """Perplexity and greedy next-token accuracy on ``text`` and minimal-pair accuracy.
+
+    Parameters
+    ----------
+    %(lm)s
+    %(text)s
+    %(pairs)s
+    window, stride : int, default=256, 128
+        Perplexity's sliding windows (see :func:`~llm2bids.evaluation.perplexity`).
+    """
     text = heldout_text() if text is None else text
     pairs = minimal_pairs() if pairs is None else pairs
     return perplexity(lm, text, window, stride) | minimal_pair_accuracy(lm, pairs)
 
 
+@fill_doc
 def lesion_study(
     lm: LoadedModel,
     target: np.ndarray,
@@ -52,6 +64,19 @@ def lesion_study(
     verbose: int = 1,
 ) -> pd.DataFrame:
     """Evaluate the intact model, the target set and ``n_controls`` random sets of its size.
+
+    Parameters
+    ----------
+    %(lm)s
+    target : ndarray of bool, shape (n_layers, n_neurons)
+        The neuron set.
+    mode : {"ablate", "keep"}, default="ablate"
+        Mask the set, or every neuron but the set.
+    %(n_controls)s
+    %(seed)s
+    %(text)s
+    %(pairs)s
+    %(verbose)s
 
     Returns
     -------
@@ -98,6 +123,7 @@ def summarize(table: pd.DataFrame) -> dict:
     return out
 
 
+@fill_doc
 def keep_only_curve(
     lm: LoadedModel,
     ranking: pd.DataFrame,
@@ -108,7 +134,22 @@ def keep_only_curve(
     pairs=None,
     verbose: int = 1,
 ) -> pd.DataFrame:
-    """Keep only the top ``fraction`` of neurons (ranked by |z|) versus random sets of that size."""
+    """Keep only the top ``fraction`` of neurons (ranked by |z|) versus random sets of that size.
+
+    Parameters
+    ----------
+    %(lm)s
+    ranking : DataFrame
+        ``layer, neuron, z`` (see :func:`~llm2bids.evaluation.rank_neurons`).
+    fractions : sequence of float
+        Fractions of all neurons to keep.
+    n_controls : int, default=3
+        Random sets per fraction.
+    %(seed)s
+    %(text)s
+    %(pairs)s
+    %(verbose)s
+    """
     n_layers, n_neurons = layer_count(lm.model), neurons_per_layer(lm.model)[0]
     rows = []
     for fraction in fractions:
@@ -135,6 +176,7 @@ def _participant_model(bids_dir: Path, sub: str) -> str:
     return row.iloc[0]["model_spec"]
 
 
+@fill_doc
 def run_lesion(
     bids_dir: str | Path,
     output_dir: str | Path,
@@ -155,6 +197,26 @@ def run_lesion(
     The model is the one recorded for the subject (``participants.tsv`` ``model_spec``)
     unless ``model`` is given. Writes ``<networks entities>_desc-<desc><Mode>_lesion.tsv``
     with one row per condition and a sidecar with the target-versus-control summary.
+
+    Parameters
+    ----------
+    %(bids_dir)s
+    %(output_dir)s
+    networks : str or Path
+        The neuron set: a key-neuron TSV, a dseg atlas or a stat map (see
+        :func:`~llm2bids.evaluation.read_neuron_set`).
+    %(participant_label)s
+    mode : {"ablate", "keep"}, default="ablate"
+    %(n_controls)s
+    %(component)s
+    %(seed)s
+    %(device)s
+    %(dtype)s
+    model : str, LoadedModel or None, default=None
+        The model; ``None`` loads each subject's ``model_spec`` from ``participants.tsv``.
+    text_file : str, Path or None, default=None
+        Text for perplexity; ``None`` is the built-in held-out text.
+    %(verbose)s
 
     Returns
     -------

@@ -10,14 +10,26 @@ model object::
 
 from __future__ import annotations
 
+from .._docs import fill_doc
 from ..exceptions import InputError
 from ..models import LoadedModel
 
 
+@fill_doc
 def run_lm_eval(
     lm: LoadedModel, tasks: list[str], limit: int | None = None, batch_size: int = 8
 ) -> dict:
-    """Run ``lm_eval`` tasks on ``lm`` and return the harness's ``results`` dictionary."""
+    """Run ``lm_eval`` tasks on ``lm`` and return the harness's ``results`` dictionary.
+
+    Parameters
+    ----------
+    %(lm)s
+    tasks : list of str
+        lm-evaluation-harness task names.
+    limit : int or None, default=None
+        At most this many examples per task.
+    batch_size : int, default=8
+    """
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from .._docs import fill_doc
 from ..exceptions import InputError
 from ..models import LoadedModel, neuron_hooks
 from ..models.hooks import layer_count, neurons_per_layer
@@ -77,7 +78,16 @@ def mask_neurons(
 
 
 def check_mask(model: torch.nn.Module, neurons: np.ndarray, mode: str) -> np.ndarray:
-    """Validate a neuron set against the model; return the neurons to mask."""
+    """Validate a neuron set against the model; return the neurons to mask.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    neurons : ndarray of bool, shape (n_layers, n_neurons)
+        The neuron set.
+    mode : {"ablate", "keep"}
+        ``"ablate"`` masks the set; ``"keep"`` masks every other neuron.
+    """
     if mode not in MODES:
         raise InputError(f"mode must be one of {MODES}, got {mode!r}.")
     neurons = np.asarray(neurons, dtype=bool)
@@ -95,8 +105,17 @@ def check_mask(model: torch.nn.Module, neurons: np.ndarray, mode: str) -> np.nda
     return neurons if mode == "ablate" else ~neurons
 
 
+@fill_doc
 def neuron_means(lm: LoadedModel, text: str, max_tokens: int = 512) -> np.ndarray:
-    """Mean activation of every neuron over a calibration text, ``(n_layers, n_neurons)``."""
+    """Mean activation of every neuron over a calibration text, ``(n_layers, n_neurons)``.
+
+    Parameters
+    ----------
+    %(lm)s
+    text : str
+        Text whose tokens the means are taken over.
+    max_tokens : int, default=1024
+    """
     ids = lm.tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(lm.device)
     sums: dict[int, torch.Tensor] = {}
 

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .._docs import fill_doc
 from ..models import LoadedModel
 
 
@@ -22,6 +23,7 @@ PERPLEXITY_STRIDE = 128  # tokens between window starts
 
 
 @torch.inference_mode()
+@fill_doc
 def perplexity(
     lm: LoadedModel, text: str, window: int = PERPLEXITY_WINDOW, stride: int = PERPLEXITY_STRIDE
 ) -> dict:
@@ -30,6 +32,15 @@ def perplexity(
     Every window of ``window`` tokens starts ``stride`` after the previous one; the tokens
     it adds are scored with up to ``window - stride`` tokens of context (the Hugging Face
     recipe).
+
+    Parameters
+    ----------
+    %(lm)s
+    text : str
+    window : int, default=256
+        Tokens per window.
+    stride : int, default=128
+        Tokens between window starts.
 
     Returns
     -------
@@ -61,8 +72,16 @@ def perplexity(
 
 
 @torch.inference_mode()
+@fill_doc
 def sentence_logprobs(lm: LoadedModel, sentences: list[str], batch_size: int = 32) -> np.ndarray:
-    """Total log-probability of each sentence (after BOS), batched with right padding."""
+    """Total log-probability of each sentence (after BOS), batched with right padding.
+
+    Parameters
+    ----------
+    %(lm)s
+    sentences : list of str
+    batch_size : int, default=32
+    """
     out = []
     for i in range(0, len(sentences), batch_size):
         seqs = [_ids(lm, s) for s in sentences[i : i + batch_size]]

@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from .._docs import fill_doc
 from ..bids.geometry import VoxelGeometry
 from ..bids.path import suffix_of
 from ..exceptions import InputError
@@ -174,8 +175,16 @@ def top_neurons(ranking: pd.DataFrame, fraction: float, n_layers: int, n_neurons
     return mask
 
 
+@fill_doc
 def random_controls(target: np.ndarray, n_controls: int = 5, seed: int = 0) -> list[np.ndarray]:
-    """Random neuron sets with as many neurons per layer as ``target`` (one per seed)."""
+    """Random neuron sets with as many neurons per layer as ``target`` (one per seed).
+
+    Parameters
+    ----------
+    target : ndarray of bool, shape (n_layers, n_neurons)
+    n_controls : int, default=5
+    %(seed)s
+    """
     rng = np.random.default_rng(seed)
     n_layers, n_neurons = target.shape
     sizes = target.sum(axis=1)

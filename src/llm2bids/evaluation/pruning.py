@@ -138,7 +138,19 @@ def _drop_dequantized_quantizer(model: torch.nn.Module) -> None:
 
 
 def save_pruned(model: torch.nn.Module, tokenizer, path: str | Path, source: str = "n/a") -> Path:
-    """Save a pruned model with ``save_pretrained`` plus its per-layer sizes."""
+    """Save a pruned model with ``save_pretrained`` plus its per-layer sizes.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model returned by :func:`prune`.
+    tokenizer : transformers tokenizer or None
+        Saved beside it, so that :func:`load_pruned` gives both back.
+    path : str or Path
+        The folder.
+    source : str, default="n/a"
+        The spec of the model it was pruned from (recorded in ``llm2bids_pruning.json``).
+    """
     kept = getattr(model, "llm2bids_kept_neurons", None)
     if kept is None:
         raise InputError("this model was not made by llm2bids.prune(); nothing records its sizes.")

@@ -9,13 +9,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from .._docs import fill_doc
 from ..bids.path import BIDSPath
 from ..bids.reader import run_metadata, select_runs
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_img, write_table
 from ..exceptions import InputError
-from .localize import contrast_label, localize
+from .localize import FIRST_LEVEL_OPTIONS, contrast_label, localize
 
 
+@fill_doc
 def run_localize(
     bids_dir: str | Path,
     output_dir: str | Path,
@@ -34,10 +36,28 @@ def run_localize(
     Writes ``contrast-<label>_stat-<z|t|effect>_statmap.nii.gz``, the selected units as a
     key-neuron TSV (``desc-<label>_keyneurons.tsv``) and per-layer counts.
 
+    Parameters
+    ----------
+    %(bids_dir)s
+    %(output_dir)s
+    task : str
+        The task whose conditions the contrast compares.
+    contrast : str, default="sentence - nonword"
+        A nilearn contrast expression over ``trial_type`` values.
+    %(participant_label)s
+    top_percent, threshold, alpha : float or None, default=None
+        The selection, one of: the top percentage of units by t (1% when none is given), units
+        with ``z >= threshold``, or units significant at ``alpha`` after ``height_control``.
+    height_control : {"bonferroni", "fdr", "fpr"}, default="bonferroni"
+    second_level : bool, default=False
+        Fit each run, then combine their effects with nilearn's ``SecondLevelModel``.
+    %(hook_point)s
+
     Returns
     -------
     dict
-        Subject label -> :class:`~llm2bids.glm.localize.LocalizerResult`.
+        Subject label -> :class:`~llm2bids.glm.localize.LocalizerResult`, whose ``files``
+        are the derivatives written for it, by role.
     """
     if not task:
         raise InputError("--task is required: the task whose conditions the contrast compares.")
@@ -58,22 +78,21 @@ def run_localize(
             contrast=contrast,
             selection=res.selection,
             second_level=second_level,
-            hrf_model=None,
-            drift_model=None,
-            smoothing_fwhm=None,
-            noise_model="ols",
+            first_level=FIRST_LEVEL_OPTIONS,
             model_id=run_metadata(runs[0]).get("ModelID", "n/a"),
         ) | {"Sources": [f"bids:raw:{os.path.relpath(r, bids_dir)}" for r in runs]}
         for stat, img in res.maps.items():
-            write_img(
+            res.files[f"statmap-{stat}"] = write_img(
                 base.update(contrast=label, stat=stat, suffix="statmap", extension=".nii.gz").fpath,
                 nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine),
                 side | {"Statistic": stat},
             )
-        write_table(
+        res.files["keyneurons"] = write_table(
             selected_units.update(suffix="keyneurons").fpath,
             res.table(),
             side | {"Description": f"Units selected by the contrast ({res.selection})."},
         )
-        write_table(selected_units.update(suffix="layercounts").fpath, res.layer_counts(), side)
+        res.files["layercounts"] = write_table(
+            selected_units.update(suffix="layercounts").fpath, res.layer_counts(), side
+        )
     return results

@@ -11,7 +11,7 @@ import logging
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -29,6 +29,21 @@ logger = logging.getLogger("llm2bids.glm")
 HEIGHT_CONTROLS = ("bonferroni", "fdr", "fpr")
 
 
+#: nilearn ``FirstLevelModel`` arguments (the mask aside): tokens are volumes 1 s apart with
+#: no haemodynamics, so no HRF convolution, no drift model, no smoothing and no scaling.
+FIRST_LEVEL_OPTIONS = {
+    "t_r": 1.0,
+    "slice_time_ref": 0.0,
+    "hrf_model": None,
+    "drift_model": None,
+    "smoothing_fwhm": None,
+    "standardize": False,
+    "signal_scaling": False,
+    "noise_model": "ols",
+    "minimize_memory": True,
+}
+
+
 @dataclass
 class LocalizerResult:
     """A contrast's maps and the units it selects.
@@ -44,6 +59,9 @@ class LocalizerResult:
     selection : str
         How units were selected (for example ``"top 1% by t"``).
     geometry : VoxelGeometry
+    files : dict of str to Path
+        What :func:`~llm2bids.run_localize` wrote, by role: ``statmap-z``, ``statmap-t``,
+        ``statmap-effect``, ``keyneurons``, ``layercounts`` (empty until then).
     """
 
     contrast: str
@@ -53,6 +71,7 @@ class LocalizerResult:
     selected: np.ndarray
     selection: str
     geometry: VoxelGeometry
+    files: dict = field(default_factory=dict)
 
     def table(self) -> pd.DataFrame:
         """Selected units in the key-neuron format: ``layer, neuron, component, z, n_networks``."""
@@ -194,18 +213,7 @@ def localize(
         raise InputError(f"no run has every condition of {contrast!r}; nothing to estimate.")
     imgs, events, masks = ([x[i] for i in usable] for x in (imgs, events, masks))
     mask_img = geometry.mask_img()
-    options = dict(
-        t_r=1.0,
-        slice_time_ref=0.0,
-        hrf_model=None,
-        drift_model=None,
-        mask_img=mask_img,
-        smoothing_fwhm=None,
-        standardize=False,
-        signal_scaling=False,
-        noise_model="ols",
-        minimize_memory=True,
-    )
+    options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img}
     with warnings.catch_warnings():
         # nilearn notices that do not apply: the mask is given on purpose, and the contrast is
         # an expression over condition names, which is right for runs with different designs.
@@ -271,6 +279,15 @@ def welch_selection(
 
     The unit-selection method of AlKhamissi et al. (2024), "The LLM Language Network": pool
     the tokens of each condition over runs, t-test every unit, keep the top ``top_percent``.
+
+    Parameters
+    ----------
+    runs : sequence of str or Path
+        ``_bold`` files of one model and task.
+    condition_a, condition_b : str
+        ``trial_type`` values of the two conditions (``a`` minus ``b``).
+    top_percent : float, default=1.0
+        Percentage of units to keep, by t.
 
     Returns
     -------

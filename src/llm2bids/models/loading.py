@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,7 +47,6 @@ class LoadedModel:
     model_id: str
     revision: str = "n/a"
     source: str = "folder"
-    extra: dict = field(default_factory=dict)
 
     def __call__(self, *args, **kwargs):
         """Run the model: ``lm(input_ids).logits`` as with the transformers model itself."""
@@ -248,7 +247,16 @@ def load_model(
 
 
 def wrap_model(model: torch.nn.Module, tokenizer, model_id: str | None = None) -> LoadedModel:
-    """Wrap an already loaded model and tokenizer (for example a tiny test model)."""
+    """Wrap an already loaded model and tokenizer (for example a tiny test model).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers causal LM of a registered architecture.
+    tokenizer : transformers tokenizer
+    model_id : str or None, default=None
+        Name recorded in the sidecars; default: the model's ``name_or_path``.
+    """
     model.eval()
     arch_spec(model)
     if tokenizer.pad_token is None:

@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import linear_sum_assignment
 
+from .._docs import fill_doc
+
 
 def dice_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pairwise Dice between boolean networks ``a`` (k, v) and ``b`` (m, v)."""
@@ -73,6 +75,7 @@ def match(
     )
 
 
+@fill_doc
 def permutation_null(
     networks_a: np.ndarray, networks_b: np.ndarray, n_permutations: int = 100, seed: int = 0
 ) -> np.ndarray:
@@ -81,6 +84,13 @@ def permutation_null(
     Each network of ``b`` keeps its size but its neurons are drawn at random; the networks are
     matched again (Hungarian on Dice), and the largest matched Dice is kept. Comparing an
     observed Dice with this distribution asks whether it beats the best chance overlap.
+
+    Parameters
+    ----------
+    networks_a, networks_b : ndarray of bool, shape (n_networks, n_neurons_total)
+        Memberships of two decompositions of the same neurons.
+    n_permutations : int, default=100
+    %(seed)s
     """
     rng = np.random.default_rng(seed)
     v = networks_b.shape[1]
@@ -93,6 +103,7 @@ def permutation_null(
     return best
 
 
+@fill_doc
 def compare_fits(
     maps_a, maps_b, networks_a, networks_b, n_permutations: int = 100, seed: int = 0
 ) -> pd.DataFrame:
@@ -100,6 +111,15 @@ def compare_fits(
 
     ``p_value`` is ``(1 + #{null >= dice}) / (1 + n_permutations)`` against the best chance
     Dice of each permutation, so it controls the family of all matched pairs.
+
+    Parameters
+    ----------
+    maps_a, maps_b : ndarray, shape (n_components, n_neurons_total)
+        Component maps of two decompositions of the same neurons.
+    networks_a, networks_b : ndarray of bool, same shapes
+        Their memberships.
+    n_permutations : int, default=100
+    %(seed)s
     """
     table = match(maps_a, maps_b, networks_a, networks_b)
     null = permutation_null(networks_a, networks_b, n_permutations, seed)

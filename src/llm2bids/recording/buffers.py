@@ -95,11 +95,27 @@ class ActivationBuffers:
 
     # -- views -----------------------------------------------------------------------------
     def host(self, slot: int, batch: int, tokens: int) -> torch.Tensor:
-        """Slot ``slot`` as a contiguous ``(batch, tokens, n_layers, slice_size)`` tensor."""
+        """Slot ``slot`` as a contiguous ``(batch, tokens, n_layers, slice_size)`` tensor.
+
+        Parameters
+        ----------
+        slot : int
+            Which of the two host slots.
+        batch, tokens : int
+            The batch's rows and their (padded) length.
+        """
         return self._view(self._host[slot], batch, tokens)
 
     def layer_slabs(self, slot: int, batch: int, tokens: int) -> list[torch.Tensor]:
-        """Slot ``slot`` as one contiguous ``(batch, tokens, n_neurons)`` tensor per layer (CPU)."""
+        """Slot ``slot`` as one contiguous ``(batch, tokens, n_neurons)`` tensor per layer (CPU).
+
+        Parameters
+        ----------
+        slot : int
+            Which of the two host slots.
+        batch, tokens : int
+            The batch's rows and their (padded) length.
+        """
         n = batch * tokens * self.geometry.n_neurons
         flat = self._host[slot]
         return [
@@ -108,7 +124,15 @@ class ActivationBuffers:
         ]
 
     def capture_target(self, slot: int, batch: int, tokens: int) -> torch.Tensor:
-        """Where the hooks write: the device stage."""
+        """Where the hooks write: the device stage.
+
+        Parameters
+        ----------
+        slot : int
+            Which of the two host slots.
+        batch, tokens : int
+            The batch's rows and their (padded) length.
+        """
         return self._view(self.stage, batch, tokens)
 
     def _view(self, flat: torch.Tensor, batch: int, tokens: int) -> torch.Tensor:

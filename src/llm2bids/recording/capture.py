@@ -96,7 +96,15 @@ class BatchCapture:
         return self.buffers.stage is None
 
     def start(self, slot: int, batch: int, tokens: int) -> None:
-        """Begin a batch of ``batch`` rows of ``tokens`` tokens in host slot ``slot``."""
+        """Begin a batch of ``batch`` rows of ``tokens`` tokens in host slot ``slot``.
+
+        Parameters
+        ----------
+        slot : int
+            The host slot the batch goes to.
+        batch, tokens : int
+            The batch's rows and their (padded) length.
+        """
         self._slot = slot
         self._shape = (batch, tokens)
         self._kept = [None] * len(self.z_of)

@@ -144,7 +144,17 @@ class RunWriter:
         self._decode_lock = threading.Lock()  # tokenizers are not documented as thread-safe
 
     def task(self, captured: CapturedBatch, row: int, run: RunStimulus, paths: tuple[Path, Path]):
-        """A callable that writes ``run`` (row ``row`` of ``captured``) to ``paths``."""
+        """A callable that writes ``run`` (row ``row`` of ``captured``) to ``paths``.
+
+        Parameters
+        ----------
+        captured : CapturedBatch
+        row : int
+            The run's row in the batch.
+        run : RunStimulus
+        paths : tuple of Path
+            The run's ``_bold`` and ``_events.tsv`` files.
+        """
         return functools.partial(self._write, captured, row, run, paths)
 
     def _write(self, captured: CapturedBatch, row: int, run: RunStimulus, paths) -> None:

@@ -27,7 +27,21 @@ def layer_mosaic(
     symmetric: bool = True,
     n_neurons: int | None = None,
 ) -> Path:
-    """One panel per layer (z-slice) of a 3D map, no brain background."""
+    """One panel per layer (z-slice) of a 3D map, no brain background.
+
+    Parameters
+    ----------
+    volume : ndarray, shape (nx, ny, n_layers)
+        One 3D map.
+    path : Path
+        The PNG to write (an SVG is written beside it).
+    title : str
+    cmap : str, default="RdBu_r"
+    symmetric : bool, default=True
+        Colour limits symmetric about 0.
+    n_neurons : int or None, default=None
+        Neurons per layer (to grey the padding); ``None`` shows every voxel.
+    """
     n_layers = volume.shape[2]
     cols = min(10, n_layers)
     rows = math.ceil(n_layers / cols)
@@ -52,6 +66,16 @@ def layer_mosaic(
 
 
 def layer_counts_plot(counts: pd.DataFrame, path: Path, title: str) -> Path:
+    """Bar chart of a per-layer count table (its second column).
+
+    Parameters
+    ----------
+    counts : DataFrame
+        ``layer, n_key_neurons`` rows.
+    path : Path
+        The PNG to write (an SVG is written beside it).
+    title : str
+    """
     fig, ax = plt.subplots(figsize=(7, 2.8))
     ax.bar(counts.layer, counts.iloc[:, 1])
     ax.set_xlabel("layer")
@@ -61,6 +85,18 @@ def layer_counts_plot(counts: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def heatmap(matrix: pd.DataFrame, path: Path, title: str, vmin=-1, vmax=1, cmap="RdBu_r") -> Path:
+    """A labelled matrix (connectivity, recurrence between tasks).
+
+    Parameters
+    ----------
+    matrix : DataFrame
+        Square, labelled by its index and columns.
+    path : Path
+        The PNG to write (an SVG is written beside it).
+    title : str
+    vmin, vmax : float or None, default=None
+    cmap : str, default="RdBu_r"
+    """
     fig, ax = plt.subplots(figsize=(1 + 0.45 * matrix.shape[1], 1 + 0.4 * matrix.shape[0]))
     im = ax.imshow(matrix.to_numpy(float), vmin=vmin, vmax=vmax, cmap=cmap)
     ax.set_xticks(range(matrix.shape[1]), matrix.columns, rotation=90, fontsize=7)
@@ -71,6 +107,16 @@ def heatmap(matrix: pd.DataFrame, path: Path, title: str, vmin=-1, vmax=1, cmap=
 
 
 def lesion_plot(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """Target versus random controls and the intact model, one panel per metric.
+
+    Parameters
+    ----------
+    table : DataFrame
+        A lesion table (one row per condition).
+    path : Path
+        The PNG to write (an SVG is written beside it).
+    title : str
+    """
     metrics = ["perplexity", "minimal_pair_accuracy", "next_token_accuracy"]
     fig, axes = plt.subplots(1, 3, figsize=(9, 3))
     for ax, metric in zip(axes, metrics):
@@ -103,6 +149,16 @@ def lesion_plot(table: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def keep_only_plot(table: pd.DataFrame, path: Path, title: str) -> Path:
+    """Metrics against the fraction of neurons kept: top key neurons versus random sets.
+
+    Parameters
+    ----------
+    table : DataFrame
+        A keep-only table (rows per fraction and condition).
+    path : Path
+        The PNG to write (an SVG is written beside it).
+    title : str
+    """
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
     for ax, metric in zip(axes, ["perplexity", "minimal_pair_accuracy"]):
         for cond, color in (("target", "crimson"), ("control", "grey")):

@@ -342,13 +342,18 @@ def _methods(params: dict) -> str:
         "against a permutation null.\n\n"
         + (
             f"A localizer contrast ({loc.get('contrast')}) was fitted with nilearn's "
-            "FirstLevelModel (no HRF convolution, no drift model, OLS, no smoothing); units were "
+            f"FirstLevelModel ({_arguments(loc.get('first_level', {}))}); units were "
             f"selected as {loc.get('selection')}.\n\n"
             if loc
             else ""
         )
         + _causal_methods(params.get("lesion", {}))
     )
+
+
+def _arguments(options: dict) -> str:
+    """``key = value`` pairs of the arguments a sidecar recorded."""
+    return ", ".join(f"{key} = {value!r}" for key, value in options.items()) or "n/a"
 
 
 def _causal_methods(lesion: dict) -> str:

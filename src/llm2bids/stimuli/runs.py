@@ -64,6 +64,14 @@ def tokenize_runs(
     length. Each run starts with the tokenizer's BOS token (marked special) when
     ``prepend_bos`` and the tokenizer has one: the first position of a sequence carries
     outlier activations, and this makes that position a known special token.
+
+    Parameters
+    ----------
+    stimuli : StimulusSet
+    tokenizer : transformers tokenizer
+    max_tokens : int, default=512
+        Longest run, BOS included.
+    prepend_bos : bool, default=True
     """
     if not isinstance(max_tokens, (int, np.integer)) or not 2 <= max_tokens <= MAX_NIFTI_AXIS:
         raise InputError(

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .._docs import fill_doc
 from ..exceptions import InputError
 
 
@@ -59,6 +60,8 @@ class StimulusSet:
     documents : list of Document
     license : str
         Where the texts come from and under which terms.
+    conditions : dict of str to str
+        Each condition (``trial_type``) and what it means, for the task's sidecar.
     """
 
     task: str
@@ -167,8 +170,18 @@ def code() -> StimulusSet:
     )
 
 
+@fill_doc
 def arithmetic(n_documents: int = 4, n_problems: int = 24, seed: int = 0) -> StimulusSet:
-    """Generated addition, subtraction and multiplication problems with their answers."""
+    """Generated addition, subtraction and multiplication problems with their answers.
+
+    Parameters
+    ----------
+    n_documents : int, default=4
+        Documents (runs).
+    n_problems : int, default=24
+        Problems per document.
+    %(seed)s
+    """
     rng = random.Random(seed)
     docs = []
     for d in range(n_documents):
@@ -201,6 +214,7 @@ def _nonword(rng: random.Random) -> str:
     )
 
 
+@fill_doc
 def langloc(n_runs: int = 4, items_per_block: int = 2, seed: int = 0) -> StimulusSet:
     """Language localizer: sentences versus strings of pronounceable nonwords, block design.
 
@@ -210,6 +224,13 @@ def langloc(n_runs: int = 4, items_per_block: int = 2, seed: int = 0) -> Stimulu
     (several tokens each, so it is always longer) and presented cut to its sentence's token
     count (``Segment.duration_of``). Both conditions therefore have the same number of tokens
     in every run, whatever the tokenizer.
+
+    Parameters
+    ----------
+    n_runs : int, default=4
+    items_per_block : int, default=2
+        Sentences (or nonword strings) per block.
+    %(seed)s
     """
     sentences = _data_documents("langloc_sentences.txt")[0].splitlines()
     rng = random.Random(seed)

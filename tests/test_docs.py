@@ -1,0 +1,97 @@
+"""Every public function documents its parameters (numpydoc ``Parameters`` sections)."""
+
+import importlib
+import inspect
+import pkgutil
+import re
+
+import pytest
+
+import llm2bids
+from llm2bids._docs import docdict, fill_doc
+
+
+def _public_callables():
+    for info in pkgutil.walk_packages(llm2bids.__path__, "llm2bids."):
+        if info.name.endswith("__main__") or ".cli" in info.name:
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != module.__name__:
+                continue
+            if inspect.isfunction(obj):
+                yield f"{module.__name__}.{name}", obj, obj.__doc__
+            elif inspect.isclass(obj):
+                if "__init__" in vars(obj) or "__dataclass_fields__" in vars(obj):
+                    yield f"{module.__name__}.{name}", obj, obj.__doc__
+                for attr, member in vars(obj).items():
+                    if inspect.isfunction(member) and not attr.startswith("_"):
+                        yield f"{module.__name__}.{name}.{attr}", member, member.__doc__
+
+
+def _documented_names(doc: str) -> set[str]:
+    """Names in the docstring's Parameters (or, for a data class, Attributes) section."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    names: set[str] = set()
+    for title in ("Parameters", "Attributes"):
+        for i, line in enumerate(lines[:-1]):
+            if line.strip() != title or not set(lines[i + 1].strip()) == {"-"}:
+                continue
+            for entry in lines[i + 2 :]:
+                if entry.strip() and set(entry.strip()) == {"-"}:
+                    break  # the next section's underline: its title was read as a name
+                if entry and not entry.startswith(" "):
+                    head = entry.split(" : ")[0]
+                    names |= {n.strip().lstrip("*") for n in head.split(",")}
+    return names
+
+
+def _undocumented():
+    missing = []
+    for qualname, obj, doc in _public_callables():
+        try:
+            params = [
+                p.name
+                for p in inspect.signature(obj).parameters.values()
+                if p.name not in ("self", "cls") and not p.name.startswith("_")
+            ]
+        except (TypeError, ValueError):
+            continue
+        if len(params) < 3:
+            continue
+        lacking = [p for p in params if p not in _documented_names(doc)]
+        if lacking:
+            missing.append(f"{qualname}: {', '.join(lacking)}")
+    return missing
+
+
+def test_public_functions_document_their_parameters():
+    missing = _undocumented()
+    assert not missing, "undocumented parameters:\n" + "\n".join(missing)
+
+
+def test_fill_doc_indents_shared_text():
+    @fill_doc
+    def f(bids_dir, seed):
+        """Do it.
+
+        Parameters
+        ----------
+        %(bids_dir)s
+        %(seed)s
+        """
+
+    assert "bids_dir : str or Path\n    The raw dataset" in inspect.cleandoc(f.__doc__)
+    assert _documented_names(f.__doc__) == {"bids_dir", "seed"}
+    with pytest.raises(KeyError, match="no shared documentation"):
+
+        @fill_doc
+        def g(x):
+            """%(nope)s"""
+
+
+def test_docdict_entries_are_numpydoc_shaped():
+    for name, text in docdict.items():
+        first, *rest = text.splitlines()
+        assert re.match(rf"{name} : \S", first), name
+        assert rest and all(line.startswith("    ") for line in rest), name
