@@ -39,6 +39,10 @@ docdict: dict[str, str] = {
     Minimal pairs (``phenomenon, good, bad``); ``None`` is :func:`minimal_pairs`'s.""",
     "geometry": """geometry : VoxelGeometry
     Where each neuron sits in the volume (layers x neurons per layer).""",
+    "slot": """slot : int
+    Which of the recording's two host slots.""",
+    "batch_tokens": """batch, tokens : int
+    The batch's rows (runs) and their padded length in tokens.""",
     "repetition_time": """repetition_time : float, default=1.0
     Seconds per volume (one token); 1 s by convention.""",
 }

@@ -31,6 +31,7 @@ import mmap
 
 import torch
 
+from .._docs import fill_doc
 from ..bids.geometry import VoxelGeometry
 
 logger = logging.getLogger("llm2bids.recording")
@@ -94,27 +95,25 @@ class ActivationBuffers:
             self._register()
 
     # -- views -----------------------------------------------------------------------------
+    @fill_doc
     def host(self, slot: int, batch: int, tokens: int) -> torch.Tensor:
         """Slot ``slot`` as a contiguous ``(batch, tokens, n_layers, slice_size)`` tensor.
 
         Parameters
         ----------
-        slot : int
-            Which of the two host slots.
-        batch, tokens : int
-            The batch's rows and their (padded) length.
+        %(slot)s
+        %(batch_tokens)s
         """
         return self._view(self._host[slot], batch, tokens)
 
+    @fill_doc
     def layer_slabs(self, slot: int, batch: int, tokens: int) -> list[torch.Tensor]:
         """Slot ``slot`` as one contiguous ``(batch, tokens, n_neurons)`` tensor per layer (CPU).
 
         Parameters
         ----------
-        slot : int
-            Which of the two host slots.
-        batch, tokens : int
-            The batch's rows and their (padded) length.
+        %(slot)s
+        %(batch_tokens)s
         """
         n = batch * tokens * self.geometry.n_neurons
         flat = self._host[slot]
@@ -123,15 +122,14 @@ class ActivationBuffers:
             for z in range(self.geometry.n_layers)
         ]
 
+    @fill_doc
     def capture_target(self, slot: int, batch: int, tokens: int) -> torch.Tensor:
         """Where the hooks write: the device stage.
 
         Parameters
         ----------
-        slot : int
-            Which of the two host slots.
-        batch, tokens : int
-            The batch's rows and their (padded) length.
+        %(slot)s
+        %(batch_tokens)s
         """
         return self._view(self.stage, batch, tokens)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._docs import fill_doc
 from .buffers import ActivationBuffers
 
 
@@ -95,15 +96,14 @@ class BatchCapture:
         """Whether activations arrive in host memory (kept, not copied into a data block)."""
         return self.buffers.stage is None
 
+    @fill_doc
     def start(self, slot: int, batch: int, tokens: int) -> None:
         """Begin a batch of ``batch`` rows of ``tokens`` tokens in host slot ``slot``.
 
         Parameters
         ----------
-        slot : int
-            The host slot the batch goes to.
-        batch, tokens : int
-            The batch's rows and their (padded) length.
+        %(slot)s
+        %(batch_tokens)s
         """
         self._slot = slot
         self._shape = (batch, tokens)
