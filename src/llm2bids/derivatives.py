@@ -10,46 +10,15 @@ import pandas as pd
 
 from . import _io
 from ._version import __version__
-from .bids.dataset import BIDS_VERSION, NOT_BRAIN_DATA, generated_by, require_dataset
+from .bids.dataset import (
+    BIDS_VERSION,
+    DERIVATIVES_BIDSIGNORE,
+    NOT_BRAIN_DATA,
+    generated_by,
+    require_dataset,
+)
 from .bids.path import BIDSPath
 from .exceptions import InputError
-
-# Suffixes the BIDS schema does not name yet; listed so that the validator passes.
-BIDSIGNORE = "\n".join(
-    [
-        "*_components.nii.gz",
-        "*_components.json",
-        "*_mixing.tsv",
-        "*_mixing.json",
-        "*_keyneurons.tsv",
-        "*_keyneurons.json",
-        "*_layercounts.tsv",
-        "*_layercounts.json",
-        "*_connectivity.tsv",
-        "*_connectivity.json",
-        "*_recurrence.tsv",
-        "*_recurrence.json",
-        "*_probseg.nii.gz",
-        "*_probseg.json",
-        "*_dseg.nii.gz",
-        "*_dseg.tsv",
-        "*_dseg.json",
-        "*_statmap.nii.gz",
-        "*_statmap.json",
-        "*_map.nii.gz",
-        "*_map.json",
-        "*_lesion.tsv",
-        "*_lesion.json",
-        "*_keeponly.tsv",
-        "*_keeponly.json",
-        "*_pruning.tsv",
-        "*_pruning.json",
-        "*.html",
-        "figures",  # the validator ignores a folder by its bare name, not "figures/"
-        "pruned",
-        "",
-    ]
-)
 
 
 def check_output_dir(bids_dir: str | Path, output_dir: str | Path) -> None:
@@ -84,7 +53,7 @@ def init_derivatives(output_dir: str | Path, bids_dir: str | Path) -> Path:
                 f"# llm2bids derivatives\n\n{NOT_BRAIN_DATA}\n\nComputed from "
                 f"`{_relative_url(bids_dir, output_dir)}` by llm2bids {__version__}.\n",
             )
-        _io.write_text(output_dir / ".bidsignore", BIDSIGNORE)
+        _io.write_text(output_dir / ".bidsignore", DERIVATIVES_BIDSIGNORE)
     return output_dir
 
 

@@ -16,6 +16,11 @@ import torch
 from .registry import arch_spec
 
 HOOK_POINTS = ("mlp", "resid")
+#: What each hook point records (written into the sidecars and the report's methods).
+HOOK_POINT_DESCRIPTIONS = {
+    "mlp": "MLP neurons: input of the down projection (after the activation and gate product)",
+    "resid": "residual stream: output of each transformer block",
+}
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from ..bids.names import check_label, strip_prefix
 from ..bids.path import BIDSPath, participant_id
 from ..exceptions import DiskSpaceError, InputError, ResourceError
 from ..models import HOOK_POINTS, LoadedModel, clean_label, load_model, neuron_hooks
-from ..models.hooks import layer_count, neurons_per_layer
+from ..models.hooks import HOOK_POINT_DESCRIPTIONS, layer_count, neurons_per_layer
 from ..stimuli import (
     BUILTIN_SETS,
     RunStimulus,
@@ -460,11 +460,7 @@ def _sidecar(lm: LoadedModel, geometry: VoxelGeometry, layers, hook_point, param
         "ModelSource": lm.source,
         "Architecture": lm.architecture,
         "HookPoint": hook_point,
-        "HookPointDescription": (
-            "MLP neurons: input of the down projection (after the activation and gate product)"
-            if hook_point == "mlp"
-            else "residual stream: output of each transformer block"
-        ),
+        "HookPointDescription": HOOK_POINT_DESCRIPTIONS[hook_point],
         "RecordedLayers": layers,
         "ModelDtype": params["dtype"],
         "DataDtype": "float32",

@@ -16,6 +16,7 @@ from .._version import __version__
 from ..bids.dataset import NOT_BRAIN_DATA
 from ..bids.path import BIDSPath, figures_dir, participant_id, report_path
 from ..decomposition import METHODS
+from ..models.hooks import HOOK_POINT_DESCRIPTIONS
 from . import figures as fig
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -78,6 +79,7 @@ def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
         return []
     c = overall[0]
     ctx.params["networks"] = _sidecar(c).get("Parameters", {})
+    ctx.params["hook_point"] = c.acquisition
     n_comp = fig.load_volume(c.fpath).shape[3]
     parts = ["<h2>Functional networks</h2>"]
     for k in range(min(n_comp, 4)):
@@ -320,8 +322,9 @@ def _methods(params: dict) -> str:
     net = params.get("networks", {})
     estimator = net.get("estimator", {})
     loc = params.get("localizer", {})
+    recorded = HOOK_POINT_DESCRIPTIONS.get(params.get("hook_point"), "the recorded activations")
     return (
-        f"Activations of the MLP neurons (the input of each layer's down projection) of "
+        f"Activations ({recorded}) of "
         f"{net.get('model_id', 'the model')} were recorded with llm2bids {__version__} "
         f"(transformers {transformers.__version__}, torch {torch.__version__}) and stored as a "
         "BIDS dataset in which each neuron is a voxel and each token a volume (RepetitionTime "
