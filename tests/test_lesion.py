@@ -44,6 +44,7 @@ def test_lesion_app_writes_target_and_controls(recorded, key_table, tmp_path, va
     out = tmp_path / "deriv"
     results = run_lesion(recorded, out, key_table, n_controls=3, verbose=0)
     table, summary = results["tinyllama"]
+    assert results["tinyllama"].files["lesion"].exists()
     assert table.condition.tolist() == ["baseline", "target", "control", "control", "control"]
     assert (table.n_neurons[1:] == 5).all()
     assert table.perplexity.gt(1).all() and table.minimal_pair_accuracy.between(0, 1).all()

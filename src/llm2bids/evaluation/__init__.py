@@ -1,6 +1,6 @@
 """Evaluation: neuron sets, masking at inference, metrics, controls and pruning."""
 
-from .lesion import keep_only_curve, run_lesion
+from .lesion import LesionResult, keep_only_curve, run_lesion
 from .masking import MODES, mask_neurons, neuron_means
 from .metrics import minimal_pair_accuracy, perplexity, sentence_logprobs
 from .minimal_pairs import minimal_pairs
@@ -9,6 +9,7 @@ from .pruning import load_pruned, prune, run_prune, save_pruned
 
 __all__ = [
     "MODES",
+    "LesionResult",
     "keep_only_curve",
     "load_pruned",
     "mask_neurons",

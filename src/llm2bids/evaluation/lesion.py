@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,28 @@ from .neuronsets import random_controls, read_neuron_set, top_neurons
 logger = logging.getLogger("llm2bids.evaluation")
 
 METRICS = ("perplexity", "next_token_accuracy", "minimal_pair_accuracy")
+
+
+@dataclass
+class LesionResult:
+    """One subject's lesion study; unpacks as ``table, summary``.
+
+    Attributes
+    ----------
+    table : DataFrame
+        One row per condition (baseline, target, controls) with the metrics.
+    summary : dict
+        Target versus controls for each metric (see :func:`summarize`).
+    files : dict of str to Path
+        What was written, by role (``lesion``: the table; its sidecar holds the summary).
+    """
+
+    table: pd.DataFrame
+    summary: dict
+    files: dict = field(default_factory=dict)
+
+    def __iter__(self):
+        return iter((self.table, self.summary))
 
 
 @fill_doc
@@ -191,7 +214,7 @@ def run_lesion(
     model: str | LoadedModel | None = None,
     text_file: str | Path | None = None,
     verbose: int = 1,
-) -> dict[str, tuple[pd.DataFrame, dict]]:
+) -> dict[str, LesionResult]:
     """Lesion (or keep only) a neuron set in each subject's model; write TSV + JSON.
 
     The model is the one recorded for the subject (``participants.tsv`` ``model_spec``)
@@ -221,7 +244,7 @@ def run_lesion(
     Returns
     -------
     dict
-        Subject label -> (table, summary).
+        Subject label -> :class:`LesionResult` (which unpacks as ``table, summary``).
     """
     bids_dir = require_dataset(bids_dir)
     check_output_dir(bids_dir, output_dir)
@@ -271,7 +294,7 @@ def run_lesion(
             extension=".tsv",
             root=output_dir,
         ).fpath
-        write_table(
+        written = write_table(
             path,
             table,
             provenance(
@@ -292,5 +315,5 @@ def run_lesion(
             )
             | {"Summary": summary},
         )
-        results[sub] = (table, summary)
+        results[sub] = LesionResult(table, summary, {"lesion": written})
     return results
