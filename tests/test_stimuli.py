@@ -117,3 +117,15 @@ def test_tsv_reader_round_trips_hostile_text(tmp_path, texts):
     )
     stimset = read_stimuli(path, "t")
     assert [d.segments[0].text for d in stimset.documents] == texts
+
+
+def test_tsv_reader_keeps_nul_and_names_bad_rows(tmp_path):
+    """Every character survives whatever pandas version is installed (3.0 dropped NUL)."""
+    texts = ["\x00", "a\x00b", 'say "hi"\tthen\nleave']
+    path = tmp_path / "nul.tsv"
+    pd.DataFrame({"text": texts}).to_csv(path, sep="\t", index=False, quoting=csv.QUOTE_ALL)
+    assert [d.segments[0].text for d in read_stimuli(path, "t").documents] == texts
+    ragged = tmp_path / "ragged.tsv"
+    ragged.write_text("text\tcondition\nfine\tc\ntoo\tmany\tcells\n", encoding="utf-8")
+    with pytest.raises(StimuliError, match="row 3 has 3 cells, the header 2"):
+        read_stimuli(ragged, "t")

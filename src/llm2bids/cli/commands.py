@@ -62,7 +62,7 @@ def _record_args(p: argparse.ArgumentParser) -> None:
         "--device-map",
         default=None,
         help="e.g. 'auto' to spread a model larger than one GPU over several "
-        "(needs accelerate: pip install 'llm2bids[big]')",
+        "(accelerate, installed with llm2bids)",
     )
     g.add_argument(
         "--offload-folder",

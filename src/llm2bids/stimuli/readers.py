@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pandas as pd
@@ -64,11 +65,39 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _read_tsv(path: Path) -> list[Document]:
+def _read_table(path: Path) -> pd.DataFrame:
+    """Every cell of a TSV exactly as written (standard CSV quoting), all as strings.
+
+    Python's csv module, not pandas: pandas 3.0 dropped a NUL character inside a quoted field.
+    """
     try:
-        frame = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as err:
-        raise StimuliError(f"stimuli TSV {str(path)!r} cannot be parsed: {err}.") from err
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            rows = [row for row in csv.reader(f, delimiter="\t") if row]
+    except UnicodeDecodeError as err:
+        raise StimuliError(
+            f"stimuli TSV {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
+            "convert it to UTF-8."
+        ) from err
+    except csv.Error as err:  # Python 3.10 refuses NUL characters, for one
+        raise StimuliError(
+            f"stimuli TSV {str(path)!r} cannot be parsed: {err}. Remove NUL characters, and "
+            "quote cells holding tabs, line breaks or quotes with double quotes."
+        ) from err
+    if not rows:
+        raise StimuliError(f"stimuli TSV {str(path)!r} cannot be parsed: it is empty.")
+    header, *body = rows
+    for number, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise StimuliError(
+                f"stimuli TSV {str(path)!r} cannot be parsed: row {number} has {len(row)} "
+                f"cells, the header {len(header)}; quote cells holding tabs or line breaks "
+                "with double quotes."
+            )
+    return pd.DataFrame(body, columns=header, dtype=object)
+
+
+def _read_tsv(path: Path) -> list[Document]:
+    frame = _read_table(path)
     if "text" not in frame.columns:
         raise StimuliError(
             f"stimuli TSV {str(path)!r} has no 'text' column (columns: {list(frame.columns)}); "
