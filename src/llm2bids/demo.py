@@ -181,7 +181,7 @@ def run_demo(
                 model=lm,
                 verbose=verbose,
             )
-            summaries[name] = results[sub][1]
+            summaries[name] = results[sub].summary
             stages.finish(f"lesion-{name}", p)
         else:
             say(f"[5/8] lesion {name}: reused")

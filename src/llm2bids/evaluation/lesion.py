@@ -32,7 +32,7 @@ METRICS = ("perplexity", "next_token_accuracy", "minimal_pair_accuracy")
 
 @dataclass
 class LesionResult:
-    """One subject's lesion study; unpacks as ``table, summary``.
+    """One subject's lesion study; unpacks (and indexes) as the pair ``table, summary``.
 
     Attributes
     ----------
@@ -50,6 +50,12 @@ class LesionResult:
 
     def __iter__(self):
         return iter((self.table, self.summary))
+
+    def __getitem__(self, index):
+        return (self.table, self.summary)[index]
+
+    def __len__(self) -> int:
+        return 2
 
 
 @fill_doc

@@ -11,7 +11,13 @@ from .loading import (
     resolve_dtype,
     wrap_model,
 )
-from .registry import ARCHITECTURES, ArchSpec, arch_spec, register_architecture
+from .registry import (
+    ARCHITECTURES,
+    ArchSpec,
+    arch_spec,
+    discover_architecture,
+    register_architecture,
+)
 
 __all__ = [
     "ARCHITECTURES",
@@ -20,6 +26,7 @@ __all__ = [
     "ArchSpec",
     "LoadedModel",
     "arch_spec",
+    "discover_architecture",
     "clean_label",
     "embedded_model_path",
     "layer_count",

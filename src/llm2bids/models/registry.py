@@ -5,6 +5,13 @@ gated MLPs, after the gate product. One :class:`ArchSpec` per ``config.model_typ
 to find that module and the projections that produce the neurons, so recording, masking and
 pruning all read the same table.
 
+An architecture that is not registered is understood from its structure when it can be
+(:func:`discover_architecture`): the ``ModuleList`` of ``num_hidden_layers`` blocks (each with
+an attention module: a transformer decoder), and in a block the one linear layer that maps the MLP width back to the hidden size (the down
+projection), with the layers beside it that map the hidden size to the MLP width (up, gate).
+Such a spec says ``discovered=True``, and the recording's sidecar says so. Mixture-of-experts
+models are refused (see :func:`arch_spec`).
+
 To add an architecture::
 
     from llm2bids.models import ArchSpec, register_architecture
@@ -39,6 +46,8 @@ class ArchSpec:
         ``up`` is one module whose output stacks the gate then the up halves (Phi-3).
     conv1d : bool, default=False
         Weights are GPT-2 ``Conv1D`` (``(in, out)`` instead of ``(out, in)``).
+    discovered : bool, default=False
+        Found by :func:`discover_architecture` rather than registered.
     """
 
     layers: str
@@ -47,6 +56,7 @@ class ArchSpec:
     up: tuple[str, ...]
     fused_gate_up: bool = False
     conv1d: bool = False
+    discovered: bool = False
 
     def blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         """The model's list of transformer blocks."""
@@ -111,20 +121,138 @@ def register_architecture(model_type: str, spec: ArchSpec) -> None:
 def arch_spec(model: torch.nn.Module) -> ArchSpec:
     """Return the :class:`ArchSpec` of a transformers causal LM.
 
+    The registered spec of ``model.config.model_type`` when there is one, else the spec
+    :func:`discover_architecture` finds (remembered per model type and class).
+
     Raises
     ------
     UnsupportedArchitectureError
-        When ``model.config.model_type`` is not registered.
+        For a mixture-of-experts model, or a layout that cannot be understood.
     """
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in ARCHITECTURES:
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    _refuse_mixture_of_experts(model, model_type)
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    key = (model_type, type(model).__name__)
+    if key not in _DISCOVERED:
+        _DISCOVERED[key] = discover_architecture(model)
+    return _DISCOVERED[key]
+
+
+_DISCOVERED: dict[tuple, ArchSpec] = {}
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+_INTERMEDIATE = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size", "d_ff")
+
+
+def _refuse_mixture_of_experts(model: torch.nn.Module, model_type) -> None:
+    config = getattr(model, "config", None)
+    experts = max((getattr(config, a, None) or 0 for a in _EXPERT_COUNTS), default=0)
+    named = any(name.endswith(".experts") for name, _ in model.named_modules())
+    if (isinstance(experts, int) and experts > 1) or named:
         raise UnsupportedArchitectureError(
-            f"architecture {model_type!r} is not supported; supported: "
-            f"{', '.join(sorted(ARCHITECTURES))}. To add it, describe where its blocks, MLP, "
-            "down projection and up/gate projections live with "
+            f"{model_type!r} is a mixture-of-experts model, which llm2bids does not record: each "
+            "token passes through a few experts chosen by a router, so an expert's neurons have "
+            "no value at the other tokens, and a volume of all neurons at every token would be "
+            "mostly undefined. Record a dense model, or the residual stream of this one once "
+            "that is supported for mixtures of experts."
+        )
+
+
+def discover_architecture(model: torch.nn.Module) -> ArchSpec:
+    """Find the blocks, the MLP and its projections of an unregistered model by structure.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers causal LM.
+
+    Returns
+    -------
+    ArchSpec
+        With ``discovered=True``.
+
+    Raises
+    ------
+    UnsupportedArchitectureError
+        When the blocks or a single down projection cannot be found, or what is found does
+        not agree with the config.
+    """
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+
+    def refuse(why: str) -> UnsupportedArchitectureError:
+        return UnsupportedArchitectureError(
+            f"architecture {model_type!r} is not registered and its layout could not be "
+            f"understood ({why}); registered: {', '.join(sorted(ARCHITECTURES))}. Describe "
+            "where its blocks, MLP, down projection and up/gate projections live with "
             "llm2bids.models.register_architecture(model_type, ArchSpec(...))."
         )
-    return ARCHITECTURES[model_type]
+
+    n_layers = getattr(config, "num_hidden_layers", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not n_layers or not hidden:
+        raise refuse("its config has no num_hidden_layers / hidden_size")
+    lists = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n_layers and name
+    ]
+    if not lists:
+        raise refuse(f"no list of {n_layers} blocks")
+    layers = min(lists, key=lambda name: (name.count("."), name))
+    block = _get(model, layers)[0]
+    if not any(
+        "attn" in name.lower() or "attention" in name.lower() for name, _ in block.named_modules()
+    ):
+        raise refuse("its blocks have no attention: not a transformer decoder")
+    widths = {name: _widths(m) for name, m in block.named_modules() if _widths(m)}
+    downs = [n for n, (i, o) in widths.items() if o == hidden and i != hidden]
+    intermediate = next(
+        (getattr(config, a) for a in _INTERMEDIATE if getattr(config, a, None)), None
+    )
+    if len(downs) > 1 and intermediate:
+        downs = [n for n in downs if widths[n][0] == intermediate]
+    if len(downs) != 1:
+        raise refuse(
+            f"{len(downs)} linear layers map a wider input to the hidden size {hidden} in a block"
+            + (f": {', '.join(downs)}" if downs else "")
+        )
+    down_path = downs[0]
+    mlp, _, down = down_path.rpartition(".")
+    width = widths[down_path][0]
+    if intermediate and width != intermediate:
+        raise refuse(
+            f"the down projection {down_path} takes {width} inputs, the config {intermediate}"
+        )
+    siblings = {
+        n.rpartition(".")[2]: io
+        for n, io in widths.items()
+        if n.rpartition(".")[0] == mlp and n != down_path
+    }
+    up = tuple(n for n, (i, o) in siblings.items() if i == hidden and o in (width, 2 * width))
+    fused = any(siblings[n][1] == 2 * width for n in up)
+    if not up or (fused and len(up) > 1):
+        raise refuse(f"no projection beside {down_path} maps the hidden size to its {width} inputs")
+    conv1d = type(_get(block, down_path)).__name__ == "Conv1D"
+    return ArchSpec(
+        layers=layers,
+        mlp=mlp,
+        down=down,
+        up=up,
+        fused_gate_up=fused,
+        conv1d=conv1d,
+        discovered=True,
+    )
+
+
+def _widths(module: torch.nn.Module) -> tuple[int, int] | None:
+    """``(in, out)`` of a linear layer (``nn.Linear`` or transformers' ``Conv1D``), else None."""
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return module.weight.shape[0], module.nf
+    return None
 
 
 def _get(root: torch.nn.Module, dotted: str) -> torch.nn.Module:

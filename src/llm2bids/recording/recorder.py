@@ -18,7 +18,7 @@ from ..bids.geometry import VoxelGeometry
 from ..bids.names import check_label, strip_prefix
 from ..bids.path import BIDSPath, participant_id
 from ..exceptions import DiskSpaceError, InputError, ResourceError
-from ..models import HOOK_POINTS, LoadedModel, clean_label, load_model, neuron_hooks
+from ..models import HOOK_POINTS, LoadedModel, arch_spec, clean_label, load_model, neuron_hooks
 from ..models.hooks import HOOK_POINT_DESCRIPTIONS, layer_count, neurons_per_layer
 from ..stimuli import (
     BUILTIN_SETS,
@@ -459,6 +459,11 @@ def _sidecar(lm: LoadedModel, geometry: VoxelGeometry, layers, hook_point, param
         "ModelRevision": lm.revision,
         "ModelSource": lm.source,
         "Architecture": lm.architecture,
+        "ArchitectureLayout": (
+            "discovered from the model's structure (not registered)"
+            if arch_spec(lm.model).discovered
+            else "registered"
+        ),
         "HookPoint": hook_point,
         "HookPointDescription": HOOK_POINT_DESCRIPTIONS[hook_point],
         "RecordedLayers": layers,
