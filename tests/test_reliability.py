@@ -318,3 +318,61 @@ def test_batch_plan_is_fixed_by_the_runs_and_tapers_at_the_end():
     assert [[r.index for r in b] for b in _plan_batches(runs[::-1], 4)] == [
         [r.index for r in b] for b in plan
     ]
+
+
+def test_an_output_folder_inside_the_raw_dataset_is_refused(tmp_path, tiny_dir, valid):
+    """Only derivatives/ may hold analysis outputs inside a raw dataset (else it is invalid)."""
+    from llm2bids.cli.main import main
+
+    root = tmp_path / "bids"
+    llm2bids.record(root, model=str(tiny_dir("llama")), task="langloc", max_tokens=48, verbose=0)
+    before = _snapshot(root)
+    args = ["localize", str(root), str(root / "out"), "participant", "--task", "langloc"]
+    assert main(args) == 2
+    assert _snapshot(root) == before
+    valid(root)
+    inside = root / "derivatives" / "llm2bids"
+    assert main(["localize", str(root), str(inside), "participant", "--task", "langloc"]) == 0
+    valid(root)
+
+
+def test_a_removed_run_is_noticed_before_analysis(tmp_path, tiny_dir):
+    from llm2bids.exceptions import DatasetError
+
+    root = tmp_path / "bids"
+    paths = llm2bids.record(
+        root, model=str(tiny_dir("llama")), task="langloc", max_tokens=48, verbose=0
+    )
+    paths[1].unlink()
+    with pytest.raises(DatasetError, match=r"of \d+ runs are in the dataset \(missing run 02\)"):
+        llm2bids.run_networks(root, tmp_path / "out", n_components=2, verbose=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_never_writes_into_a_folder_of_other_files(tmp_path, tiny_dir):
+    from llm2bids.exceptions import InputError
+
+    keep = tmp_path / "keep.tsv"
+    keep.write_text("layer\tneuron\n0\t1\n1\t2\n2\t3\n", encoding="utf-8")
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"precious": true}')
+    with pytest.raises(InputError, match="not a pruned model"):
+        llm2bids.run_prune(str(tiny_dir("llama")), keep, folder)
+    assert (folder / "config.json").read_text() == '{"precious": true}'
+    pruned = tmp_path / "pruned"
+    llm2bids.run_prune(str(tiny_dir("llama")), keep, pruned)
+    with pytest.raises(InputError, match="--overwrite"):
+        llm2bids.run_prune(str(tiny_dir("llama")), keep, pruned)
+    llm2bids.run_prune(str(tiny_dir("llama")), keep, pruned, overwrite=True)
+
+
+def test_report_of_an_unknown_subject_is_an_error(tmp_path, tiny_dir):
+    from llm2bids.cli.main import main
+
+    root = tmp_path / "bids"
+    llm2bids.record(root, model=str(tiny_dir("llama")), task="langloc", max_tokens=48, verbose=0)
+    out = root / "derivatives" / "llm2bids"
+    llm2bids.run_localize(root, out, task="langloc", top_percent=5)
+    assert main(["report", str(out), "--participant-label", "nobody"]) == 2
+    assert not (out / "sub-nobody.html").exists()

@@ -247,7 +247,7 @@ def _prune_and_reload(lm, ranking: pd.DataFrame, fraction: float, folder: Path) 
     """Prune to the top ``fraction`` of neurons, reload, and compare with the masked model."""
     n_layers, n_neurons = layer_count(lm.model), neurons_per_layer(lm.model)[0]
     keep = top_neurons(ranking, fraction, n_layers, n_neurons)
-    result = run_prune(lm, keep, folder)
+    result = run_prune(lm, keep, folder, overwrite=True)  # the demo's own folder
     reloaded = load_pruned(folder).model
     ids = lm.tokenizer(
         "The children built a small wooden raft and floated it down the river." * 8,

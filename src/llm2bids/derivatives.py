@@ -22,12 +22,22 @@ from .exceptions import InputError
 
 
 def check_output_dir(bids_dir: str | Path, output_dir: str | Path) -> None:
-    """Refuse ``output_dir == bids_dir``: analyses never write into the raw dataset."""
-    bids_dir, output_dir = Path(bids_dir), Path(output_dir)
-    if output_dir.resolve() == bids_dir.resolve():
+    """Refuse a ``bids_dir`` that is not a dataset, and an output folder that would make it invalid.
+
+    Analyses never write into the raw dataset: ``output_dir`` must be outside ``bids_dir``, or
+    inside its ``derivatives/`` folder (which the validator and pybids expect there).
+    """
+    bids, out = require_dataset(bids_dir).resolve(), Path(output_dir).resolve()
+    if out == bids:
         raise InputError(
             "OUTPUT_DIR must differ from BIDS_DIR: analyses never write into the raw dataset. "
-            f"Use for example {bids_dir / 'derivatives' / 'llm2bids'}."
+            f"Use for example {Path(bids_dir) / 'derivatives' / 'llm2bids'}."
+        )
+    if bids in out.parents and bids / "derivatives" not in out.parents:
+        raise InputError(
+            f"OUTPUT_DIR {output_dir} lies inside the raw dataset {bids_dir} but not under its "
+            "derivatives/ folder, which would make the dataset invalid. Use for example "
+            f"{Path(bids_dir) / 'derivatives' / 'llm2bids'}, or a folder outside the dataset."
         )
 
 

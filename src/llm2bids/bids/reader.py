@@ -93,6 +93,32 @@ def check_same_geometry(runs: Sequence[Path]) -> VoxelGeometry:
     return geometries[0]
 
 
+def check_complete(runs: Sequence[Path]) -> None:
+    """Refuse a recording some of whose runs are missing (its sidecar says how many it has).
+
+    Parameters
+    ----------
+    runs : sequence of Path
+        ``_bold`` files of one or more recordings (subject, session, task, hook point).
+    """
+    by_recording: dict[BIDSPath, list[Path]] = defaultdict(list)
+    for path in runs:
+        by_recording[BIDSPath.from_path(path).update(run=None, extension=None)].append(path)
+    for recording, paths in by_recording.items():
+        expected = run_metadata(paths[0]).get("RecordingParameters", {}).get("n_runs")
+        if expected is None or len(paths) >= expected:
+            continue
+        present = {BIDSPath.from_path(p).run for p in paths}
+        missing = [f"{i:02d}" for i in range(1, expected + 1) if i not in present]
+        entities = ", ".join(f"{k} {v}" for k, v in recording.entities.items())
+        raise DatasetError(
+            f"recording ({entities}): {len(paths)} of {expected} runs are in the dataset "
+            f"(missing run {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}); a "
+            "recording was interrupted or its files were removed. Rerun `llm2bids record` with "
+            "the same arguments to complete it."
+        )
+
+
 def events_path(bold: str | Path) -> Path:
     """The ``_events.tsv`` that belongs to a ``_bold`` file."""
     bold = Path(bold)
@@ -156,6 +182,9 @@ def select_runs(
         if tasks and run.task not in tasks:
             continue
         selected[run.subject][run.task].append(path)
+    for by_task in selected.values():
+        for runs in by_task.values():
+            check_complete(runs)
     if not selected:
         raise DatasetError(
             f"no runs in {bids_dir} match participant(s) {participant_label or 'any'}, task(s) "

@@ -319,6 +319,9 @@ def _prune_args(p):
         help="FLAP-style: fold removed neurons' mean (over held-out text) into the bias",
     )
     p.add_argument("--device", default=default(llm2bids.run_prune, "device"), choices=DEVICES)
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a pruned model already in --out"
+    )
 
 
 @command(
@@ -332,6 +335,7 @@ def _prune(args) -> int:
         component=args.component,
         bias_compensation=args.bias_compensation,
         device=args.device,
+        overwrite=args.overwrite,
     )
     print(
         f"kept {result['kept_neurons']} of {result['total_neurons']} MLP neurons; parameters "

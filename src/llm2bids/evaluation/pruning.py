@@ -137,7 +137,13 @@ def _drop_dequantized_quantizer(model: torch.nn.Module) -> None:
             del model.config.quantization_config
 
 
-def save_pruned(model: torch.nn.Module, tokenizer, path: str | Path, source: str = "n/a") -> Path:
+def save_pruned(
+    model: torch.nn.Module,
+    tokenizer,
+    path: str | Path,
+    source: str = "n/a",
+    overwrite: bool = False,
+) -> Path:
     """Save a pruned model with ``save_pretrained`` plus its per-layer sizes.
 
     Parameters
@@ -150,11 +156,15 @@ def save_pruned(model: torch.nn.Module, tokenizer, path: str | Path, source: str
         The folder.
     source : str, default="n/a"
         The spec of the model it was pruned from (recorded in ``llm2bids_pruning.json``).
+    overwrite : bool, default=False
+        Replace a pruned model already saved in ``path``. A folder that holds anything else
+        is never written into.
     """
     kept = getattr(model, "llm2bids_kept_neurons", None)
     if kept is None:
         raise InputError("this model was not made by llm2bids.prune(); nothing records its sizes.")
     path = Path(path)
+    _check_pruned_folder(path, overwrite)
     model.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
@@ -174,6 +184,26 @@ def save_pruned(model: torch.nn.Module, tokenizer, path: str | Path, source: str
         },
     )
     return path
+
+
+def _check_pruned_folder(path: Path, overwrite: bool) -> None:
+    """Refuse to write into a folder that holds files, unless it is a pruned model to replace."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise InputError(f"{path} is a file; pass a folder for the pruned model.")
+    if not any(path.iterdir()):
+        return
+    if not (path / PRUNING_FILE).exists():
+        raise InputError(
+            f"{path} already holds files that are not a pruned model; nothing was written. "
+            "Choose a new or empty folder for the pruned model."
+        )
+    if not overwrite:
+        raise InputError(
+            f"{path} already holds a pruned model; pass --overwrite (overwrite=True) to "
+            "replace it, or choose another folder."
+        )
 
 
 def _legacy_renamed(model: torch.nn.Module, state: dict) -> dict:
@@ -272,6 +302,7 @@ def run_prune(
     component: int | None = None,
     bias_compensation: bool = False,
     device: str = "cpu",
+    overwrite: bool = False,
 ) -> dict:
     """Prune a model to a neuron set and save it: what ``llm2bids prune`` does.
 
@@ -291,6 +322,8 @@ def run_prune(
         down projection's bias.
     device : str, default="cpu"
         Where to load ``model`` when it is a spec.
+    overwrite : bool, default=False
+        Replace a pruned model already in ``output_dir`` (never anything else).
 
     Returns
     -------
@@ -304,6 +337,7 @@ def run_prune(
     from .masking import neuron_means
     from .neuronsets import read_neuron_set
 
+    _check_pruned_folder(Path(output_dir), overwrite)  # before loading anything
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
     if not isinstance(keep, np.ndarray):
         keep = read_neuron_set(
@@ -311,7 +345,7 @@ def run_prune(
         )
     means = neuron_means(lm, heldout_text()) if bias_compensation else None
     pruned = prune(lm.model, keep, means=means)
-    folder = save_pruned(pruned, lm.tokenizer, output_dir, source=lm.spec)
+    folder = save_pruned(pruned, lm.tokenizer, output_dir, source=lm.spec, overwrite=overwrite)
     return {
         "kept_neurons": int(keep.sum()),
         "total_neurons": int(keep.size),

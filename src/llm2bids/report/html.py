@@ -14,8 +14,9 @@ import pandas as pd
 from .._io import write_text
 from .._version import __version__
 from ..bids.dataset import NOT_BRAIN_DATA
-from ..bids.path import BIDSPath, figures_dir, participant_id, report_path
+from ..bids.path import BIDSPath, figures_dir, participant_id, report_path, subjects
 from ..decomposition import METHODS
+from ..exceptions import DatasetError
 from ..models.hooks import HOOK_POINT_DESCRIPTIONS
 from . import figures as fig
 
@@ -290,8 +291,19 @@ def build_report(derivatives: str | Path, subject: str) -> Path:
     -------
     Path
         The report.
+
+    Raises
+    ------
+    DatasetError
+        When the folder holds no derivatives of ``subject`` (nothing is written).
     """
     root = Path(derivatives)
+    if not BIDSPath(subject=subject, root=root).match():
+        known = subjects(root)
+        raise DatasetError(
+            f"{root} holds no derivatives of subject {subject!r}"
+            + (f"; it has {', '.join(known)}." if known else "; is it a derivatives folder?")
+        )
     ctx = _Context(root, figures_dir(root, subject))
     sections: list[str] = []
     for section in SECTIONS:
