@@ -376,3 +376,53 @@ def test_report_of_an_unknown_subject_is_an_error(tmp_path, tiny_dir):
     llm2bids.run_localize(root, out, task="langloc", top_percent=5)
     assert main(["report", str(out), "--participant-label", "nobody"]) == 2
     assert not (out / "sub-nobody.html").exists()
+
+
+def test_bad_cli_inputs_are_errors_not_tracebacks(tmp_path, tiny_dir, capsys):
+    from llm2bids.cli.main import main
+
+    root, model = tmp_path / "bids", str(tiny_dir("llama"))
+    llm2bids.record(root, model=model, task="langloc", max_tokens=48, verbose=0)
+    out = str(root / "derivatives" / "llm2bids")
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("layer\tneuron\n0\t1\n0\tx\n", encoding="utf-8")
+    good = tmp_path / "good.tsv"
+    good.write_text("layer\tneuron\n0\t1\n", encoding="utf-8")
+    cases = [
+        (
+            ["lesion", str(root), out, "participant", "--networks", str(bad), "--model", model],
+            "data row 2 holds 'x'",
+        ),
+        (
+            [
+                "localize",
+                str(root),
+                out,
+                "participant",
+                "--task",
+                "langloc",
+                "--contrast",
+                "sentence -",
+            ],
+            "not a valid expression",
+        ),
+        (
+            [
+                "lesion",
+                str(root),
+                out,
+                "participant",
+                "--networks",
+                str(good),
+                "--model",
+                model,
+                "--eval-text",
+                str(tmp_path / "missing.txt"),
+            ],
+            "cannot be read",
+        ),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err

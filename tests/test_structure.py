@@ -145,3 +145,25 @@ def test_cli_defaults_are_the_libraries():
     assert args.max_tokens == 512 and args.batch_size == 4
     args = parser.parse_args(["localize", "b", "o", "participant", "--task", "t"])
     assert args.hook_point == "mlp"
+
+
+def test_help_states_every_default():
+    """Each option with a default says it; required options and flags do not say '(default:'."""
+    from llm2bids.cli.main import build_parser
+
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if not action.option_strings or action.help == "==SUPPRESS==":
+                continue
+            shown = f"(default: {action.default})"
+            if (
+                action.required
+                or action.default in (None, "==SUPPRESS==")
+                or isinstance(action.default, bool)
+            ):
+                continue
+            flat = "".join(text.split())  # help wraps lines, even inside a value
+            assert shown.replace(" ", "") in flat, f"{name} {action.option_strings[0]}"
+        assert "(default: None)" not in text, name

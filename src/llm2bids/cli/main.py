@@ -18,8 +18,38 @@ from .registry import COMMANDS
 logger = logging.getLogger("llm2bids")
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Every option with a default says it (the library's default; see ``commands.default``).
+
+    Unlike ``ArgumentDefaultsHelpFormatter``: options without help text show theirs too, and
+    required options, flags and ``None`` defaults show none.
+    """
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=32)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shows = (
+            action.option_strings
+            and not action.required
+            and action.default is not None
+            and action.default is not argparse.SUPPRESS
+            and not isinstance(action.default, bool)
+            and "%(default)" not in text
+        )
+        return f"{text} (default: %(default)s)".strip() if shows else text
+
+    def _format_action(self, action):
+        if not action.help and action.help is not argparse.SUPPRESS:
+            action.help = None
+            if self._get_help_string(action):  # nothing to say but the default
+                action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+
 def _formatter(prog):
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=32)
+    return _Formatter(prog)
 
 
 def add_bids_app_arguments(parser: argparse.ArgumentParser) -> None:

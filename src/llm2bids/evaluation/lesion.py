@@ -269,7 +269,10 @@ def run_lesion(
         subjects = [strip_prefix(p) for p in read_participants(bids_dir).participant_id]
     text = None
     if text_file is not None:
-        text = Path(text_file).read_text(encoding="utf-8")
+        try:
+            text = Path(text_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"evaluation text {text_file} cannot be read: {err}.") from err
         if not text.strip():
             raise InputError(f"evaluation text {text_file} is empty.")
     pairs = minimal_pairs()

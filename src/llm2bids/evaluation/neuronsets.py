@@ -88,7 +88,20 @@ def _from_table(path: Path, component) -> tuple[np.ndarray, np.ndarray]:
         if "component" not in table:
             raise InputError(f"{path.name} has no component column to pick {component} from.")
         table = table[table.component == component]
-    return table.layer.to_numpy(int), table.neuron.to_numpy(int)
+    return _indices(table, "layer", path), _indices(table, "neuron", path)
+
+
+def _indices(table: pd.DataFrame, column: str, path: Path) -> np.ndarray:
+    """A column of whole numbers, or an error naming the first row that is not one."""
+    values = pd.to_numeric(table[column], errors="coerce")
+    bad = values.isna() | (values != values.round())
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(
+            f"{path.name}: {column} must be a whole number on every row; data row {row + 1} "
+            f"holds {table[column].iloc[row]!r}."
+        )
+    return values.to_numpy().astype(int)
 
 
 def _from_image(path: Path, n_neurons, component, threshold) -> tuple[np.ndarray, np.ndarray]:

@@ -109,6 +109,8 @@ def _contrast_names(contrast: str) -> set[str]:
 
 
 def _check_contrast(contrast: str, conditions: set[str]) -> None:
+    from nilearn.glm.contrasts import expression_to_contrast_vector
+
     names = _contrast_names(contrast)
     missing = sorted(names - conditions)
     if missing:
@@ -116,6 +118,13 @@ def _check_contrast(contrast: str, conditions: set[str]) -> None:
             f"contrast {contrast!r} names {missing}, which are not conditions of these runs; "
             f"conditions (trial_type values): {sorted(conditions)}."
         )
+    try:  # what nilearn will do with it, before anything is fitted
+        expression_to_contrast_vector(contrast, [*sorted(conditions), "constant"])
+    except (ValueError, SyntaxError) as err:
+        raise InputError(
+            f"contrast {contrast!r} is not a valid expression over the conditions "
+            f"{sorted(conditions)} (for example 'sentence - nonword'): {str(err).splitlines()[0]}"
+        ) from err
 
 
 def _events_and_masks(runs: Sequence[Path]):
