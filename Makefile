@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.llm2bids-installed
 DEMO_DIR ?= demo_output
 
-.PHONY: install test test-all demo bench bench-quick lint format clean
+.PHONY: install test test-all demo readme-demo bench bench-quick lint format clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-all: install
 
 demo: install
 	$(VENV)/bin/llm2bids demo $(DEMO_DIR)
+
+# The README's demo numbers, regenerated from a demo run of this code.
+readme-demo: demo
+	$(PY) docs/readme_demo.py $(DEMO_DIR)
 
 bench: install
 	$(PY) benchmarks/run.py

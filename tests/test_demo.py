@@ -103,3 +103,43 @@ def test_report_renders_in_headless_chromium(demo, tmp_path):
         capture_output=True,
     )
     assert shot.stat().st_size > 10_000
+
+
+def test_readme_section_is_written_from_the_demo_files(demo, tmp_path):
+    import importlib.util
+
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location(
+        "readme_demo", Path(__file__).parents[1] / "docs" / "readme_demo.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, result = demo
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{module.START}\nstale numbers\n{module.END}\nrest\n")
+    section = module.demo_section(out)
+    assert f"wrote {len(llm2bids.find_runs(result['bids']))} runs" in section
+    from llm2bids.bids.path import BIDSPath, subjects
+
+    (sub,) = subjects(result["derivatives"])
+    keys = BIDSPath(
+        subject=sub,
+        acquisition="mlp",
+        description="canica",
+        suffix="keyneurons",
+        extension=".tsv",
+        root=result["derivatives"],
+    ).fpath
+    n_keys = len(pd.read_csv(keys, sep="\t").drop_duplicates(["layer", "neuron"]))
+    assert f"{n_keys} key neurons" in section
+    import subprocess as sp
+    import sys
+
+    sp.run(
+        [sys.executable, str(Path(spec.origin)), str(out), "--readme", str(readme)],
+        check=True,
+        capture_output=True,
+    )
+    text = readme.read_text()
+    assert "stale numbers" not in text and section in text and text.endswith("rest\n")
