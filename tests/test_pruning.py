@@ -67,6 +67,12 @@ def test_pruned_equals_masked_keep_and_reloads(arch, tmp_path):
         )
     assert reloaded.tokenizer is not None
     assert _n_params(reloaded.model) == _n_params(pruned)
+    # every command that takes --model takes a pruned folder (its config.json says dense widths)
+    with torch.inference_mode():
+        np.testing.assert_array_equal(
+            llm2bids.load_model(str(tmp_path / "p"), device="cpu")(IDS).logits.numpy(),
+            logits.numpy(),
+        )
 
 
 def test_bias_compensation_equals_mean_masking(tmp_path):

