@@ -86,14 +86,10 @@ def write_run(
     ``.nii.gz`` goes through nibabel.
     """
     path = Path(path)
+    if path.name.endswith(".nii") and block.dtype == np.float32 and block.flags.c_contiguous:
+        return write_run_pieces(path, [[block]], geometry, block.shape[0], repetition_time)
     with atomic_path(path) as tmp:
-        if path.name.endswith(".nii") and block.dtype == np.float32 and block.flags.c_contiguous:
-            head = header_bytes(geometry, block.shape[0], float(repetition_time))
-            with open(tmp, "wb", buffering=0) as f:
-                _write_all(f, memoryview(head))
-                _write_all(f, memoryview(block).cast("B"))
-        else:
-            run_image(block, geometry, repetition_time).to_filename(tmp)
+        run_image(block, geometry, repetition_time).to_filename(tmp)
     return path
 
 

@@ -115,7 +115,7 @@ class BIDSPath:
         root = self._require_root()
         if self.subject is None:
             return root
-        folder = root / f"sub-{self.subject}"
+        folder = root / participant_id(self.subject)
         if self.session is not None:
             folder = folder / f"ses-{self.session}"
         return folder / self.datatype
@@ -204,18 +204,30 @@ class BIDSPath:
                     found.append(candidate)
         return sorted(found, key=lambda p: p.fpath)
 
-    def sidecar(self) -> BIDSPath:
-        """The JSON sidecar that describes this file, by the inheritance principle.
+    def sidecars(self) -> list[BIDSPath]:
+        """The JSON sidecars that apply to this file by the inheritance principle.
 
-        The file's own ``.json`` if it exists, else the same name without its run (the sidecar
-        a recording writes once for all its runs); without either, the file's own name.
+        Most general first: the dataset level (``task-<label>_<suffix>.json`` at the root),
+        the recording level (the name without its run), the file's own; metadata read in this
+        order, later values winning, is the file's.
         """
         own = self.update(extension=".json")
-        if self.run is not None and self.root is not None and not own.fpath.exists():
-            shared = own.update(run=None)
-            if shared.fpath.exists():
-                return shared
-        return own
+        chain = []
+        if self.subject is not None and self.task is not None:
+            chain.append(
+                BIDSPath(task=self.task, suffix=self.suffix, extension=".json", root=self.root)
+            )
+        if self.run is not None:
+            chain.append(own.update(run=None))
+        return [*chain, own]
+
+    def sidecar(self) -> BIDSPath:
+        """The most specific of :meth:`sidecars` that exists; the file's own name without one."""
+        if self.root is not None:
+            for candidate in reversed(self.sidecars()):
+                if candidate.fpath.exists():
+                    return candidate
+        return self.update(extension=".json")
 
     def _require_root(self) -> Path:
         if self.root is None:
@@ -260,14 +272,14 @@ def subjects(root: str | os.PathLike) -> list[str]:
 
 def report_path(root: str | os.PathLike, subject: str) -> Path:
     """``root/sub-<subject>.html``: a subject's report, beside its folder (as fMRIPrep's)."""
-    return Path(root) / f"sub-{BIDSPath(subject=subject).subject}.html"
+    return Path(root) / f"{participant_id(subject)}.html"
 
 
 def figures_dir(root: str | os.PathLike, subject: str) -> Path:
     """``root/figures/sub-<subject>``: where a subject's report figures go."""
-    return Path(root) / "figures" / f"sub-{BIDSPath(subject=subject).subject}"
+    return Path(root) / "figures" / participant_id(subject)
 
 
 def pruned_dir(root: str | os.PathLike, subject: str) -> Path:
     """``root/pruned/sub-<subject>``: where a derivatives folder keeps a pruned model."""
-    return Path(root) / "pruned" / f"sub-{BIDSPath(subject=subject).subject}"
+    return Path(root) / "pruned" / participant_id(subject)

@@ -60,9 +60,7 @@ def sidecar_paths(bold: Path) -> list[Path]:
     """Sidecars that apply to ``bold`` (inheritance: dataset level first, run level last)."""
     run = BIDSPath.from_path(bold)
     root = bold.parents[3] if run.session else bold.parents[2]
-    json = BIDSPath(task=run.task, suffix="bold", extension=".json", root=root)
-    recording = run.update(run=None, extension=".json", root=root)
-    return [json.fpath, recording.fpath, run.update(extension=".json", root=root).fpath]
+    return [sidecar.fpath for sidecar in run.update(root=root).sidecars()]
 
 
 def run_metadata(bold: str | Path) -> dict:
@@ -101,15 +99,16 @@ def check_complete(runs: Sequence[Path]) -> None:
     runs : sequence of Path
         ``_bold`` files of one or more recordings (subject, session, task, hook point).
     """
-    by_recording: dict[BIDSPath, list[Path]] = defaultdict(list)
+    by_recording: dict[BIDSPath, dict[int, Path]] = defaultdict(dict)
     for path in runs:
-        by_recording[BIDSPath.from_path(path).update(run=None, extension=None)].append(path)
+        run = BIDSPath.from_path(path)
+        by_recording[run.update(run=None, extension=None)][run.run] = path
     for recording, paths in by_recording.items():
-        expected = run_metadata(paths[0]).get("RecordingParameters", {}).get("n_runs")
+        first = next(iter(paths.values()))
+        expected = run_metadata(first).get("RecordingParameters", {}).get("n_runs")
         if expected is None or len(paths) >= expected:
             continue
-        present = {BIDSPath.from_path(p).run for p in paths}
-        missing = [f"{i:02d}" for i in range(1, expected + 1) if i not in present]
+        missing = [f"{i:02d}" for i in range(1, expected + 1) if i not in paths]
         entities = ", ".join(f"{k} {v}" for k, v in recording.entities.items())
         raise DatasetError(
             f"recording ({entities}): {len(paths)} of {expected} runs are in the dataset "
@@ -122,8 +121,9 @@ def check_complete(runs: Sequence[Path]) -> None:
 def events_path(bold: str | Path) -> Path:
     """The ``_events.tsv`` that belongs to a ``_bold`` file."""
     bold = Path(bold)
-    run = BIDSPath.from_path(bold, root=bold.parent)  # the folder itself: no directory logic
-    return bold.with_name(run.update(suffix="events", extension=".tsv").basename)
+    return bold.with_name(
+        BIDSPath.from_path(bold).update(suffix="events", extension=".tsv").basename
+    )
 
 
 def find_runs(

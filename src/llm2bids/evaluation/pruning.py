@@ -24,8 +24,6 @@ from ..models import LoadedModel, arch_spec
 from ..models.loading import PRUNED_MODEL_FILE
 from .masking import check_mask
 
-PRUNING_FILE = PRUNED_MODEL_FILE
-
 
 def _out_slice(module, rows: torch.Tensor, conv1d: bool):
     """A copy of ``module`` keeping output features ``rows``."""
@@ -171,7 +169,7 @@ def save_pruned(
         tokenizer.save_pretrained(path)
     spec = arch_spec(model)
     _io.write_json(
-        path / PRUNING_FILE,
+        path / PRUNED_MODEL_FILE,
         {
             "GeneratedBy": generated_by(),
             "Source": source,
@@ -195,7 +193,7 @@ def _check_pruned_folder(path: Path, overwrite: bool) -> None:
         raise InputError(f"{path} is a file; pass a folder for the pruned model.")
     if not any(path.iterdir()):
         return
-    if not (path / PRUNING_FILE).exists():
+    if not (path / PRUNED_MODEL_FILE).exists():
         raise InputError(
             f"{path} already holds files that are not a pruned model; nothing was written. "
             "Choose a new or empty folder for the pruned model."
@@ -247,10 +245,10 @@ def load_pruned(path: str | Path, device: str = "cpu") -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    info_path = path / PRUNING_FILE
+    info_path = path / PRUNED_MODEL_FILE
     if not info_path.exists():
         raise ModelLoadError(
-            f"{path} has no {PRUNING_FILE} with the per-layer sizes, so its pruned matrices "
+            f"{path} has no {PRUNED_MODEL_FILE} with the per-layer sizes, so its pruned matrices "
             "cannot be rebuilt; pass a folder written by llm2bids.save_pruned / `llm2bids prune`."
         )
     info = json.loads(info_path.read_text())

@@ -127,15 +127,13 @@ def arch_spec(model: torch.nn.Module) -> ArchSpec:
     Raises
     ------
     UnsupportedArchitectureError
-        For a mixture-of-experts model, or a layout that cannot be understood.
+        For an unregistered mixture-of-experts model, or a layout that cannot be understood.
     """
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    _refuse_mixture_of_experts(model, model_type)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type in ARCHITECTURES:
         return ARCHITECTURES[model_type]
     key = (model_type, type(model).__name__)
-    if key not in _DISCOVERED:
+    if key not in _DISCOVERED:  # walks the modules once per model type, not per call
         _DISCOVERED[key] = discover_architecture(model)
     return _DISCOVERED[key]
 
@@ -175,11 +173,12 @@ def discover_architecture(model: torch.nn.Module) -> ArchSpec:
     Raises
     ------
     UnsupportedArchitectureError
-        When the blocks or a single down projection cannot be found, or what is found does
-        not agree with the config.
+        For a mixture-of-experts model; when the blocks or a single down projection cannot be
+        found, or what is found does not agree with the config.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
+    _refuse_mixture_of_experts(model, model_type)
 
     def refuse(why: str) -> UnsupportedArchitectureError:
         return UnsupportedArchitectureError(

@@ -161,12 +161,13 @@ class RunWriter:
         bold, events = paths
         n = len(run)
         captured.wait()
-        if captured.layers is None:
+        if captured.layers is None:  # laid out and checked where it was captured
             block = captured.host[row, :n].numpy()  # contiguous: the run's NIfTI data block
             if not captured.finite[row]:
                 _raise_nonfinite([block[:, z] for z in range(block.shape[1])], run, self.layers)
         else:
             layers = captured.run_layers(row, n)
+            block = None
             if bold.name.endswith(".gz"):  # compressed: nibabel needs the whole block
                 block = self.geometry.empty_block(n)
                 for z, layer in enumerate(layers):
@@ -177,9 +178,9 @@ class RunWriter:
             tokens = self.tokenizer.batch_decode([[int(t)] for t in run.token_ids])
         write_events(events, events_frame(run.token_ids, tokens, run.conditions, run.special))
         try:  # the bold file last: it marks the run done
-            if captured.layers is None or bold.name.endswith(".gz"):
+            if block is not None:
                 write_run(bold, block, self.geometry, REPETITION_TIME)
-            else:
+            else:  # laid out by the writes themselves, each piece checked as it goes
                 pieces = self._checked_pieces(layers, run)
                 write_run_pieces(bold, pieces, self.geometry, n, REPETITION_TIME)
         except NumericalError:
