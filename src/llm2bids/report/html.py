@@ -246,18 +246,20 @@ def _lesions(files: list[BIDSPath], ctx: _Context) -> list[str]:
 
 
 def _keep_only(files: list[BIDSPath], ctx: _Context) -> list[str]:
-    return [
-        "<h2>Keep only the key neurons</h2>"
-        + ctx.figure(
-            fig.keep_only_plot(
-                pd.read_csv(keep.fpath, sep="\t"), ctx.figures / "keep-only.png", "keep-only curves"
-            ),
-            "Metrics when only the top key neurons (by |z|) are kept, versus random sets of the "
-            "same size.",
+    sections = []
+    for keep in files:
+        table = pd.read_csv(keep.fpath, sep="\t")
+        figure = fig.keep_only_plot(table, ctx.figures / "keep-only.png", "keep-only curves")
+        sections.append(
+            "<h2>Keep only the key neurons</h2>"
+            + ctx.figure(
+                figure,
+                "Metrics when only the top key neurons (by |z|) are kept, versus random sets of "
+                "the same size.",
+            )
+            + _table(table, 30)
         )
-        + _table(pd.read_csv(keep.fpath, sep="\t"), 30)
-        for keep in files
-    ]
+    return sections
 
 
 def _pruning(files: list[BIDSPath], ctx: _Context) -> list[str]:
