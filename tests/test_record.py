@@ -220,6 +220,42 @@ def test_layers_subset_and_resid_hook(tmp_path, tiny_dir, valid):
     valid(root)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gated; non-gated with Conv1D and biases
+def test_mlp_out_round_trip_is_exact(tmp_path, tiny_dir, valid, arch):
+    """acq-mlpout holds each layer's down-projection output (hidden size wide), exactly."""
+    root = tmp_path / "bids"
+    paths = llm2bids.record(
+        root,
+        model=str(tiny_dir(arch)),
+        task="arithmetic",
+        hook_point="mlp_out",
+        max_tokens=48,
+        batch_size=1,  # the reference runs one sequence at a time (same matrix shapes)
+        device="cpu",  # compared with a CPU reference below
+        verbose=0,
+    )
+    assert all("_acq-mlpout_" in p.name for p in paths)
+    lm = llm2bids.load_model(str(tiny_dir(arch)), device="cpu")
+    stims = tokenize_runs(builtin_set("arithmetic"), lm.tokenizer, max_tokens=48)
+    for bold, stim in zip(paths, stims):
+        run = load_run(bold)
+        assert run.geometry.n_neurons == lm.model.config.hidden_size
+        assert run.metadata["HookPoint"] == "mlp_out"
+        expected = direct_activations(lm.model, stim.token_ids, output=True)
+        np.testing.assert_array_equal(run.by_layer(), expected)
+    assert (
+        load_run(
+            root=root,
+            subject=paths[0].name.split("_")[0],
+            task="arithmetic",
+            run=1,
+            hook_point="mlp_out",
+        ).data.shape[1]
+        == expected.shape[1] * expected.shape[2]
+    )
+    valid(root)
+
+
 def test_hooks_bind_each_layer_and_are_removed():
     model = tiny_model("llama")
     spec = arch_spec(model)

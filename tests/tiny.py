@@ -199,19 +199,31 @@ def save_tiny(arch: str, folder, seed: int = 0):
     return folder
 
 
-def direct_activations(model, token_ids):
-    """Each layer's down-projection input, hooked straight from the module on the model's
-    device (independently of llm2bids' hooks), as ``(tokens, layers, neurons)`` float32."""
+def direct_activations(model, token_ids, output=False):
+    """Each layer's down-projection input (``output=True``: its output), hooked straight from
+    the module on the model's device (independently of llm2bids' hooks), as
+    ``(tokens, layers, neurons)`` float32."""
     from llm2bids.models import arch_spec
 
     spec = arch_spec(model)
     seen = {}
-    handles = [
-        spec.down_module(model, layer).register_forward_pre_hook(
-            lambda m, args, layer=layer: seen.__setitem__(layer, args[0].detach().float().cpu())
-        )
-        for layer in range(len(spec.blocks(model)))
-    ]
+    downs = [spec.down_module(model, layer) for layer in range(len(spec.blocks(model)))]
+    if output:
+        handles = [
+            down.register_forward_hook(
+                lambda m, args, out, layer=layer: seen.__setitem__(
+                    layer, out.detach().float().cpu()
+                )
+            )
+            for layer, down in enumerate(downs)
+        ]
+    else:
+        handles = [
+            down.register_forward_pre_hook(
+                lambda m, args, layer=layer: seen.__setitem__(layer, args[0].detach().float().cpu())
+            )
+            for layer, down in enumerate(downs)
+        ]
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():

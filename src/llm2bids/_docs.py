@@ -16,9 +16,10 @@ docdict: dict[str, str] = {
     ``<bids_dir>/derivatives/llm2bids``.""",
     "participant_label": """participant_label : sequence of str or None, default=None
     Subjects (models) to analyse, with or without ``sub-``; ``None`` takes every one.""",
-    "hook_point": """hook_point : {"mlp", "resid"}, default="mlp"
+    "hook_point": """hook_point : {"mlp", "mlp_out", "resid"}, default="mlp"
     Which recording to use (the ``acq-`` entity): ``"mlp"``, the MLP neurons (input of each
-    layer's down projection), or ``"resid"``, the residual stream (output of each block).""",
+    layer's down projection; ``acq-mlp``), ``"mlp_out"``, the MLP output (output of the down
+    projection; ``acq-mlpout``), or ``"resid"``, the residual stream (output of each block).""",
     "verbose": """verbose : int, default=1
     0 is silent; 1 shows progress bars.""",
     "seed": """seed : int, default=0

@@ -22,3 +22,8 @@ def check_label(value: str, entity: str) -> str:
 def strip_prefix(label: str, prefix: str = "sub-") -> str:
     """Accept a label with or without its entity prefix (``sub-gpt2`` or ``gpt2``)."""
     return label[len(prefix) :] if label.startswith(prefix) else label
+
+
+def acquisition_label(hook_point: str) -> str:
+    """The ``acq-`` label of a hook point: labels are alphanumeric (``mlp_out`` -> ``mlpout``)."""
+    return hook_point.replace("_", "")

@@ -17,7 +17,7 @@ from ..exceptions import DatasetError, InputError
 from .dataset import require_dataset
 from .events import read_events
 from .geometry import VoxelGeometry
-from .names import strip_prefix
+from .names import acquisition_label, strip_prefix
 from .nifti import open_run, read_volume
 from .path import BIDSPath
 
@@ -148,7 +148,7 @@ def find_runs(
         subject=strip_prefix(subject) if subject else None,
         session=strip_prefix(session, "ses-") if session else None,
         task=task or None,
-        acquisition=hook_point or None,
+        acquisition=acquisition_label(hook_point) if hook_point else None,
         suffix="bold",
         root=root,
     )

@@ -37,7 +37,8 @@ def _hook_point_argument(group, fn, help_text: str | None = None) -> None:
         default=default(fn, "hook_point"),
         choices=HOOK_POINTS,
         help=help_text
-        or "which recording to analyse (the acq- entity): MLP neurons or residual stream",
+        or "which recording to analyse (the acq- entity): MLP neurons (acq-mlp), MLP output "
+        "(acq-mlpout) or residual stream (acq-resid)",
     )
 
 
@@ -101,6 +102,7 @@ def _record_args(p: argparse.ArgumentParser) -> None:
         g,
         llm2bids.record,
         "what to record (the acq- entity): mlp = MLP neurons (input of the down projection), "
+        "mlp_out = MLP output (output of the down projection, acq-mlpout), "
         "resid = residual stream (output of each block)",
     )
     g.add_argument("--layers", type=int, nargs="+", default=None, help="record only these layers")

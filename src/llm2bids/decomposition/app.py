@@ -14,6 +14,7 @@ from sklearn.base import clone
 from tqdm.auto import tqdm
 
 from .._docs import fill_doc
+from ..bids.names import acquisition_label
 from ..bids.path import BIDSPath, by_role
 from ..bids.reader import check_same_geometry, run_metadata, select_runs, special_mask
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_img, write_table
@@ -98,7 +99,9 @@ def run_networks(
             "estimator": template.estimator_params(),
             "model_id": model_id,
         }
-        recording = BIDSPath(subject=sub, acquisition=hook_point, root=output_dir)
+        recording = BIDSPath(
+            subject=sub, acquisition=acquisition_label(hook_point), root=output_dir
+        )
         bar = tqdm(total=len(by_task) + 1, desc=f"{sub} networks", disable=not verbose)
         for task, runs in by_task.items():
             fit = clone(template).fit(runs)

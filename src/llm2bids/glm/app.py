@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from .._docs import fill_doc
+from ..bids.names import acquisition_label
 from ..bids.path import BIDSPath
 from ..bids.reader import run_metadata, select_runs
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_img, write_table
@@ -72,7 +73,12 @@ def run_localize(
     output_dir = init_derivatives(output_dir, bids_dir)
     for sub, res in results.items():
         runs = selected[sub][task]
-        base = BIDSPath(subject=sub, task=task, acquisition=hook_point, root=output_dir)
+        base = BIDSPath(
+            subject=sub,
+            task=task,
+            acquisition=acquisition_label(hook_point),
+            root=output_dir,
+        )
         selected_units = base.update(description=label, extension=".tsv")
         side = provenance(
             contrast=contrast,

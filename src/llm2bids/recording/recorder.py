@@ -15,11 +15,16 @@ from tqdm.auto import tqdm
 from .. import _io
 from ..bids import dataset as bids_dataset
 from ..bids.geometry import VoxelGeometry
-from ..bids.names import check_label, strip_prefix
+from ..bids.names import acquisition_label, check_label, strip_prefix
 from ..bids.path import BIDSPath, participant_id
 from ..exceptions import DiskSpaceError, InputError, ResourceError
-from ..models import HOOK_POINTS, LoadedModel, arch_spec, clean_label, load_model, neuron_hooks
-from ..models.hooks import HOOK_POINT_DESCRIPTIONS, layer_count, neurons_per_layer
+from ..models import LoadedModel, arch_spec, clean_label, load_model, neuron_hooks
+from ..models.hooks import (
+    HOOK_POINT_DESCRIPTIONS,
+    check_hook_point,
+    layer_count,
+    neurons_per_layer,
+)
 from ..stimuli import (
     BUILTIN_SETS,
     RunStimulus,
@@ -111,8 +116,7 @@ def record(
     list of Path
         The ``_bold`` files of all runs (written now or before).
     """
-    if hook_point not in HOOK_POINTS:
-        raise InputError(f"hook_point must be one of {HOOK_POINTS}, got {hook_point!r}.")
+    check_hook_point(hook_point)
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
     stimulus_sets = _stimulus_sets(task, stimuli)
@@ -240,7 +244,11 @@ def _record_task(
         root, stimset.task, stimset.task_metadata(), stimset.files(), overwrite=overwrite
     )
     recording = BIDSPath(
-        subject=sub, session=ses, task=stimset.task, acquisition=hook_point, root=root
+        subject=sub,
+        session=ses,
+        task=stimset.task,
+        acquisition=acquisition_label(hook_point),
+        root=root,
     )
     sidecar = recording.update(suffix="bold", extension=".json").fpath
     params = {

@@ -17,7 +17,7 @@ from ..bids.dataset import NOT_BRAIN_DATA
 from ..bids.path import BIDSPath, figures_dir, participant_id, report_path, subjects
 from ..decomposition import METHODS
 from ..exceptions import DatasetError
-from ..models.hooks import HOOK_POINT_DESCRIPTIONS
+from ..models.hooks import HOOK_POINT_DESCRIPTIONS, hook_point_of
 from . import figures as fig
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
@@ -80,7 +80,7 @@ def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
         return []
     c = overall[0]
     ctx.params["networks"] = _sidecar(c).get("Parameters", {})
-    ctx.params["hook_point"] = c.acquisition
+    ctx.params["hook_point"] = hook_point_of(c.acquisition)
     n_comp = fig.load_volume(c.fpath).shape[3]
     parts = ["<h2>Functional networks</h2>"]
     for k in range(min(n_comp, 4)):
