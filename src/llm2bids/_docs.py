@@ -38,6 +38,18 @@ docdict: dict[str, str] = {
     Text for perplexity and next-token accuracy; ``None`` is the built-in held-out text.""",
     "pairs": """pairs : DataFrame or None, default=None
     Minimal pairs (``phenomenon, good, bad``); ``None`` is :func:`minimal_pairs`'s.""",
+    "fill": """fill : {"zero", "mean"}, default="zero"
+    What a masked neuron is replaced by: zero, or its mean activation over
+    ``calibration_text``.""",
+    "calibration_text": """calibration_text : str or None, default=None
+    Text the means of ``fill="mean"`` are taken over; ``None`` is the built-in recording
+    stimuli. It must not overlap the evaluation text (that would leak it into the model).""",
+    "protected_layers": """protected_layers : sequence of int, default=()
+    Layers left whole: kept entirely in keep mode, never ablated in ablate mode (negative
+    numbers count from the end; the pruning paper protects ``[0, 1, 2, -2, -1]``). Controls
+    match the target layer by layer, so they are protected alike.""",
+    "mask_hook_point": """hook_point : {"mlp", "mlp_out"}, default="mlp"
+    Where the neuron set lives: MLP neurons, or MLP output dimensions (arXiv 2502.20408).""",
     "geometry": """geometry : VoxelGeometry
     Where each neuron sits in the volume (layers x neurons per layer).""",
     "slot": """slot : int

@@ -18,6 +18,7 @@ from ..bids.names import strip_prefix
 from ..bids.path import participant_id, subjects
 from ..decomposition import METHODS
 from ..evaluation import MODES
+from ..evaluation.masking import FILLS
 from ..exceptions import DatasetError, InputError
 from ..models import DEFAULT_MODEL, HOOK_POINTS
 from ..models.loading import DEVICES, DTYPES
@@ -262,6 +263,33 @@ def _localize(args) -> int:
     return 0
 
 
+def _masking_arguments(group, fn) -> None:
+    """--fill, --calibration-text and --protect-layers, as ``fn`` takes them."""
+    if "fill" in inspect.signature(fn).parameters:
+        group.add_argument(
+            "--fill",
+            default=default(fn, "fill"),
+            choices=FILLS,
+            help="replace masked neurons by zero, or by their mean over the calibration text",
+        )
+    group.add_argument(
+        "--calibration-text",
+        type=Path,
+        default=None,
+        help="text for the means of --fill mean (and of prune's --bias-compensation); "
+        "default: the built-in recording stimuli. Must not overlap the evaluation text",
+    )
+    group.add_argument(
+        "--protect-layers",
+        type=int,
+        nargs="+",
+        default=list(default(fn, "protected_layers")),
+        metavar="LAYER",
+        help="layers left whole (kept entirely / never ablated); negative numbers count "
+        "from the end: the pruning paper's protocol is 0 1 2 -2 -1",
+    )
+
+
 def _lesion_args(p):
     add_bids_app_arguments(p)
     g = p.add_argument_group("lesion")
@@ -287,6 +315,7 @@ def _lesion_args(p):
         default=None,
         help="text for perplexity; default: the built-in held-out text",
     )
+    _masking_arguments(g, fn)
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="default: the subject's model_spec")
     g.add_argument("--device", default=default(fn, "device"), choices=DEVICES)
@@ -309,6 +338,9 @@ def _lesion(args) -> int:
         model=args.model,
         text_file=args.eval_text,
         verbose=args.verbose,
+        fill=args.fill,
+        calibration_file=args.calibration_text,
+        protected_layers=args.protect_layers,
     )
     for sub, (_, summary) in results.items():
         for metric, s in summary.items():
@@ -327,8 +359,9 @@ def _prune_args(p):
     p.add_argument(
         "--bias-compensation",
         action="store_true",
-        help="FLAP-style: fold removed neurons' mean (over held-out text) into the bias",
+        help="FLAP-style: fold removed neurons' mean (over the calibration text) into the bias",
     )
+    _masking_arguments(p, llm2bids.run_prune)
     p.add_argument("--device", default=default(llm2bids.run_prune, "device"), choices=DEVICES)
     p.add_argument(
         "--overwrite", action="store_true", help="replace a pruned model already in --out"
@@ -347,6 +380,8 @@ def _prune(args) -> int:
         bias_compensation=args.bias_compensation,
         device=args.device,
         overwrite=args.overwrite,
+        calibration_file=args.calibration_text,
+        protected_layers=args.protect_layers,
     )
     print(
         f"kept {result['kept_neurons']} of {result['total_neurons']} MLP neurons; parameters "

@@ -18,12 +18,13 @@ from ..bids.path import BIDSPath, participant_id
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_table
 from ..exceptions import DatasetError, InputError
 from ..models import LoadedModel, load_model
-from ..models.hooks import layer_count, neurons_per_layer
+from ..models.hooks import hook_point_of, layer_count, neurons_per_layer
 from ..stimuli import heldout_text
-from .masking import mask_neurons
+from .masking import FILLS, mask_neurons, neuron_means, protect_layers
 from .metrics import PERPLEXITY_STRIDE, PERPLEXITY_WINDOW, minimal_pair_accuracy, perplexity
 from .minimal_pairs import minimal_pairs
 from .neuronsets import random_controls, read_neuron_set, top_neurons
+from .texts import resolve_texts
 
 logger = logging.getLogger("llm2bids.evaluation")
 
@@ -91,6 +92,13 @@ def lesion_study(
     text: str | None = None,
     pairs: pd.DataFrame | None = None,
     verbose: int = 1,
+    *,
+    fill: str = "zero",
+    calibration_text: str | None = None,
+    protected_layers: Sequence[int] = (),
+    hook_point: str = "mlp",
+    masker=mask_neurons,
+    baseline: bool = True,
 ) -> pd.DataFrame:
     """Evaluate the intact model, the target set and ``n_controls`` random sets of its size.
 
@@ -106,24 +114,42 @@ def lesion_study(
     %(text)s
     %(pairs)s
     %(verbose)s
+    %(fill)s
+    %(calibration_text)s
+    %(protected_layers)s
+    %(mask_hook_point)s
+    masker : callable, default=mask_neurons
+        ``masker(model, neurons, mode=, means=, hook_point=)``, a context manager that masks
+        during forward passes (:func:`~llm2bids.evaluation.mask_neurons`; the replication
+        passes an emulation of the published code's defective one).
+    baseline : bool, default=True
+        Evaluate the intact model too (its row comes first).
 
     Returns
     -------
     pandas.DataFrame
         One row per condition: ``condition`` (``baseline``, ``target``, ``control``),
-        ``seed``, ``mode``, ``n_neurons`` (in the set) and the metrics.
+        ``seed``, ``mode``, ``n_neurons`` (in the set, that is in the masked model for
+        ``keep``) and the metrics.
     """
     if n_controls < 1:
         raise InputError(f"n_controls must be at least 1, got {n_controls}.")
-    rows = [
-        {"condition": "baseline", "seed": "n/a", "mode": "none", "n_neurons": 0}
-        | evaluate(lm, text, pairs)
-    ]
+    if fill not in FILLS:
+        raise InputError(f"fill must be one of {FILLS}, got {fill!r}.")
+    text, calibration = resolve_texts(text, calibration_text, fill)
+    target = protect_layers(target, protected_layers, mode)
+    means = neuron_means(lm, calibration, hook_point=hook_point) if fill == "mean" else None
+    rows = []
+    if baseline:
+        rows.append(
+            {"condition": "baseline", "seed": "n/a", "mode": "none", "n_neurons": 0}
+            | evaluate(lm, text, pairs)
+        )
     sets = [("target", "n/a", target)] + [
         ("control", seed + i, c) for i, c in enumerate(random_controls(target, n_controls, seed))
     ]
     for condition, s, neurons in tqdm(sets, desc=f"{mode} study", disable=not verbose):
-        with mask_neurons(lm.model, neurons, mode=mode):
+        with masker(lm.model, neurons, mode=mode, means=means, hook_point=hook_point):
             rows.append(
                 {"condition": condition, "seed": s, "mode": mode, "n_neurons": int(neurons.sum())}
                 | evaluate(lm, text, pairs)
@@ -162,6 +188,13 @@ def keep_only_curve(
     text=None,
     pairs=None,
     verbose: int = 1,
+    *,
+    per_layer: bool = False,
+    fill: str = "zero",
+    calibration_text: str | None = None,
+    protected_layers: Sequence[int] = (),
+    hook_point: str = "mlp",
+    masker=mask_neurons,
 ) -> pd.DataFrame:
     """Keep only the top ``fraction`` of neurons (ranked by |z|) versus random sets of that size.
 
@@ -178,11 +211,34 @@ def keep_only_curve(
     %(text)s
     %(pairs)s
     %(verbose)s
+    per_layer : bool, default=False
+        Top ``fraction`` of each layer rather than of the whole model (see
+        :func:`~llm2bids.evaluation.top_neurons`).
+    %(fill)s
+    %(calibration_text)s
+    %(protected_layers)s
+        The fraction is taken before protection, so protected layers add to what is kept.
+    %(mask_hook_point)s
+    masker : callable, default=mask_neurons
+        See :func:`lesion_study`.
+
+    Returns
+    -------
+    DataFrame
+        :func:`lesion_study`'s rows (baseline first, once) with ``fraction``.
     """
-    n_layers, n_neurons = layer_count(lm.model), neurons_per_layer(lm.model)[0]
+    n_layers = layer_count(lm.model)
+    n_neurons = neurons_per_layer(lm.model, hook_point)[0]
+    options = dict(
+        fill=fill,
+        calibration_text=calibration_text,
+        protected_layers=protected_layers,
+        hook_point=hook_point,
+        masker=masker,
+    )
     rows = []
     for fraction in fractions:
-        target = top_neurons(ranking, fraction, n_layers, n_neurons)
+        target = top_neurons(ranking, fraction, n_layers, n_neurons, per_layer=per_layer)
         if target is None:
             logger.warning(
                 "keep-only %.3g needs %d neurons, the table ranks fewer; skipped",
@@ -190,9 +246,31 @@ def keep_only_curve(
                 int(round(fraction * n_layers * n_neurons)),
             )
             continue
-        study = lesion_study(lm, target, "keep", n_controls, seed, text, pairs, verbose)
-        rows.append(study[study.condition != "baseline"].assign(fraction=fraction))
+        study = lesion_study(
+            lm,
+            target,
+            "keep",
+            n_controls,
+            seed,
+            text,
+            pairs,
+            verbose,
+            **options,
+            baseline=not rows,
+        )
+        rows.append(study.assign(fraction=np.where(study.condition == "baseline", 1.0, fraction)))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def read_text_file(path: str | Path, role: str) -> str:
+    """The text of a UTF-8 file, or an error naming the ``role`` it was meant for."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{role} {path} cannot be read: {err}.") from err
+    if not text.strip():
+        raise InputError(f"{role} {path} is empty.")
+    return text
 
 
 def _participant_model(bids_dir: Path, sub: str) -> str:
@@ -220,11 +298,16 @@ def run_lesion(
     model: str | LoadedModel | None = None,
     text_file: str | Path | None = None,
     verbose: int = 1,
+    *,
+    fill: str = "zero",
+    calibration_file: str | Path | None = None,
+    protected_layers: Sequence[int] = (),
 ) -> dict[str, LesionResult]:
     """Lesion (or keep only) a neuron set in each subject's model; write TSV + JSON.
 
     The model is the one recorded for the subject (``participants.tsv`` ``model_spec``)
-    unless ``model`` is given. Writes ``<networks entities>_desc-<desc><Mode>_lesion.tsv``
+    unless ``model`` is given. The set's hook point is that of the networks file's ``acq-``
+    entity (``acq-mlpout``: MLP output dimensions; otherwise MLP neurons). Writes ``<networks entities>_desc-<desc><Mode>_lesion.tsv``
     with one row per condition and a sidecar with the target-versus-control summary.
 
     Parameters
@@ -246,6 +329,11 @@ def run_lesion(
     text_file : str, Path or None, default=None
         Text for perplexity; ``None`` is the built-in held-out text.
     %(verbose)s
+    %(fill)s
+    calibration_file : str, Path or None, default=None
+        Text file for the means of ``fill="mean"``; ``None`` is the built-in recording
+        stimuli. It must not overlap the evaluation text.
+    %(protected_layers)s
 
     Returns
     -------
@@ -267,14 +355,14 @@ def run_lesion(
         subjects = [source.subject]
     else:
         subjects = [strip_prefix(p) for p in read_participants(bids_dir).participant_id]
-    text = None
-    if text_file is not None:
-        try:
-            text = Path(text_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise InputError(f"evaluation text {text_file} cannot be read: {err}.") from err
-        if not text.strip():
-            raise InputError(f"evaluation text {text_file} is empty.")
+    text = None if text_file is None else read_text_file(text_file, "evaluation text")
+    calibration = (
+        None if calibration_file is None else read_text_file(calibration_file, "calibration text")
+    )
+    if fill not in FILLS:
+        raise InputError(f"fill must be one of {FILLS}, got {fill!r}.")
+    resolve_texts(text, calibration, fill)  # refuse overlapping texts before any model loads
+    hook_point = "mlp_out" if hook_point_of(source.acquisition) == "mlp_out" else "mlp"
     pairs = minimal_pairs()
     output_dir = init_derivatives(output_dir, bids_dir)
     results = {}
@@ -285,9 +373,25 @@ def run_lesion(
             else load_model(model or _participant_model(bids_dir, sub), device=device, dtype=dtype)
         )
         target = read_neuron_set(
-            networks, layer_count(lm.model), neurons_per_layer(lm.model)[0], component=component
+            networks,
+            layer_count(lm.model),
+            neurons_per_layer(lm.model, hook_point)[0],
+            component=component,
         )
-        table = lesion_study(lm, target, mode, n_controls, seed, text, pairs, verbose=verbose)
+        table = lesion_study(
+            lm,
+            target,
+            mode,
+            n_controls,
+            seed,
+            text,
+            pairs,
+            verbose=verbose,
+            fill=fill,
+            calibration_text=calibration,
+            protected_layers=protected_layers,
+            hook_point=hook_point,
+        )
         summary = summarize(table)
         desc = (
             (source.description or "set")
@@ -313,7 +417,16 @@ def run_lesion(
                 n_controls=n_controls,
                 seed=seed,
                 model_id=lm.model_id,
-                fill="zero",
+                hook_point=hook_point,
+                fill=fill,
+                calibration=(
+                    None
+                    if fill != "mean"
+                    else "built-in recording stimuli"
+                    if calibration_file is None
+                    else str(calibration_file)
+                ),
+                protected_layers=list(protected_layers),
                 perplexity_window=int(table.window.iloc[0]),
                 perplexity_stride=int(table.stride.iloc[0]),
                 text="built-in held-out text" if text is None else str(text_file),

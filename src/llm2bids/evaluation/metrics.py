@@ -20,18 +20,43 @@ def _ids(lm: LoadedModel, text: str) -> torch.Tensor:
 
 PERPLEXITY_WINDOW = 256  # tokens per sliding window
 PERPLEXITY_STRIDE = 128  # tokens between window starts
+PERPLEXITY_BATCH = 4  # windows per forward pass
+
+
+def proportion_ci(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion (scipy's ``binomtest``).
+
+    Parameters
+    ----------
+    successes, n : int
+        Items right, items in all.
+    confidence : float, default=0.95
+
+    Returns
+    -------
+    tuple of float
+        ``(low, high)``.
+    """
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(successes), int(n)).proportion_ci(confidence, method="wilson")
+    return float(ci.low), float(ci.high)
 
 
 @torch.inference_mode()
 @fill_doc
 def perplexity(
-    lm: LoadedModel, text: str, window: int = PERPLEXITY_WINDOW, stride: int = PERPLEXITY_STRIDE
+    lm: LoadedModel,
+    text: str,
+    window: int = PERPLEXITY_WINDOW,
+    stride: int = PERPLEXITY_STRIDE,
+    batch_size: int = PERPLEXITY_BATCH,
 ) -> dict:
     """Perplexity of ``text`` with sliding windows (each token scored once).
 
     Every window of ``window`` tokens starts ``stride`` after the previous one; the tokens
     it adds are scored with up to ``window - stride`` tokens of context (the Hugging Face
-    recipe).
+    recipe). Windows of equal length run ``batch_size`` at a time.
 
     Parameters
     ----------
@@ -41,34 +66,55 @@ def perplexity(
         Tokens per window.
     stride : int, default=128
         Tokens between window starts.
+    batch_size : int, default=4
+        Windows per forward pass.
 
     Returns
     -------
     dict
-        ``perplexity``, ``next_token_accuracy`` (greedy), ``n_tokens``, ``window``, ``stride``.
+        ``perplexity``, ``next_token_accuracy`` (greedy) with its 95%% Wilson interval
+        (``next_token_ci_low``, ``next_token_ci_high``; tokens are not independent, so read
+        it as a lower bound on the uncertainty), ``n_tokens``, ``window``, ``stride``.
     """
     ids = _ids(lm, text)
-    nll, correct, count, prev_end = 0.0, 0, 0, 0
+    spans, prev_end = [], 0
     for begin in range(0, len(ids) - 1, stride):
         end = min(begin + window, len(ids))
-        chunk = ids[begin:end][None].to(lm.device)
-        logits = lm.model(chunk).logits[0, :-1].float()
-        targets = chunk[0, 1:]
-        new = end - max(prev_end, begin + 1)  # tokens not yet scored
-        logits, targets = logits[-new:], targets[-new:]
-        nll += torch.nn.functional.cross_entropy(logits, targets, reduction="sum").item()
-        correct += int((logits.argmax(-1) == targets).sum())
-        count += new
+        spans.append((begin, end, end - max(prev_end, begin + 1)))  # tokens not yet scored
         prev_end = end
         if end == len(ids):
             break
+    nll, correct, count = 0.0, 0, 0
+    for group in _same_length_batches(spans, batch_size):
+        chunk = torch.stack([ids[b:e] for b, e, _ in group]).to(lm.device)
+        logits = lm.model(chunk).logits[:, :-1]
+        for row, (_, _, new) in enumerate(group):
+            scored, targets = logits[row, -new:].float(), chunk[row, 1:][-new:]
+            nll += torch.nn.functional.cross_entropy(scored, targets, reduction="sum").item()
+            correct += int((scored.argmax(-1) == targets).sum())
+            count += new
+    low, high = proportion_ci(correct, count)
     return {
         "perplexity": math.exp(nll / count),
         "next_token_accuracy": correct / count,
+        "next_token_ci_low": low,
+        "next_token_ci_high": high,
         "n_tokens": count,
         "window": window,
         "stride": stride,
     }
+
+
+def _same_length_batches(spans: list, batch_size: int):
+    """Consecutive runs of at most ``batch_size`` spans of one length."""
+    group: list = []
+    for span in spans:
+        if group and (len(group) == batch_size or span[1] - span[0] != group[0][1] - group[0][0]):
+            yield group
+            group = []
+        group.append(span)
+    if group:
+        yield group
 
 
 @torch.inference_mode()
@@ -101,12 +147,19 @@ def sentence_logprobs(lm: LoadedModel, sentences: list[str], batch_size: int = 3
 def minimal_pair_accuracy(lm: LoadedModel, pairs: pd.DataFrame) -> dict:
     """Fraction of pairs whose grammatical sentence gets the higher log-probability.
 
-    Returns ``minimal_pair_accuracy`` and one ``accuracy_<phenomenon>`` per phenomenon.
+    Returns ``minimal_pair_accuracy``, its 95%% Wilson interval (``minimal_pair_ci_low``,
+    ``minimal_pair_ci_high``), ``n_pairs`` and one ``accuracy_<phenomenon>`` per phenomenon.
     """
     good = sentence_logprobs(lm, pairs["good"].tolist())
     bad = sentence_logprobs(lm, pairs["bad"].tolist())
     right = good > bad
-    result = {"minimal_pair_accuracy": float(right.mean())}
+    low, high = proportion_ci(int(right.sum()), len(right))
+    result = {
+        "minimal_pair_accuracy": float(right.mean()),
+        "minimal_pair_ci_low": low,
+        "minimal_pair_ci_high": high,
+        "n_pairs": len(right),
+    }
     for name, idx in pairs.groupby("phenomenon").groups.items():
         result[f"accuracy_{name}"] = float(right[pairs.index.get_indexer(idx)].mean())
     return result

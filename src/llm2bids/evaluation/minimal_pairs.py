@@ -6,6 +6,8 @@ import random
 
 import pandas as pd
 
+from ..exceptions import InputError
+
 _NOUNS = [
     ("author", "authors"),
     ("dog", "dogs"),
@@ -35,50 +37,77 @@ _OBJECTS = [
 _AGENTS_MALE = ["The man", "The boy", "The king", "The waiter", "The father"]
 _AGENTS_FEMALE = ["The woman", "The girl", "The queen", "The nurse", "The mother"]
 _AGENTS_PLURAL = ["The men", "The boys", "The students", "The doctors", "The farmers"]
-_ACTIONS = ["hurt", "saw", "praised", "blamed", "described"]
+_ACTIONS = [
+    "hurt",
+    "saw",
+    "praised",
+    "blamed",
+    "described",
+    "trusted",
+    "defended",
+    "introduced",
+    "doubted",
+    "fed",
+]
 
 
-def minimal_pairs(n_per_phenomenon: int = 20, seed: int = 0) -> pd.DataFrame:
-    """Templated minimal pairs: ``phenomenon, good, bad``.
+def minimal_pairs(n_per_phenomenon: int = 70, seed: int = 0) -> pd.DataFrame:
+    """Templated minimal pairs, distinct within each phenomenon: ``phenomenon, good, bad``.
 
     Phenomena: subject-verb agreement across an attractor ("The key near the cabinets is/are
     ..."), determiner-noun agreement ("this cat" / "these cat"), and anaphor agreement ("The
-    boys hurt themselves" / "The boys hurt himself").
+    boys hurt themselves" / "The boys hurt himself"). Each phenomenon's items are drawn
+    without replacement from all its template fillings, so the default 210 pairs are 210
+    different items (what a confidence interval over items assumes).
+
+    Parameters
+    ----------
+    n_per_phenomenon : int, default=70
+        Pairs per phenomenon (at most the number of distinct fillings, 200 for anaphors).
+    seed : int, default=0
     """
     rng = random.Random(seed)
+    agreement = [
+        (
+            f"The {subject} {prep} the {attractor} {right} {_ENDINGS[verb[0]]}.",
+            f"The {subject} {prep} the {attractor} {wrong} {_ENDINGS[verb[0]]}.",
+        )
+        for (sg, pl) in _NOUNS
+        for verb in _VERBS
+        for attractor in _ATTRACTORS
+        for prep in _PREPS
+        for subject, right, wrong in ((sg, verb[0], verb[1]), (pl, verb[1], verb[0]))
+    ]
+    determiner = [
+        (f"{agent} {verb} {good}.", f"{agent} {verb} {bad}.")
+        for (sg, pl) in _OBJECTS
+        for agent in _AGENTS_PLURAL + _AGENTS_MALE
+        for verb in ("saw", "liked", "found", "wanted")
+        for good, bad in ((f"this {sg}", f"these {sg}"), (f"these {pl}", f"this {pl}"))
+    ]
+    reflexive = {"male": "himself", "female": "herself", "plural": "themselves"}
+    wrongs = {"male": ["themselves"], "female": ["themselves"], "plural": ["himself", "herself"]}
+    anaphor = [
+        (f"{agent} {action} {reflexive[kind]}.", f"{agent} {action} {wrong}.")
+        for action in _ACTIONS
+        for kind, agents in (
+            ("male", _AGENTS_MALE),
+            ("female", _AGENTS_FEMALE),
+            ("plural", _AGENTS_PLURAL),
+        )
+        for agent in agents
+        for wrong in wrongs[kind]
+    ]
     rows = []
-    for _ in range(n_per_phenomenon):
-        (sg, pl), verb = rng.choice(_NOUNS), rng.choice(_VERBS)
-        attractor, prep = rng.choice(_ATTRACTORS), rng.choice(_PREPS)
-        plural = rng.random() < 0.5
-        subject, right, wrong = (pl, verb[1], verb[0]) if plural else (sg, verb[0], verb[1])
-        end = _ENDINGS[verb[0]]
-        rows.append(
-            (
-                "subject_verb_agreement",
-                f"The {subject} {prep} the {attractor} {right} {end}.",
-                f"The {subject} {prep} the {attractor} {wrong} {end}.",
+    for name, items in (
+        ("subject_verb_agreement", agreement),
+        ("determiner_noun_agreement", determiner),
+        ("anaphor_agreement", anaphor),
+    ):
+        if n_per_phenomenon > len(items):
+            raise InputError(
+                f"n_per_phenomenon={n_per_phenomenon} exceeds the {len(items)} distinct "
+                f"{name} pairs the templates make; ask for at most {len(items)}."
             )
-        )
-    for _ in range(n_per_phenomenon):
-        (sg, pl), agent = rng.choice(_OBJECTS), rng.choice(_AGENTS_PLURAL + _AGENTS_MALE)
-        verb = rng.choice(["saw", "liked", "found", "wanted"])
-        if rng.random() < 0.5:
-            good, bad = f"this {sg}", f"these {sg}"
-        else:
-            good, bad = f"these {pl}", f"this {pl}"
-        rows.append(
-            ("determiner_noun_agreement", f"{agent} {verb} {good}.", f"{agent} {verb} {bad}.")
-        )
-    for _ in range(n_per_phenomenon):
-        action = rng.choice(_ACTIONS)
-        kind = rng.choice(["male", "female", "plural"])
-        agent = rng.choice(
-            {"male": _AGENTS_MALE, "female": _AGENTS_FEMALE, "plural": _AGENTS_PLURAL}[kind]
-        )
-        right = {"male": "himself", "female": "herself", "plural": "themselves"}[kind]
-        wrong = "themselves" if kind != "plural" else rng.choice(["himself", "herself"])
-        rows.append(
-            ("anaphor_agreement", f"{agent} {action} {right}.", f"{agent} {action} {wrong}.")
-        )
+        rows += [(name, good, bad) for good, bad in rng.sample(items, n_per_phenomenon)]
     return pd.DataFrame(rows, columns=["phenomenon", "good", "bad"])

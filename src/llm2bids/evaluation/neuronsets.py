@@ -157,8 +157,10 @@ def rank_neurons(components: str | Path | nib.Nifti1Image, geometry: VoxelGeomet
     )
 
 
-def top_neurons(ranking: pd.DataFrame, fraction: float, n_layers: int, n_neurons: int):
-    """The top ``fraction`` of all ``n_layers * n_neurons`` neurons by ``|z|``, as a mask.
+def top_neurons(
+    ranking: pd.DataFrame, fraction: float, n_layers: int, n_neurons: int, per_layer: bool = False
+):
+    """The top ``fraction`` of neurons by ``|z|``, over the whole model or in each layer.
 
     Parameters
     ----------
@@ -169,6 +171,10 @@ def top_neurons(ranking: pd.DataFrame, fraction: float, n_layers: int, n_neurons
         In (0, 1].
     n_layers, n_neurons : int
         The model's size.
+    per_layer : bool, default=False
+        ``False``: the top ``fraction`` of all ``n_layers * n_neurons`` neurons (a layer may
+        get many or none). ``True``: the top ``fraction`` of each layer's neurons (every
+        layer keeps the same share).
 
     Returns
     -------
@@ -177,13 +183,22 @@ def top_neurons(ranking: pd.DataFrame, fraction: float, n_layers: int, n_neurons
     """
     if not 0 < fraction <= 1:
         raise InputError(f"fraction must lie in (0, 1], got {fraction!r}.")
-    ranked = ranking.assign(absz=ranking.z.abs()).sort_values("absz", ascending=False)
+    ranked = ranking.assign(absz=ranking.z.abs()).sort_values(
+        "absz", ascending=False, kind="stable"
+    )
     ranked = ranked.drop_duplicates(["layer", "neuron"])
-    k = int(round(fraction * n_layers * n_neurons))
-    if k > len(ranked):
-        return None
+    if per_layer:
+        k = int(round(fraction * n_neurons))
+        counts = ranked.groupby("layer").size().reindex(range(n_layers), fill_value=0)
+        if (counts < k).any():
+            return None
+        top = ranked.groupby("layer", sort=False).head(k)
+    else:
+        k = int(round(fraction * n_layers * n_neurons))
+        if k > len(ranked):
+            return None
+        top = ranked.iloc[:k]
     mask = np.zeros((n_layers, n_neurons), dtype=bool)
-    top = ranked.iloc[:k]
     mask[top.layer.to_numpy(int), top.neuron.to_numpy(int)] = True
     return mask
 

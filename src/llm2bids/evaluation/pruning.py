@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import _io
 from ..bids.dataset import generated_by
-from ..exceptions import InputError, ModelLoadError
+from ..exceptions import DatasetError, InputError, ModelLoadError
 from ..models import LoadedModel, arch_spec
 from ..models.loading import PRUNED_MODEL_FILE
 from .masking import check_mask
@@ -302,6 +302,9 @@ def run_prune(
     bias_compensation: bool = False,
     device: str = "cpu",
     overwrite: bool = False,
+    *,
+    calibration_file: str | Path | None = None,
+    protected_layers=(),
 ) -> dict:
     """Prune a model to a neuron set and save it: what ``llm2bids prune`` does.
 
@@ -317,12 +320,18 @@ def run_prune(
     component : int or None, default=None
         With a neuron-set file: keep only this network.
     bias_compensation : bool, default=False
-        FLAP-style: fold the removed neurons' mean over the built-in held-out text into the
-        down projection's bias.
+        FLAP-style: fold the removed neurons' mean over the calibration text into the down
+        projection's bias.
     device : str, default="cpu"
         Where to load ``model`` when it is a spec.
     overwrite : bool, default=False
         Replace a pruned model already in ``output_dir`` (never anything else).
+    calibration_file : str, Path or None, default=None
+        Text file for the means of ``bias_compensation``; ``None`` is the built-in recording
+        stimuli. It must not overlap the built-in held-out (evaluation) text.
+    protected_layers : sequence of int, default=()
+        Layers kept whole (negative numbers count from the end; the pruning paper keeps
+        ``[0, 1, 2, -2, -1]``).
 
     Returns
     -------
@@ -330,19 +339,43 @@ def run_prune(
         ``kept_neurons``, ``total_neurons``, ``parameters_dense``, ``parameters_pruned`` and
         ``folder``.
     """
+    from ..bids.path import BIDSPath
     from ..models import load_model
     from ..models.hooks import layer_count, neurons_per_layer
-    from ..stimuli import heldout_text
-    from .masking import neuron_means
+    from .lesion import read_text_file
+    from .masking import neuron_means, protect_layers, resolve_layers
     from .neuronsets import read_neuron_set
+    from .texts import resolve_texts
 
     _check_pruned_folder(Path(output_dir), overwrite)  # before loading anything
+    if not isinstance(keep, np.ndarray):
+        try:
+            acquisition = BIDSPath.from_path(keep).acquisition
+        except (DatasetError, ValueError):  # a file of the user's own naming
+            acquisition = None
+        if acquisition == "mlpout":
+            raise InputError(
+                f"{Path(keep).name} is a set of MLP output dimensions (acq-mlpout): those are "
+                "hidden-size dimensions every layer shares, not neurons that can be cut out of "
+                "the weights. Prune with a set of MLP neurons (acq-mlp); mask output "
+                "dimensions with `llm2bids lesion` instead."
+            )
+    calibration = None
+    if bias_compensation:
+        text = (
+            None
+            if calibration_file is None
+            else read_text_file(calibration_file, "calibration text")
+        )
+        _, calibration = resolve_texts(None, text, "mean")
     lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    resolve_layers(protected_layers, layer_count(lm.model))
     if not isinstance(keep, np.ndarray):
         keep = read_neuron_set(
             keep, layer_count(lm.model), neurons_per_layer(lm.model)[0], component=component
         )
-    means = neuron_means(lm, heldout_text()) if bias_compensation else None
+    keep = protect_layers(keep, protected_layers, "keep")
+    means = neuron_means(lm, calibration) if bias_compensation else None
     pruned = prune(lm.model, keep, means=means)
     folder = save_pruned(pruned, lm.tokenizer, output_dir, source=lm.spec, overwrite=overwrite)
     return {

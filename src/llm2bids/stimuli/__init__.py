@@ -2,7 +2,15 @@
 
 from .readers import read_stimuli
 from .runs import RunStimulus, tokenize_runs
-from .sets import BUILTIN_SETS, Document, Segment, StimulusSet, builtin_set, heldout_text
+from .sets import (
+    BUILTIN_SETS,
+    Document,
+    Segment,
+    StimulusSet,
+    builtin_set,
+    calibration_text,
+    heldout_text,
+)
 
 __all__ = [
     "BUILTIN_SETS",
@@ -11,6 +19,7 @@ __all__ = [
     "Segment",
     "StimulusSet",
     "builtin_set",
+    "calibration_text",
     "heldout_text",
     "read_stimuli",
     "tokenize_runs",

@@ -133,6 +133,15 @@ def heldout_text() -> str:
     return "\n\n".join(_data_documents("heldout.txt"))
 
 
+def calibration_text() -> str:
+    """Built-in calibration prose (CC0): the narrative and expository stimuli.
+
+    Used for what a masking or pruning method must estimate from data (the neurons' mean
+    activations for mean filling and bias compensation); never an evaluation text.
+    """
+    return "\n\n".join(_data_documents("narrative.txt") + _data_documents("expository.txt"))
+
+
 def narrative() -> StimulusSet:
     """Four short stories (CC0)."""
     docs = [
