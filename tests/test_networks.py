@@ -80,3 +80,45 @@ def test_bad_inputs(planted, tmp_path):
     with pytest.raises(DatasetError, match="decompose runs of one model"):
         FunctionalNetworks(n_components=2).fit([paths[0], other[0]])
     assert llm2bids.validate(tmp_path / "other").valid
+
+
+def test_per_layer_scope_recovers_groups_confined_to_layers(tmp_path):
+    """scope="layer" (arXiv 2508.05239): one decomposition per layer, maps z-scored within it."""
+    rng = np.random.default_rng(1)
+    n_layers, n_neurons, size = 4, 100, 5  # a small share of a layer: its z passes 3
+    truth = np.zeros((n_layers, n_layers * n_neurons), dtype=bool)
+    for layer in range(n_layers):  # group k lives in layer k
+        truth[layer, layer * n_neurons + rng.choice(n_neurons, size, replace=False)] = True
+    runs = []
+    for _ in range(3):
+        sources = rng.laplace(size=(200, n_layers)) * (rng.random((200, n_layers)) < 0.3)
+        data = sources @ truth * 3 + 0.5 * rng.standard_normal((200, truth.shape[1]))
+        runs.append(data.reshape(200, n_layers, n_neurons).astype(np.float32))
+    paths = write_synthetic(tmp_path / "bids", runs, special_first=False)
+    fit = FunctionalNetworks(n_components=1, scope="layer", random_state=0).fit(paths)
+    assert fit.components_.shape[0] == n_layers
+    assert fit.component_info_.layer.tolist() == list(range(n_layers))
+    labels = fit.geometry_.labels()
+    for k in range(n_layers):  # each map lives in its own layer only
+        assert not fit.components_[k, labels.layer.to_numpy() != k].any()
+    assert _best_dice(fit.networks_, truth, fit.geometry_).min() >= 0.9
+    assert fit.mixing_.filter(like="comp-").shape[1] == n_layers
+
+
+def test_component_sweep_is_the_union_and_one_sided_is_the_heavy_tail(planted):
+    """n_components=[3, 4] stacks both decompositions; sided="one" keeps z >= threshold."""
+    paths, _ = planted
+    sweep = FunctionalNetworks(n_components=[3, 4], random_state=0).fit(paths)
+    single = [FunctionalNetworks(n_components=k, random_state=0).fit(paths) for k in (3, 4)]
+    np.testing.assert_array_equal(sweep.networks_, np.vstack([fit.networks_ for fit in single]))
+    assert sweep.component_info_.n_components.tolist() == [3] * 3 + [4] * 4
+    assert sweep.components_img_.shape[3] == 7
+    one = FunctionalNetworks(n_components=4, sided="one", random_state=0).fit(paths)
+    np.testing.assert_array_equal(one.networks_, one.components_ >= one.threshold)
+    assert (one.networks_ <= single[1].networks_).all()
+    with pytest.raises(InputError, match="scope"):
+        FunctionalNetworks(scope="voxel").fit(paths)
+    with pytest.raises(InputError, match="sided"):
+        FunctionalNetworks(sided="both").fit(paths)
+    with pytest.raises(InputError, match="n_components"):
+        FunctionalNetworks(n_components=[3, 0]).fit(paths)

@@ -17,6 +17,7 @@ import llm2bids
 from ..bids.names import strip_prefix
 from ..bids.path import participant_id, subjects
 from ..decomposition import METHODS
+from ..decomposition.networks import SCOPES, SIDES
 from ..evaluation import MODES
 from ..evaluation.masking import FILLS
 from ..exceptions import DatasetError, InputError
@@ -169,12 +170,32 @@ def _networks_args(p):
     g.add_argument("--task", nargs="+", default=None, help="tasks to analyse; default all")
     _hook_point_argument(g, fn)
     g.add_argument("--method", default=default(fn, "method"), choices=METHODS)
-    g.add_argument("--n-components", type=int, default=default(fn, "n_components"))
+    g.add_argument(
+        "--n-components",
+        type=int,
+        nargs="+",
+        default=default(fn, "n_components"),
+        metavar="N",
+        help="components per decomposition; several values sweep them and take the union "
+        "(e.g. 10 20 40 64, as arXiv 2502.20408)",
+    )
+    g.add_argument(
+        "--scope",
+        default=default(fn, "scope"),
+        choices=SCOPES,
+        help="one decomposition over all layers, or one per layer (arXiv 2508.05239)",
+    )
     g.add_argument(
         "--threshold",
         type=float,
         default=default(fn, "threshold"),
-        help="|z| at or above which a neuron belongs to a network",
+        help="z at or above which a neuron belongs to a network",
+    )
+    g.add_argument(
+        "--sided",
+        default=default(fn, "sided"),
+        choices=SIDES,
+        help="two: |z| >= threshold; one: z >= threshold on the heavy tail (arXiv 2502.20408)",
     )
     g.add_argument("--seed", type=int, default=default(fn, "seed"))
     g.add_argument("--n-jobs", type=int, default=default(fn, "n_jobs"))
@@ -201,8 +222,14 @@ def _networks(args) -> int:
         participant_label=args.participant_label,
         tasks=args.task,
         method=args.method,
-        n_components=args.n_components,
+        n_components=(
+            args.n_components[0]
+            if isinstance(args.n_components, list) and len(args.n_components) == 1
+            else args.n_components
+        ),
         threshold=args.threshold,
+        scope=args.scope,
+        sided=args.sided,
         seed=args.seed,
         n_jobs=args.n_jobs,
         per_run=not args.no_per_run,

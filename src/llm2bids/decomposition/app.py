@@ -18,9 +18,8 @@ from ..bids.names import acquisition_label
 from ..bids.path import BIDSPath, by_role
 from ..bids.reader import check_same_geometry, run_metadata, select_runs, special_mask
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_img, write_table
-from ..exceptions import InputError
 from ..overlap import compare_fits, recurrence_frequency
-from .networks import METHODS, FunctionalNetworks, check_n_components
+from .networks import FunctionalNetworks, check_n_components
 
 logger = logging.getLogger("llm2bids.decomposition")
 
@@ -32,7 +31,7 @@ def run_networks(
     participant_label: Sequence[str] | None = None,
     tasks: Sequence[str] | None = None,
     method: str = "canica",
-    n_components: int = 20,
+    n_components: int | Sequence[int] = 20,
     threshold: float = 3.0,
     seed: int = 0,
     n_jobs: int = 1,
@@ -40,6 +39,9 @@ def run_networks(
     n_permutations: int = 100,
     hook_point: str = "mlp",
     verbose: int = 1,
+    *,
+    scope: str = "model",
+    sided: str = "two",
 ) -> dict[str, list[Path]]:
     """Find functional networks per model and task, across tasks, and test their recurrence.
 
@@ -56,9 +58,10 @@ def run_networks(
     tasks : sequence of str or None, default=None
         Tasks to analyse; ``None`` takes every recorded one.
     method : {"canica", "dictlearning"}, default="canica"
-    n_components : int, default=20
+    n_components : int or sequence of int, default=20
+        A sequence sweeps the counts and stacks their components (key neurons: the union).
     threshold : float, default=3.0
-        ``|z|`` from which a neuron belongs to a network.
+        z from which a neuron belongs to a network.
     %(seed)s
     n_jobs : int, default=1
     per_run : bool, default=True
@@ -67,6 +70,11 @@ def run_networks(
         Size of the permutation null of the recurrence tests.
     %(hook_point)s
     %(verbose)s
+    scope : {"model", "layer"}, default="model"
+        One decomposition over all layers, or one per layer (see
+        :class:`~llm2bids.decomposition.FunctionalNetworks`).
+    sided : {"two", "one"}, default="two"
+        ``|z| >= threshold``, or ``z >= threshold`` on each map's heavy tail.
 
     Returns
     -------
@@ -75,22 +83,23 @@ def run_networks(
         ``keyneurons``, ``layercounts``, ``dseg``, ``probseg``, ``connectivity``,
         ``recurrence`` and ``map`` (recurrence frequency).
     """
-    if method not in METHODS:
-        raise InputError(f"method must be one of {METHODS}, got {method!r}.")
-    check_output_dir(bids_dir, output_dir)
-    selected = select_runs(bids_dir, participant_label, tasks, hook_point)
-    for by_task in selected.values():  # check everything before writing anything
-        all_runs = [r for runs in by_task.values() for r in runs]
-        check_same_geometry(all_runs)
-        check_n_components(n_components, [special_mask(r) for r in all_runs])
-    output_dir = init_derivatives(output_dir, bids_dir)
     template = FunctionalNetworks(
         method=method,
         n_components=n_components,
         threshold=threshold,
         random_state=seed,
         n_jobs=n_jobs,
+        scope=scope,
+        sided=sided,
     )
+    template._check_params()  # before anything is read or written
+    check_output_dir(bids_dir, output_dir)
+    selected = select_runs(bids_dir, participant_label, tasks, hook_point)
+    for by_task in selected.values():  # check everything before writing anything
+        all_runs = [r for runs in by_task.values() for r in runs]
+        check_same_geometry(all_runs)
+        check_n_components(max(template.component_counts), [special_mask(r) for r in all_runs])
+    output_dir = init_derivatives(output_dir, bids_dir)
     written: list[Path] = []
     for sub, by_task in selected.items():
         fits = {}
@@ -159,7 +168,11 @@ def write_networks(
             side
             | {
                 "Description": "z-scored, sign-corrected component maps (one volume "
-                "per component); a voxel is a neuron (see the raw sidecar's mapping)."
+                "per component); a voxel is a neuron (see the raw sidecar's mapping).",
+                "ComponentLayer": fit.component_info_.layer.tolist(),
+                "ComponentDecomposition": [
+                    f"{n} components" for n in fit.component_info_.n_components
+                ],
             },
         ),
         write_table(

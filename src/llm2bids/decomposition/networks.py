@@ -28,6 +28,11 @@ logger = logging.getLogger("llm2bids.decomposition")
 
 METHODS = ("canica", "dictlearning")
 DEFAULT_THRESHOLD = 3.0
+#: Decompose all layers together, or each layer on its own (arXiv 2508.05239).
+SCOPES = ("model", "layer")
+#: Two-sided ``|z| >= threshold``, or one-sided ``z >= threshold`` on the heavy tail
+#: (arXiv 2502.20408).
+SIDES = ("two", "one")
 
 
 class FunctionalNetworks(BaseEstimator):
@@ -37,13 +42,22 @@ class FunctionalNetworks(BaseEstimator):
     ----------
     method : {"canica", "dictlearning"}, default="canica"
         nilearn's ``CanICA`` (group ICA) or ``DictLearning`` (sparse dictionary learning).
-    n_components : int, default=20
-        Number of components (networks).
+    n_components : int or sequence of int, default=20
+        Number of components (networks). A sequence is a sweep: one decomposition per count,
+        all their components stacked, so the key neurons are the union over the sweep
+        (arXiv 2502.20408 sweeps 10 to 512).
     threshold : float, default=3.0
         A neuron belongs to a network where the z-scored component map has ``|z| >=
-        threshold``. Maps are z-scored over neurons; 3.0 is two-sided p = 0.0027 under a
-        Gaussian bulk, so only the heavy tail that ICA isolates passes (in a map with no
-        structure about 0.3% of neurons would).
+        threshold`` (``z >= threshold`` when one-sided). Maps are z-scored over neurons; 3.0
+        is two-sided p = 0.0027 under a Gaussian bulk, so only the heavy tail that ICA
+        isolates passes (in a map with no structure about 0.3% of neurons would).
+    scope : {"model", "layer"}, default="model"
+        ``"model"``: one decomposition over the neurons of all layers. ``"layer"``: one per
+        layer over that layer's neurons (arXiv 2508.05239), each map z-scored within its
+        layer; components are numbered layer by layer.
+    sided : {"two", "one"}, default="two"
+        ``"two"``: ``|z| >= threshold``. ``"one"``: ``z >= threshold`` on the heavy tail
+        (maps are signed so that it is positive), as arXiv 2502.20408 thresholds.
     random_state : int, default=0
         Seed of nilearn's randomized SVD and ICA / dictionary learning.
     drop_special : bool, default=True
@@ -62,8 +76,13 @@ class FunctionalNetworks(BaseEstimator):
 
     Attributes
     ----------
-    components_ : ndarray, shape (n_components, n_neurons_total)
-        z-scored, sign-corrected maps, columns in nilearn's masker order.
+    components_ : ndarray, shape (n_maps, n_neurons_total)
+        z-scored, sign-corrected maps, columns in nilearn's masker order (zero outside the
+        layer of a per-layer map). ``n_maps`` is ``n_components`` summed over the sweep, times
+        the number of layers when ``scope="layer"``.
+    component_info_ : pandas.DataFrame
+        One row per map: ``component`` (from 1), ``layer`` (``n/a`` for whole-model maps)
+        and ``n_components`` (of the decomposition it comes from).
     components_img_ : nibabel.Nifti1Image
         The same maps as a 4D image (one volume per component).
     networks_ : ndarray of bool, shape (n_components, n_neurons_total)
@@ -76,7 +95,9 @@ class FunctionalNetworks(BaseEstimator):
         component (``comp-01`` ...).
     geometry_ : VoxelGeometry
     estimator_ : nilearn.decomposition.CanICA or DictLearning
-        The fitted nilearn estimator.
+        The (first) fitted nilearn estimator.
+    estimators_ : list
+        Every fitted nilearn estimator, in the order of ``component_info_``.
     convergence_warnings_ : int
         How many solver calls did not converge (each is logged once as a warning; results
         are kept, never dropped).
@@ -94,6 +115,8 @@ class FunctionalNetworks(BaseEstimator):
         n_init: int = 10,
         n_jobs: int = 1,
         verbose: int = 0,
+        scope: str = "model",
+        sided: str = "two",
     ):
         self.method = method
         self.n_components = n_components
@@ -105,14 +128,32 @@ class FunctionalNetworks(BaseEstimator):
         self.n_init = n_init
         self.n_jobs = n_jobs
         self.verbose = verbose
+        self.scope = scope
+        self.sided = sided
+
+    @property
+    def component_counts(self) -> list[int]:
+        """``n_components`` as a list (one entry per decomposition of the sweep)."""
+        n = self.n_components
+        return [n] if isinstance(n, (int, np.integer)) else list(n)
 
     def _check_params(self) -> None:
         if self.method not in METHODS:
             raise InputError(f"method must be one of {METHODS}, got {self.method!r}.")
-        if not isinstance(self.n_components, (int, np.integer)) or self.n_components < 1:
-            raise InputError(f"n_components must be a positive integer, got {self.n_components!r}.")
+        counts = self.component_counts
+        if not counts or not all(
+            isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1 for n in counts
+        ):
+            raise InputError(
+                f"n_components must be a positive integer or a list of them, got "
+                f"{self.n_components!r}."
+            )
         if not (np.isfinite(self.threshold) and self.threshold > 0):
             raise InputError(f"threshold must be a positive z value, got {self.threshold!r}.")
+        if self.scope not in SCOPES:
+            raise InputError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
+        if self.sided not in SIDES:
+            raise InputError(f"sided must be one of {SIDES}, got {self.sided!r}.")
 
     def fit(self, runs: Sequence[str | Path], y=None) -> FunctionalNetworks:
         """Decompose the runs (paths of ``_bold`` files written by llm2bids).
@@ -135,25 +176,53 @@ class FunctionalNetworks(BaseEstimator):
         self.geometry_ = check_same_geometry(runs)
         imgs = [load_img(r) for r in runs]
         samples = [special_mask(r, img.shape[3]) for r, img in zip(runs, imgs)]
-        check_n_components(self.n_components, samples, self.drop_special)
+        check_n_components(max(self.component_counts), samples, self.drop_special)
         confounds = [_spike_regressors(s) if self.drop_special else None for s in samples]
-        self.estimator_ = self._make_estimator()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            self.estimator_.fit(imgs, confounds=confounds)
-        self.convergence_warnings_ = _report_convergence(caught, self.method)
-        raw = np.asarray(self.estimator_.components_, dtype=np.float64)
-        if not np.all(np.isfinite(raw)):
-            raise NumericalError(
-                f"{self.method} produced non-finite component maps; check the runs for "
-                "constant or non-finite neurons."
-            )
-        self.components_ = zscore_maps(raw)
-        self.networks_ = np.abs(self.components_) >= self.threshold
+        geom = self.geometry_
+        column_layer = geom.labels().layer.to_numpy()
+        parts = [None] if self.scope == "model" else list(range(geom.n_layers))
+        raws, zmaps, series, info, self.estimators_ = [], [], [], [], []
+        caught_all = []
+        for layer in parts:
+            columns = slice(None) if layer is None else np.flatnonzero(column_layer == layer)
+            mask_img = geom.mask_img() if layer is None else _layer_mask_img(geom, layer)
+            for k in self.component_counts:
+                estimator = self._make_estimator(mask_img, k)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    estimator.fit(imgs, confounds=confounds)
+                caught_all += caught
+                part = np.asarray(estimator.components_, dtype=np.float64)
+                if not np.all(np.isfinite(part)):
+                    raise NumericalError(
+                        f"{self.method} produced non-finite component maps"
+                        + (f" in layer {layer}" if layer is not None else "")
+                        + "; check the runs for constant or non-finite neurons."
+                    )
+                raw = np.zeros((part.shape[0], geom.n_total))
+                raw[:, columns] = part
+                z = np.zeros_like(raw)
+                z[:, columns] = zscore_maps(part)
+                raws.append(raw)
+                zmaps.append(z)
+                series.append(estimator.transform(imgs, confounds=confounds))
+                info += [("n/a" if layer is None else layer, k)] * part.shape[0]
+                self.estimators_.append(estimator)
+        self.estimator_ = self.estimators_[0]
+        self.convergence_warnings_ = _report_convergence(caught_all, self.method)
+        raw = np.vstack(raws)
+        self.components_ = np.vstack(zmaps)
+        self.component_info_ = pd.DataFrame(info, columns=["layer", "n_components"])
+        self.component_info_.insert(0, "component", np.arange(1, len(info) + 1))
+        self.networks_ = (
+            np.abs(self.components_) >= self.threshold
+            if self.sided == "two"
+            else self.components_ >= self.threshold
+        )
         self.components_img_ = self.maps_to_img(self.components_)
         self.key_neurons_ = key_neuron_table(self.components_, self.networks_, self.geometry_)
-        series = self.estimator_.transform(imgs, confounds=confounds)
-        self.mixing_ = _mixing_table(series, samples, raw, self.components_)
+        per_run = [np.hstack([s[i] for s in series]) for i in range(len(imgs))]
+        self.mixing_ = _mixing_table(per_run, samples, raw, self.components_)
         self.runs_ = runs
         return self
 
@@ -166,8 +235,9 @@ class FunctionalNetworks(BaseEstimator):
             ``{"class": "CanICA" | "DictLearning", <argument>: <value>, ...}``; what the
             derivatives' sidecars record.
         """
+        counts = self.component_counts
         common = {
-            "n_components": self.n_components,
+            "n_components": counts[0] if len(counts) == 1 else counts,
             "smoothing_fwhm": None,
             "standardize": "zscore_sample",
             "detrend": False,
@@ -186,12 +256,12 @@ class FunctionalNetworks(BaseEstimator):
             }
         return {"class": "DictLearning", **common, "alpha": self.alpha, "n_epochs": self.n_epochs}
 
-    def _make_estimator(self):
+    def _make_estimator(self, mask_img: nib.Nifti1Image, n_components: int):
         from nilearn import decomposition
 
-        params = self.estimator_params()
+        params = self.estimator_params() | {"n_components": n_components}
         cls = getattr(decomposition, params.pop("class"))
-        return cls(mask=self.geometry_.mask_img(), **params)
+        return cls(mask=mask_img, **params)
 
     def maps_to_img(self, maps: np.ndarray) -> nib.Nifti1Image:
         """Put ``(k, n_neurons_total)`` maps in masker order into a 4D image."""
@@ -205,6 +275,15 @@ class FunctionalNetworks(BaseEstimator):
     def layer_counts(self) -> pd.DataFrame:
         """Key neurons per layer: ``layer, n_key_neurons, fraction``."""
         return self.geometry_.layer_counts(self.networks_.any(axis=0))
+
+
+def _layer_mask_img(geometry: VoxelGeometry, layer: int) -> nib.Nifti1Image:
+    """The neuron mask of one layer (one z-slice) as a NIfTI image."""
+    mask = np.zeros(geometry.shape, dtype=np.uint8)
+    mask[..., layer] = geometry.mask[..., layer]
+    img = nib.Nifti1Image(mask, geometry.affine)
+    img.header.set_xyzt_units("mm", "sec")
+    return img
 
 
 def check_n_components(n_components: int, samples: Sequence[np.ndarray], drop_special=True):
