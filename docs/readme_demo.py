@@ -130,7 +130,7 @@ def demo_section(out: Path) -> str:
 
     keep = _read(networks.update(suffix="keeponly", extension=".tsv"))
     keep_rows = []
-    for fraction, g in keep.groupby("fraction"):
+    for fraction, g in keep[keep.condition != "baseline"].groupby("fraction"):
         t, c = g[g.condition == "target"].iloc[0], g[g.condition == "control"]
         keep_rows.append(
             f"| {fraction:.0%} | {t.perplexity:.3g} | {c.perplexity.mean():.3g} | "

@@ -67,6 +67,38 @@ def test_lesion_cli_errors(recorded, tmp_path, capsys):
     assert "different model" in capsys.readouterr().err
 
 
+def test_lesion_cli_mean_fill_and_protected_layers(recorded, key_table, tmp_path, capsys):
+    out = tmp_path / "deriv"
+    args = ["-q", "lesion", str(recorded), str(out), "participant", "--networks", str(key_table)]
+    args += ["--mode", "keep", "--controls", "2"]
+    assert main([*args, "--fill", "mean", "--protect-layers", "0", "-1"]) == 0
+    side = next(out.rglob("*_desc-canicaKeep_lesion.json"))
+    params = json.loads(side.read_text())["Parameters"]
+    assert params["fill"] == "mean" and params["protected_layers"] == [0, -1]
+    assert params["calibration"] == "built-in recording stimuli"
+    table = pd.read_csv(side.with_suffix(".tsv"), sep="\t")
+    assert (table.n_neurons[1:] == 40 + 1 + 40).all()  # layers 0 and 2 whole, 1 key neuron
+    capsys.readouterr()
+    overlap = tmp_path / "eval.txt"
+    overlap.write_text(llm2bids.stimuli.calibration_text()[:2000])
+    assert main([*args, "--fill", "mean", "--eval-text", str(overlap)]) == 2
+    assert "share" in capsys.readouterr().err
+    assert main([*args, "--protect-layers", "7"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main([*args, "--fill", "median"])
+    assert "invalid choice: 'median'" in capsys.readouterr().err
+
+
+def test_prune_refuses_mlp_output_dimensions(tiny_dir, tmp_path, capsys):
+    keys = tmp_path / "sub-tinyllama_acq-mlpout_desc-canica_keyneurons.tsv"
+    keys.write_text("layer\tneuron\n0\t1\n")
+    args = ["prune", "--model", str(tiny_dir("llama")), "--keep", str(keys)]
+    assert main([*args, "--out", str(tmp_path / "p")]) == 2
+    assert "hidden-size dimensions" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
 def test_prune_cli_and_reload(tiny_dir, key_table, tmp_path):
     out = tmp_path / "pruned"
     assert (

@@ -23,11 +23,13 @@ from .evaluation import (
 from .glm import run_localize
 from .models import load_model
 from .recording import record
+from .replication import replicate
 from .report import build_report
 
 __all__ = [
     "FunctionalNetworks",
     "build_report",
+    "replicate",
     "run_demo",
     "VoxelGeometry",
     "__version__",

@@ -48,7 +48,7 @@ docdict: dict[str, str] = {
     Layers left whole: kept entirely in keep mode, never ablated in ablate mode (negative
     numbers count from the end; the pruning paper protects ``[0, 1, 2, -2, -1]``). Controls
     match the target layer by layer, so they are protected alike.""",
-    "mask_hook_point": """hook_point : {"mlp", "mlp_out"}, default="mlp"
+    "hook_point_mask": """hook_point : {"mlp", "mlp_out"}, default="mlp"
     Where the neuron set lives: MLP neurons, or MLP output dimensions (arXiv 2502.20408).""",
     "geometry": """geometry : VoxelGeometry
     Where each neuron sits in the volume (layers x neurons per layer).""",

@@ -290,7 +290,7 @@ def _summary_text(summaries: dict, keep: pd.DataFrame, pruning: pd.DataFrame) ->
             f"{acc['baseline']:.3f} -> {acc['target']:.3f} (controls {acc['control_mean']:.3f})"
         )
     lines.append("Keep only the top key neurons (target vs random mean):")
-    for fraction, g in keep.groupby("fraction"):
+    for fraction, g in keep[keep.condition != "baseline"].groupby("fraction"):
         t, c = g[g.condition == "target"], g[g.condition == "control"]
         lines.append(
             f"  {fraction:.0%}: perplexity {t.perplexity.iloc[0]:.1f} vs "

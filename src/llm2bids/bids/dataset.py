@@ -86,6 +86,8 @@ DERIVATIVES_BIDSIGNORE = "\n".join(
         "*_keeponly.json",
         "*_pruning.tsv",
         "*_pruning.json",
+        "*_replication.tsv",
+        "*_replication.json",
         "*.html",
         "figures",  # the validator ignores a folder by its bare name, not "figures/"
         "pruned",

@@ -290,6 +290,12 @@ def _localize(args) -> int:
     return 0
 
 
+def _controls_arguments(group, fn, help_text: str) -> None:
+    """--controls and --seed, as ``fn`` takes them (``n_controls``, ``seed``)."""
+    group.add_argument("--controls", type=int, default=default(fn, "n_controls"), help=help_text)
+    group.add_argument("--seed", type=int, default=default(fn, "seed"))
+
+
 def _masking_arguments(group, fn) -> None:
     """--fill, --calibration-text and --protect-layers, as ``fn`` takes them."""
     if "fill" in inspect.signature(fn).parameters:
@@ -329,13 +335,7 @@ def _lesion_args(p):
     g.add_argument("--component", type=int, default=None, help="only this network / label")
     fn = llm2bids.run_lesion
     g.add_argument("--mode", default=default(fn, "mode"), choices=MODES)
-    g.add_argument(
-        "--controls",
-        type=int,
-        default=default(fn, "n_controls"),
-        help="random size-matched control sets",
-    )
-    g.add_argument("--seed", type=int, default=default(fn, "seed"))
+    _controls_arguments(g, fn, "random size-matched control sets")
     g.add_argument(
         "--eval-text",
         type=Path,
@@ -455,4 +455,47 @@ def _report(args) -> int:
         raise DatasetError(f"{args.output_dir} holds no sub-* folders: is it a derivatives folder?")
     for label in labels:
         print(llm2bids.build_report(args.output_dir, label))
+    return 0
+
+
+def _replicate_args(p):
+    fn = llm2bids.replicate
+    p.add_argument("output_dir", type=Path, help="where the recording (bids/) and the tables go")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
+    _controls_arguments(p, fn, "random size-matched sets per target (at least 5)")
+    p.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=list(default(fn, "fractions")),
+        metavar="F",
+        help="shares of MLP neurons kept in the keep-only curves",
+    )
+    p.add_argument(
+        "--per-layer-curves",
+        action="store_true",
+        help="also keep the top fraction of every layer (about 8 more minutes on 2 CPU cores)",
+    )
+    p.add_argument("--max-tokens", type=int, default=default(fn, "max_tokens"))
+    p.add_argument("--device", default=default(fn, "device"), choices=DEVICES)
+
+
+@command(
+    "replicate",
+    "run both papers' protocols with correct masks and with the published masking defect",
+    _replicate_args,
+)
+def _replicate(args) -> int:
+    result = llm2bids.replicate(
+        args.output_dir,
+        model=args.model,
+        n_controls=args.controls,
+        seed=args.seed,
+        fractions=args.fractions,
+        max_tokens=args.max_tokens,
+        device=args.device,
+        verbose=args.verbose,
+        per_layer_curves=args.per_layer_curves,
+    )
+    print(f"tables: {result['conditions']} and {result['summary']}")
     return 0

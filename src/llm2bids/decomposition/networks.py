@@ -58,6 +58,11 @@ class FunctionalNetworks(BaseEstimator):
     sided : {"two", "one"}, default="two"
         ``"two"``: ``|z| >= threshold``. ``"one"``: ``z >= threshold`` on the heavy tail
         (maps are signed so that it is positive), as arXiv 2502.20408 thresholds.
+    standardize : bool, default=True
+        z-score every neuron's time course before the decomposition (nilearn's
+        ``standardize="zscore_sample"``), so that each neuron counts alike. ``False`` keeps
+        the raw scale, as arXiv 2502.20408's FastICA did: high-variance units (the last
+        layers' outputs) then dominate the components.
     random_state : int, default=0
         Seed of nilearn's randomized SVD and ICA / dictionary learning.
     drop_special : bool, default=True
@@ -117,6 +122,7 @@ class FunctionalNetworks(BaseEstimator):
         verbose: int = 0,
         scope: str = "model",
         sided: str = "two",
+        standardize: bool = True,
     ):
         self.method = method
         self.n_components = n_components
@@ -130,6 +136,7 @@ class FunctionalNetworks(BaseEstimator):
         self.verbose = verbose
         self.scope = scope
         self.sided = sided
+        self.standardize = standardize
 
     @property
     def component_counts(self) -> list[int]:
@@ -185,12 +192,16 @@ class FunctionalNetworks(BaseEstimator):
         caught_all = []
         for layer in parts:
             columns = slice(None) if layer is None else np.flatnonzero(column_layer == layer)
-            mask_img = geom.mask_img() if layer is None else _layer_mask_img(geom, layer)
+            if layer is None:
+                mask_img, part_imgs = geom.mask_img(), imgs
+            else:  # the layer's z-slice only: nilearn then reads 1/n_layers of the data
+                mask_img = geom.mask_img().slicer[:, :, layer : layer + 1]
+                part_imgs = [img.slicer[:, :, layer : layer + 1, :] for img in imgs]
             for k in self.component_counts:
                 estimator = self._make_estimator(mask_img, k)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    estimator.fit(imgs, confounds=confounds)
+                    estimator.fit(part_imgs, confounds=confounds)
                 caught_all += caught
                 part = np.asarray(estimator.components_, dtype=np.float64)
                 if not np.all(np.isfinite(part)):
@@ -205,7 +216,7 @@ class FunctionalNetworks(BaseEstimator):
                 z[:, columns] = zscore_maps(part)
                 raws.append(raw)
                 zmaps.append(z)
-                series.append(estimator.transform(imgs, confounds=confounds))
+                series.append(estimator.transform(part_imgs, confounds=confounds))
                 info += [("n/a" if layer is None else layer, k)] * part.shape[0]
                 self.estimators_.append(estimator)
         self.estimator_ = self.estimators_[0]
@@ -239,7 +250,7 @@ class FunctionalNetworks(BaseEstimator):
         common = {
             "n_components": counts[0] if len(counts) == 1 else counts,
             "smoothing_fwhm": None,
-            "standardize": "zscore_sample",
+            "standardize": "zscore_sample" if self.standardize else False,
             "detrend": False,
             "random_state": self.random_state,
             "n_jobs": self.n_jobs,
@@ -275,15 +286,6 @@ class FunctionalNetworks(BaseEstimator):
     def layer_counts(self) -> pd.DataFrame:
         """Key neurons per layer: ``layer, n_key_neurons, fraction``."""
         return self.geometry_.layer_counts(self.networks_.any(axis=0))
-
-
-def _layer_mask_img(geometry: VoxelGeometry, layer: int) -> nib.Nifti1Image:
-    """The neuron mask of one layer (one z-slice) as a NIfTI image."""
-    mask = np.zeros(geometry.shape, dtype=np.uint8)
-    mask[..., layer] = geometry.mask[..., layer]
-    img = nib.Nifti1Image(mask, geometry.affine)
-    img.header.set_xyzt_units("mm", "sec")
-    return img
 
 
 def check_n_components(n_components: int, samples: Sequence[np.ndarray], drop_special=True):

@@ -99,6 +99,8 @@ def lesion_study(
     hook_point: str = "mlp",
     masker=mask_neurons,
     baseline: bool = True,
+    window: int = PERPLEXITY_WINDOW,
+    stride: int = PERPLEXITY_STRIDE,
 ) -> pd.DataFrame:
     """Evaluate the intact model, the target set and ``n_controls`` random sets of its size.
 
@@ -117,13 +119,15 @@ def lesion_study(
     %(fill)s
     %(calibration_text)s
     %(protected_layers)s
-    %(mask_hook_point)s
+    %(hook_point_mask)s
     masker : callable, default=mask_neurons
         ``masker(model, neurons, mode=, means=, hook_point=)``, a context manager that masks
         during forward passes (:func:`~llm2bids.evaluation.mask_neurons`; the replication
         passes an emulation of the published code's defective one).
     baseline : bool, default=True
         Evaluate the intact model too (its row comes first).
+    window, stride : int, default=256, 128
+        Perplexity's sliding windows (see :func:`~llm2bids.evaluation.perplexity`).
 
     Returns
     -------
@@ -143,7 +147,7 @@ def lesion_study(
     if baseline:
         rows.append(
             {"condition": "baseline", "seed": "n/a", "mode": "none", "n_neurons": 0}
-            | evaluate(lm, text, pairs)
+            | evaluate(lm, text, pairs, window, stride)
         )
     sets = [("target", "n/a", target)] + [
         ("control", seed + i, c) for i, c in enumerate(random_controls(target, n_controls, seed))
@@ -152,7 +156,7 @@ def lesion_study(
         with masker(lm.model, neurons, mode=mode, means=means, hook_point=hook_point):
             rows.append(
                 {"condition": condition, "seed": s, "mode": mode, "n_neurons": int(neurons.sum())}
-                | evaluate(lm, text, pairs)
+                | evaluate(lm, text, pairs, window, stride)
             )
     return pd.DataFrame(rows)
 
@@ -218,7 +222,7 @@ def keep_only_curve(
     %(calibration_text)s
     %(protected_layers)s
         The fraction is taken before protection, so protected layers add to what is kept.
-    %(mask_hook_point)s
+    %(hook_point_mask)s
     masker : callable, default=mask_neurons
         See :func:`lesion_study`.
 

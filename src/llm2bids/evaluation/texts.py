@@ -52,8 +52,19 @@ def resolve_texts(
 ) -> tuple[str, str | None]:
     """The evaluation text and, for mean filling, the calibration text, checked disjoint.
 
-    ``None`` picks the built-in held-out text (evaluation) and the built-in recording stimuli
-    (calibration).
+    Parameters
+    ----------
+    evaluation : str or None
+        The text metrics are computed on; ``None`` is the built-in held-out text.
+    calibration : str or None
+        The text means are taken over; ``None`` is the built-in recording stimuli.
+    fill : {"zero", "mean"}
+        Only mean filling needs (and checks) a calibration text.
+
+    Returns
+    -------
+    tuple
+        ``(evaluation, calibration)``; ``calibration`` is ``None`` unless ``fill="mean"``.
     """
     evaluation = heldout_text() if evaluation is None else evaluation
     if fill != "mean":

@@ -179,6 +179,57 @@ def keep_only_plot(table: pd.DataFrame, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+def replication_plot(summary: pd.DataFrame, path: Path) -> Path:
+    """Perplexity of each replication target, correct mask versus the published defect.
+
+    Parameters
+    ----------
+    summary : DataFrame
+        ``llm2bids replicate``'s summary table.
+    path : Path
+        The PNG to write (an SVG is written beside it).
+    """
+    correct = summary[summary.masking == "correct"].reset_index(drop=True)
+    published = summary[summary.masking == "published"].reset_index(drop=True)
+    labels = [
+        f"{r.protocol if r.protocol != 'none' else r.study.split('(')[-1].rstrip(')')} "
+        f"{r['mode']}"
+        + (
+            f" top {float(r.fraction):.0%}"
+            if pd.notna(pd.to_numeric(r.fraction, errors="coerce"))
+            else ""
+        )
+        + f" ({float(r.fraction_unmasked):.0%} left)"
+        for _, r in correct.iterrows()
+    ]
+    y = np.arange(len(correct))[::-1]
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(correct) + 1.2))
+    ax.hlines(
+        y,
+        correct.perplexity_controls_min,
+        correct.perplexity_controls_max,
+        color="grey",
+        lw=4,
+        alpha=0.5,
+        label="random sets of the same size (range)",
+    )
+    ax.scatter(correct.perplexity_target, y, color="crimson", zorder=3, label="key set")
+    ax.scatter(
+        published.perplexity_target,
+        y,
+        facecolors="none",
+        edgecolors="darkorange",
+        zorder=3,
+        label="key set, published masking defect (emulated)",
+    )
+    ax.axvline(summary.perplexity_intact.iloc[0], ls="--", color="k", label="intact model")
+    ax.set_xscale("log")
+    ax.set_yticks(y, labels, fontsize=8)
+    ax.set_xlabel("perplexity on the held-out text (log)")
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, path)
+
+
 def load_volume(path: Path, index: int | None = None) -> np.ndarray:
     data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
     return data[..., index] if index is not None and data.ndim == 4 else data

@@ -262,6 +262,40 @@ def _keep_only(files: list[BIDSPath], ctx: _Context) -> list[str]:
     return sections
 
 
+def _replication(files: list[BIDSPath], ctx: _Context) -> list[str]:
+    summaries = [f for f in files if f.description == "summary"]
+    if not summaries:
+        return []
+    summary = pd.read_csv(summaries[0].fpath, sep="\t")
+    figure = fig.replication_plot(summary, ctx.figures / "replication.png")
+    columns = [
+        "study",
+        "protocol",
+        "masking",
+        "mode",
+        "fraction",
+        "fraction_unmasked",
+        "perplexity_target",
+        "perplexity_controls_median",
+        "n_controls",
+        "controls_above_target",
+        "pairs_target",
+        "pairs_target_ci_low",
+        "pairs_target_ci_high",
+        "pairs_controls_mean",
+    ]
+    return [
+        "<h2>Replication of the papers' protocols</h2>"
+        + ctx.figure(
+            figure,
+            "Perplexity when the key set is kept or ablated, with llm2bids' masking (each layer "
+            "its own mask) and with an emulation of the published code's defect (every layer "
+            "the last layer's mask), next to random sets of the same size per layer.",
+        )
+        + _table(summary[columns], 40)
+    ]
+
+
 def _pruning(files: list[BIDSPath], ctx: _Context) -> list[str]:
     return ["<h2>Pruned model</h2>" + _table(pd.read_csv(p.fpath, sep="\t")) for p in files]
 
@@ -276,6 +310,7 @@ SECTIONS = (
     Section({"suffix": "lesion", "extension": ".tsv"}, _lesions),
     Section({"suffix": "keeponly", "extension": ".tsv"}, _keep_only),
     Section({"suffix": "pruning", "extension": ".tsv"}, _pruning),
+    Section({"suffix": "replication", "extension": ".tsv"}, _replication),
 )
 
 
