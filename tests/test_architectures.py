@@ -167,3 +167,27 @@ def test_a_layout_that_cannot_be_understood_gets_the_registry_error():
 
     with pytest.raises(UnsupportedArchitectureError, match="register_architecture"):
         arch_spec(Odd())
+
+
+@pytest.mark.parametrize("arch", ALL)
+def test_mlp_output_dimensions_mask_exactly(arch):
+    """hook_point="mlp_out" reaches every architecture's down projection output."""
+    model = tiny_model(arch)
+    ids = torch.as_tensor(tiny_tokenizer()(TEXT).input_ids)[None]
+    hidden = model.config.hidden_size
+    ablate = np.random.default_rng(1).random((LAYERS, hidden)) < 0.3
+    reference = tiny_model(arch)  # the same dimensions zeroed in the weights, by hand
+    for layer in range(LAYERS):
+        down = reference.get_submodule(_neuron_path(reference, arch).format(layer))
+        rows = torch.as_tensor(ablate[layer])
+        if type(down).__name__ == "Conv1D":
+            down.weight.data[:, rows] = 0
+        else:
+            down.weight.data[rows, :] = 0
+        if down.bias is not None:
+            down.bias.data[rows] = 0
+    with torch.no_grad():
+        expected = reference(ids).logits
+        with mask_neurons(model, ablate, mode="ablate", hook_point="mlp_out"):
+            masked = model(ids).logits
+    torch.testing.assert_close(masked, expected, rtol=1e-5, atol=1e-5)

@@ -117,6 +117,9 @@ def test_prune_cli_and_reload(tiny_dir, key_table, tmp_path):
     )
     lm = load_pruned(out)
     assert [len(k) for k in lm.model.llm2bids_kept_neurons] == [2, 1, 2]
+    params = json.loads((out / "llm2bids_pruning.json").read_text())["Parameters"]
+    assert params["keep"] == str(key_table) and params["protected_layers"] == []
+    assert params["bias_compensation"] is False and params["calibration"] is None
     assert lm.tokenizer is not None
     ids = lm.tokenizer("The cat sat.", return_tensors="pt").input_ids
     assert np.isfinite(lm.model(ids).logits.detach().numpy()).all()

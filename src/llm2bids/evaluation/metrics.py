@@ -148,7 +148,8 @@ def minimal_pair_accuracy(lm: LoadedModel, pairs: pd.DataFrame) -> dict:
     """Fraction of pairs whose grammatical sentence gets the higher log-probability.
 
     Returns ``minimal_pair_accuracy``, its 95%% Wilson interval (``minimal_pair_ci_low``,
-    ``minimal_pair_ci_high``), ``n_pairs`` and one ``accuracy_<phenomenon>`` per phenomenon.
+    ``minimal_pair_ci_high``), ``n_pairs``, and per phenomenon ``accuracy_<phenomenon>`` with
+    its interval (``accuracy_<phenomenon>_ci_low``, ``..._ci_high``).
     """
     good = sentence_logprobs(lm, pairs["good"].tolist())
     bad = sentence_logprobs(lm, pairs["bad"].tolist())
@@ -161,5 +162,8 @@ def minimal_pair_accuracy(lm: LoadedModel, pairs: pd.DataFrame) -> dict:
         "n_pairs": len(right),
     }
     for name, idx in pairs.groupby("phenomenon").groups.items():
-        result[f"accuracy_{name}"] = float(right[pairs.index.get_indexer(idx)].mean())
+        hits = right[pairs.index.get_indexer(idx)]
+        low, high = proportion_ci(int(hits.sum()), len(hits))
+        result[f"accuracy_{name}"] = float(hits.mean())
+        result[f"accuracy_{name}_ci_low"], result[f"accuracy_{name}_ci_high"] = low, high
     return result

@@ -142,6 +142,7 @@ def save_pruned(
     path: str | Path,
     source: str = "n/a",
     overwrite: bool = False,
+    parameters: dict | None = None,
 ) -> Path:
     """Save a pruned model with ``save_pretrained`` plus its per-layer sizes.
 
@@ -158,6 +159,8 @@ def save_pruned(
     overwrite : bool, default=False
         Replace a pruned model already saved in ``path``. A folder that holds anything else
         is never written into.
+    parameters : dict or None, default=None
+        How the kept set was chosen (recorded as ``Parameters`` in ``llm2bids_pruning.json``).
     """
     kept = getattr(model, "llm2bids_kept_neurons", None)
     if kept is None:
@@ -173,6 +176,7 @@ def save_pruned(
         {
             "GeneratedBy": generated_by(),
             "Source": source,
+            "Parameters": parameters or {},
             "Architecture": model.config.model_type,
             "NeuronsPerLayer": [len(k) for k in kept],
             "DownBias": [
@@ -348,6 +352,7 @@ def run_prune(
     from .texts import resolve_texts
 
     _check_pruned_folder(Path(output_dir), overwrite)  # before loading anything
+    keep_source = "a mask given in Python" if isinstance(keep, np.ndarray) else keep
     if not isinstance(keep, np.ndarray):
         try:
             acquisition = BIDSPath.from_path(keep).acquisition
@@ -377,7 +382,26 @@ def run_prune(
     keep = protect_layers(keep, protected_layers, "keep")
     means = neuron_means(lm, calibration) if bias_compensation else None
     pruned = prune(lm.model, keep, means=means)
-    folder = save_pruned(pruned, lm.tokenizer, output_dir, source=lm.spec, overwrite=overwrite)
+    folder = save_pruned(
+        pruned,
+        lm.tokenizer,
+        output_dir,
+        source=lm.spec,
+        overwrite=overwrite,
+        parameters={
+            "keep": str(keep_source),
+            "component": component,
+            "protected_layers": list(protected_layers),
+            "bias_compensation": bias_compensation,
+            "calibration": (
+                None
+                if not bias_compensation
+                else "built-in recording stimuli"
+                if calibration_file is None
+                else str(calibration_file)
+            ),
+        },
+    )
     return {
         "kept_neurons": int(keep.sum()),
         "total_neurons": int(keep.size),
