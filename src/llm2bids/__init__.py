@@ -5,6 +5,7 @@ voxels, tokens are volumes. Runs are written as 4D NIfTI files in a BIDS dataset
 nibabel, nilearn, pybids and the BIDS validator work on them unchanged.
 """
 
+from ._parallel import dask_cluster
 from ._version import __version__
 from .bids import VoxelGeometry, find_runs, load_run, neuron_masker, validate
 from .decomposition import FunctionalNetworks, run_networks
@@ -29,6 +30,7 @@ from .report import build_report
 __all__ = [
     "FunctionalNetworks",
     "build_report",
+    "dask_cluster",
     "replicate",
     "run_demo",
     "VoxelGeometry",

@@ -198,7 +198,19 @@ def _networks_args(p):
         help="two: |z| >= threshold; one: z >= threshold on the heavy tail (arXiv 2502.20408)",
     )
     g.add_argument("--seed", type=int, default=default(fn, "seed"))
-    g.add_argument("--n-jobs", type=int, default=default(fn, "n_jobs"))
+    g.add_argument(
+        "--n-jobs",
+        type=int,
+        default=default(fn, "n_jobs"),
+        help="processes for the fits that run side by side (-1: all cores)",
+    )
+    g.add_argument(
+        "--dask-scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="run the parallel work on the workers of a running Dask cluster "
+        "(tcp://HOST:PORT; needs pip install 'llm2bids[dask]')",
+    )
     g = p.add_argument_group("recurrence")
     g.add_argument(
         "--no-per-run",
@@ -230,6 +242,7 @@ def _networks(args) -> int:
         threshold=args.threshold,
         scope=args.scope,
         sided=args.sided,
+        dask_scheduler=args.dask_scheduler,
         seed=args.seed,
         n_jobs=args.n_jobs,
         per_run=not args.no_per_run,

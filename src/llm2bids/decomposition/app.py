@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from sklearn.base import clone
 from tqdm.auto import tqdm
 
 from .._docs import fill_doc
+from .._parallel import dask_cluster, parallel_map
 from ..bids.names import acquisition_label
 from ..bids.path import BIDSPath, by_role
 from ..bids.reader import check_same_geometry, run_metadata, select_runs, special_mask
@@ -42,6 +44,7 @@ def run_networks(
     *,
     scope: str = "model",
     sided: str = "two",
+    dask_scheduler: str | None = None,
 ) -> dict[str, list[Path]]:
     """Find functional networks per model and task, across tasks, and test their recurrence.
 
@@ -64,6 +67,9 @@ def run_networks(
         z from which a neuron belongs to a network.
     %(seed)s
     n_jobs : int, default=1
+        Processes for the decompositions that can run side by side (single-run fits, the
+        layers of ``scope="layer"``, a sweep) or for nilearn's per-run reductions; ``-1``:
+        all cores (all Dask workers with ``dask_scheduler``). Results do not depend on it.
     per_run : bool, default=True
         Also decompose each run on its own and match it to its task's networks.
     n_permutations : int, default=100
@@ -75,6 +81,9 @@ def run_networks(
         :class:`~llm2bids.decomposition.FunctionalNetworks`).
     sided : {"two", "one"}, default="two"
         ``|z| >= threshold``, or ``z >= threshold`` on each map's heavy tail.
+    dask_scheduler : str or None, default=None
+        Address of a running Dask scheduler (``tcp://HOST:PORT``): the parallel work runs on
+        its workers (joblib's ``dask`` backend; ``n_jobs`` 1 then means all of them).
 
     Returns
     -------
@@ -99,44 +108,71 @@ def run_networks(
         all_runs = [r for runs in by_task.values() for r in runs]
         check_same_geometry(all_runs)
         check_n_components(max(template.component_counts), [special_mask(r) for r in all_runs])
-    output_dir = init_derivatives(output_dir, bids_dir)
-    written: list[Path] = []
-    for sub, by_task in selected.items():
-        fits = {}
-        model_id = run_metadata(next(iter(by_task.values()))[0]).get("ModelID", "n/a")
-        params = template.get_params() | {
-            "estimator": template.estimator_params(),
-            "model_id": model_id,
-        }
-        recording = BIDSPath(
-            subject=sub, acquisition=acquisition_label(hook_point), root=output_dir
-        )
-        bar = tqdm(total=len(by_task) + 1, desc=f"{sub} networks", disable=not verbose)
-        for task, runs in by_task.items():
-            fit = clone(template).fit(runs)
-            fits[task] = fit
-            written += write_networks(fit, recording.update(task=task), params, bids_dir)
-            bar.update()
-        all_runs = [r for runs in by_task.values() for r in runs]
-        if len(by_task) > 1:
-            fit_all = clone(template).fit(all_runs)
-            fits["__all__"] = fit_all  # also the reference of the seed comparison
-            written += write_networks(
-                fit_all, recording, params | {"tasks": sorted(by_task)}, bids_dir
+    if dask_scheduler is not None and n_jobs == 1:
+        template.set_params(n_jobs=-1)
+    with dask_cluster(dask_scheduler):  # reached (or refused) before anything is written
+        output_dir = init_derivatives(output_dir, bids_dir)
+        written: list[Path] = []
+        for sub, by_task in selected.items():
+            written += _networks_of_subject(
+                sub,
+                by_task,
+                template,
+                output_dir,
+                bids_dir,
+                hook_point,
+                per_run,
+                n_permutations,
+                verbose,
             )
-        bar.update()
-        bar.close()
-        written += _recurrence(
-            recording,
-            by_task,
-            fits,
-            template,
-            per_run,
-            n_permutations,
-            params,
-            verbose,
-        )
     return by_role(written)
+
+
+#: Parameters that say how a fit ran, never what it found: left out of the sidecars, so that
+#: serial, parallel and cluster runs write the same derivatives.
+RUNTIME_PARAMS = ("n_jobs", "verbose")
+
+
+def _results_params(params: dict) -> dict:
+    return {k: v for k, v in params.items() if k not in RUNTIME_PARAMS}
+
+
+def _networks_of_subject(
+    sub, by_task, template, output_dir, bids_dir, hook_point, per_run, n_permutations, verbose
+) -> list[Path]:
+    """One subject's decompositions (per task, over all tasks) and their recurrence."""
+    written: list[Path] = []
+    fits = {}
+    model_id = run_metadata(next(iter(by_task.values()))[0]).get("ModelID", "n/a")
+    params = _results_params(template.get_params()) | {
+        "estimator": _results_params(template.estimator_params()),
+        "model_id": model_id,
+    }
+    recording = BIDSPath(subject=sub, acquisition=acquisition_label(hook_point), root=output_dir)
+    bar = tqdm(total=len(by_task) + 1, desc=f"{sub} networks", disable=not verbose)
+    for task, runs in by_task.items():
+        fit = clone(template).fit(runs)
+        fits[task] = fit
+        written += write_networks(fit, recording.update(task=task), params, bids_dir)
+        bar.update()
+    all_runs = [r for runs in by_task.values() for r in runs]
+    if len(by_task) > 1:
+        fit_all = clone(template).fit(all_runs)
+        fits["__all__"] = fit_all  # also the reference of the seed comparison
+        written += write_networks(fit_all, recording, params | {"tasks": sorted(by_task)}, bids_dir)
+    bar.update()
+    bar.close()
+    written += _recurrence(
+        recording,
+        by_task,
+        fits,
+        template,
+        per_run,
+        n_permutations,
+        params,
+        verbose,
+    )
+    return written
 
 
 @fill_doc
@@ -256,6 +292,11 @@ def connectivity(fit: FunctionalNetworks) -> pd.DataFrame:
     return frame
 
 
+def _fit_single_run(template: FunctionalNetworks, run: Path) -> FunctionalNetworks:
+    """``template`` fitted on one run, in one process (the runs are what runs in parallel)."""
+    return clone(template).set_params(n_jobs=1).fit([run])
+
+
 def _recurrence(
     recording: BIDSPath,
     by_task,
@@ -305,12 +346,13 @@ def _recurrence(
         if not per_run or len(runs) < 2:
             continue
         group = fits[task]
-        run_fits = [
-            clone(template).fit([r])
-            for r in tqdm(
-                runs, desc=f"{recording.subject} {task} single-run fits", disable=not verbose
-            )
-        ]
+        run_fits = parallel_map(
+            functools.partial(_fit_single_run, template),
+            runs,
+            n_jobs=template.n_jobs,
+            desc=f"{recording.subject} {task} single-run fits",
+            verbose=verbose,
+        )
         for run, fit in zip(runs, run_fits):
             table = compare_fits(
                 group.components_,

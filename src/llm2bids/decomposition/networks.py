@@ -7,6 +7,7 @@ component maps into networks and key neurons.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
 
 from .._docs import fill_doc
+from .._parallel import parallel_map
 from ..bids.geometry import VoxelGeometry
 from ..bids.reader import check_same_geometry, load_img, special_mask
 from ..exceptions import InputError, NumericalError
@@ -77,6 +79,10 @@ class FunctionalNetworks(BaseEstimator):
     n_init : int, default=10
         Restarts of the ICA (ignored by DictLearning).
     n_jobs : int, default=1
+        Processes (joblib): the decompositions of a sweep or of the layers run side by side;
+        a single decomposition passes them to nilearn for its per-run reductions. ``-1``:
+        all cores, or every worker of a Dask cluster inside :func:`llm2bids.dask_cluster`.
+        Results do not depend on it.
     verbose : int, default=0
 
     Attributes
@@ -188,37 +194,29 @@ class FunctionalNetworks(BaseEstimator):
         geom = self.geometry_
         column_layer = geom.labels().layer.to_numpy()
         parts = [None] if self.scope == "model" else list(range(geom.n_layers))
-        raws, zmaps, series, info, self.estimators_ = [], [], [], [], []
-        caught_all = []
-        for layer in parts:
+        jobs = [(layer, k) for layer in parts for k in self.component_counts]
+        # Many decompositions (layers, counts) run in parallel, each on one core; a single
+        # one gives nilearn the cores for its per-run reductions.
+        outer = self.n_jobs if len(jobs) > 1 else 1
+        inner = self.n_jobs if outer == 1 else 1
+        fitted = parallel_map(
+            functools.partial(_fit_part, self, geom, imgs, confounds, inner),
+            jobs,
+            n_jobs=outer,
+        )
+        raws, zmaps, series, info, caught_all = [], [], [], [], []
+        for (layer, k), (_, part, part_series, caught) in zip(jobs, fitted):
             columns = slice(None) if layer is None else np.flatnonzero(column_layer == layer)
-            if layer is None:
-                mask_img, part_imgs = geom.mask_img(), imgs
-            else:  # the layer's z-slice only: nilearn then reads 1/n_layers of the data
-                mask_img = geom.mask_img().slicer[:, :, layer : layer + 1]
-                part_imgs = [img.slicer[:, :, layer : layer + 1, :] for img in imgs]
-            for k in self.component_counts:
-                estimator = self._make_estimator(mask_img, k)
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    estimator.fit(part_imgs, confounds=confounds)
-                caught_all += caught
-                part = np.asarray(estimator.components_, dtype=np.float64)
-                if not np.all(np.isfinite(part)):
-                    raise NumericalError(
-                        f"{self.method} produced non-finite component maps"
-                        + (f" in layer {layer}" if layer is not None else "")
-                        + "; check the runs for constant or non-finite neurons."
-                    )
-                raw = np.zeros((part.shape[0], geom.n_total))
-                raw[:, columns] = part
-                z = np.zeros_like(raw)
-                z[:, columns] = zscore_maps(part)
-                raws.append(raw)
-                zmaps.append(z)
-                series.append(estimator.transform(part_imgs, confounds=confounds))
-                info += [("n/a" if layer is None else layer, k)] * part.shape[0]
-                self.estimators_.append(estimator)
+            raw = np.zeros((part.shape[0], geom.n_total))
+            raw[:, columns] = part
+            z = np.zeros_like(raw)
+            z[:, columns] = zscore_maps(part)
+            raws.append(raw)
+            zmaps.append(z)
+            series.append(part_series)
+            info += [("n/a" if layer is None else layer, k)] * part.shape[0]
+            caught_all += caught
+        self.estimators_ = [estimator for estimator, *_ in fitted]
         self.estimator_ = self.estimators_[0]
         self.convergence_warnings_ = _report_convergence(caught_all, self.method)
         raw = np.vstack(raws)
@@ -267,10 +265,10 @@ class FunctionalNetworks(BaseEstimator):
             }
         return {"class": "DictLearning", **common, "alpha": self.alpha, "n_epochs": self.n_epochs}
 
-    def _make_estimator(self, mask_img: nib.Nifti1Image, n_components: int):
+    def _make_estimator(self, mask_img: nib.Nifti1Image, n_components: int, n_jobs: int = 1):
         from nilearn import decomposition
 
-        params = self.estimator_params() | {"n_components": n_components}
+        params = self.estimator_params() | {"n_components": n_components, "n_jobs": n_jobs}
         cls = getattr(decomposition, params.pop("class"))
         return cls(mask=mask_img, **params)
 
@@ -286,6 +284,35 @@ class FunctionalNetworks(BaseEstimator):
     def layer_counts(self) -> pd.DataFrame:
         """Key neurons per layer: ``layer, n_key_neurons, fraction``."""
         return self.geometry_.layer_counts(self.networks_.any(axis=0))
+
+
+def _fit_part(networks, geometry, imgs, confounds, n_jobs, job):
+    """One decomposition: the whole model (``layer`` None) or one layer, ``k`` components.
+
+    Returns the fitted nilearn estimator, its maps (over the part's neurons), its time
+    courses per run and the warnings it raised (as plain tuples, so a worker process can
+    send them back).
+    """
+    layer, k = job
+    if layer is None:
+        mask_img, part_imgs = geometry.mask_img(), imgs
+    else:  # the layer's z-slice only: nilearn then reads 1/n_layers of the data
+        mask_img = geometry.mask_img().slicer[:, :, layer : layer + 1]
+        part_imgs = [img.slicer[:, :, layer : layer + 1, :] for img in imgs]
+    estimator = networks._make_estimator(mask_img, k, n_jobs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        estimator.fit(part_imgs, confounds=confounds)
+        series = estimator.transform(part_imgs, confounds=confounds)
+    part = np.asarray(estimator.components_, dtype=np.float64)
+    if not np.all(np.isfinite(part)):
+        raise NumericalError(
+            f"{networks.method} produced non-finite component maps"
+            + (f" in layer {layer}" if layer is not None else "")
+            + "; check the runs for constant or non-finite neurons."
+        )
+    caught = [(w.category, str(w.message), w.filename, w.lineno) for w in caught]
+    return estimator, part, series, caught
 
 
 def check_n_components(n_components: int, samples: Sequence[np.ndarray], drop_special=True):
@@ -380,11 +407,11 @@ def _report_convergence(caught, method: str) -> int:
     Every other warning caught during the fit is issued again, unchanged.
     """
     texts = []
-    for w in caught:
-        if issubclass(w.category, ConvergenceWarning) or "converge" in str(w.message).lower():
-            texts.append(str(w.message))
+    for category, message, filename, lineno in caught:
+        if issubclass(category, ConvergenceWarning) or "converge" in message.lower():
+            texts.append(message)
         else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+            warnings.warn_explicit(message, category, filename, lineno)
     if not texts:
         return 0
     message = (
