@@ -60,3 +60,11 @@ def test_unreachable_scheduler_is_named_and_nothing_is_written(planted, tmp_path
     args = ["networks", str(bids), str(tmp_path / "cli"), "participant", "--n-components", "4"]
     assert main([*args, "--dask-scheduler", address]) == 2
     assert "tcp://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_localizer_in_parallel_writes_the_serial_derivatives(recorded, tmp_path):
+    from llm2bids.glm import run_localize
+
+    for name, n_jobs in (("serial", 1), ("jobs", 2)):
+        run_localize(recorded, tmp_path / name, task="langloc", n_jobs=n_jobs)
+    _same_files(tmp_path / "serial", tmp_path / "jobs")

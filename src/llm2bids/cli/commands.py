@@ -198,19 +198,7 @@ def _networks_args(p):
         help="two: |z| >= threshold; one: z >= threshold on the heavy tail (arXiv 2502.20408)",
     )
     g.add_argument("--seed", type=int, default=default(fn, "seed"))
-    g.add_argument(
-        "--n-jobs",
-        type=int,
-        default=default(fn, "n_jobs"),
-        help="processes for the fits that run side by side (-1: all cores)",
-    )
-    g.add_argument(
-        "--dask-scheduler",
-        default=None,
-        metavar="ADDRESS",
-        help="run the parallel work on the workers of a running Dask cluster "
-        "(tcp://HOST:PORT; needs pip install 'llm2bids[dask]')",
-    )
+    _parallel_arguments(g, fn)
     g = p.add_argument_group("recurrence")
     g.add_argument(
         "--no-per-run",
@@ -281,6 +269,7 @@ def _localize_args(p):
         default=default(fn, "height_control"),
         choices=["bonferroni", "fdr", "fpr"],  # nilearn's threshold_stats_img
     )
+    _parallel_arguments(p.add_argument_group("parallel"), fn)
 
 
 @command("localize", "localize units with a task contrast (nilearn GLM, no HRF)", _localize_args)
@@ -297,10 +286,29 @@ def _localize(args) -> int:
         height_control=args.height_control,
         second_level=args.second_level,
         hook_point=args.hook_point,
+        n_jobs=args.n_jobs,
+        dask_scheduler=args.dask_scheduler,
     )
     for sub, res in results.items():
         print(f"{participant_id(sub)}: {int(res.selected.sum())} units selected ({res.selection})")
     return 0
+
+
+def _parallel_arguments(group, fn) -> None:
+    """--n-jobs and --dask-scheduler, as ``fn`` takes them."""
+    group.add_argument(
+        "--n-jobs",
+        type=int,
+        default=default(fn, "n_jobs"),
+        help="processes for the fits that run side by side (-1: all cores)",
+    )
+    group.add_argument(
+        "--dask-scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="run the parallel work on the workers of a running Dask cluster "
+        "(tcp://HOST:PORT; needs pip install 'llm2bids[dask]')",
+    )
 
 
 def _controls_arguments(group, fn, help_text: str) -> None:

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from .._docs import fill_doc
+from .._parallel import dask_cluster
 from ..bids.names import acquisition_label
 from ..bids.path import BIDSPath
 from ..bids.reader import run_metadata, select_runs
@@ -31,6 +32,9 @@ def run_localize(
     height_control: str = "bonferroni",
     second_level: bool = False,
     hook_point: str = "mlp",
+    *,
+    n_jobs: int = 1,
+    dask_scheduler: str | None = None,
 ) -> dict[str, object]:
     """Localize with a contrast for each selected subject and write the derivatives.
 
@@ -53,6 +57,11 @@ def run_localize(
     second_level : bool, default=False
         Fit each run, then combine their effects with nilearn's ``SecondLevelModel``.
     %(hook_point)s
+    n_jobs : int, default=1
+        Processes for nilearn's per-run GLM fits (``-1``: all cores).
+    dask_scheduler : str or None, default=None
+        Address of a running Dask scheduler: the fits run on its workers (``n_jobs`` 1 then
+        means all of them).
 
     Returns
     -------
@@ -66,10 +75,20 @@ def run_localize(
     selected = select_runs(bids_dir, participant_label, [task], hook_point)
     label = contrast_label(contrast)
     results = {}
-    for sub, by_task in selected.items():  # fit everything before writing anything
-        results[sub] = localize(
-            by_task[task], contrast, top_percent, threshold, alpha, height_control, second_level
-        )
+    if dask_scheduler is not None and n_jobs == 1:
+        n_jobs = -1
+    with dask_cluster(dask_scheduler):
+        for sub, by_task in selected.items():  # fit everything before writing anything
+            results[sub] = localize(
+                by_task[task],
+                contrast,
+                top_percent,
+                threshold,
+                alpha,
+                height_control,
+                second_level,
+                n_jobs=n_jobs,
+            )
     output_dir = init_derivatives(output_dir, bids_dir)
     for sub, res in results.items():
         runs = selected[sub][task]

@@ -156,6 +156,7 @@ def localize(
     alpha: float | None = None,
     height_control: str = "bonferroni",
     second_level: bool = False,
+    n_jobs: int = 1,
 ) -> LocalizerResult:
     """Fit nilearn's GLM to the runs and select the units a contrast localizes.
 
@@ -178,6 +179,9 @@ def localize(
         Fit each run separately and combine the runs' effect maps with nilearn's
         ``SecondLevelModel`` (a one-sample t-test across runs) instead of a fixed-effects
         first-level model over all runs.
+    n_jobs : int, default=1
+        Processes for nilearn's per-run GLM fits (``-1``: all cores, or every Dask worker
+        inside :func:`llm2bids.dask_cluster`); results do not depend on it.
 
     Returns
     -------
@@ -222,7 +226,7 @@ def localize(
         raise InputError(f"no run has every condition of {contrast!r}; nothing to estimate.")
     imgs, events, masks = ([x[i] for i in usable] for x in (imgs, events, masks))
     mask_img = geometry.mask_img()
-    options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img}
+    options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img, "n_jobs": n_jobs}
     with warnings.catch_warnings():
         # nilearn notices that do not apply: the mask is given on purpose, and the contrast is
         # an expression over condition names, which is right for runs with different designs.
