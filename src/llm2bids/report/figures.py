@@ -226,7 +226,7 @@ def replication_plot(summary: pd.DataFrame, path: Path) -> Path:
     ax.set_xscale("log")
     ax.set_yticks(y, labels, fontsize=8)
     ax.set_xlabel("perplexity on the held-out text (log)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside, not over, the rows
     return _save(fig, path)
 
 
