@@ -1,5 +1,6 @@
 import json
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -135,3 +136,21 @@ def test_lm_eval_is_optional_with_a_clear_error(tiny_dir):
         pytest.skip("lm-eval is installed here; this test checks the message without it")
     with pytest.raises(InputError, match=r"pip install 'llm2bids\[lmeval\]'"):
         run_lm_eval(llm2bids.load_model(str(tiny_dir("llama")), device="cpu"), ["hellaswag"])
+
+
+def test_lesion_of_a_stat_map_needs_and_records_a_threshold(recorded, tmp_path, capsys):
+    from llm2bids.glm import run_localize
+
+    deriv = tmp_path / "deriv"
+    files = run_localize(recorded, deriv, task="langloc")["tinyllama"].files
+    zmap = files["statmap-z"]
+    args = ["-q", "lesion", str(recorded), str(deriv), "participant", "--networks", str(zmap)]
+    args += ["--controls", "2"]
+    assert main(args) == 2
+    assert "pass a threshold" in capsys.readouterr().err
+    assert main([*args, "--threshold", "1.0"]) == 0
+    (side,) = deriv.rglob("*_lesion.json")
+    assert json.loads(side.read_text())["Parameters"]["threshold"] == 1.0
+    table = pd.read_csv(side.with_suffix(".tsv"), sep="\t")
+    selected = (np.asarray(nib.load(zmap).dataobj) >= 1.0).sum()
+    assert table.n_neurons.iloc[1] == selected > 0

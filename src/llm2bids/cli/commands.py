@@ -354,6 +354,12 @@ def _lesion_args(p):
         help="key-neuron TSV (from `networks` or `localize`), dseg atlas or stat map",
     )
     g.add_argument("--component", type=int, default=None, help="only this network / label")
+    g.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="with a stat map or component map: the neurons at or above this value",
+    )
     fn = llm2bids.run_lesion
     g.add_argument("--mode", default=default(fn, "mode"), choices=MODES)
     _controls_arguments(g, fn, "random size-matched control sets")
@@ -389,6 +395,7 @@ def _lesion(args) -> int:
         fill=args.fill,
         calibration_file=args.calibration_text,
         protected_layers=args.protect_layers,
+        threshold=args.threshold,
     )
     for sub, (_, summary) in results.items():
         for metric, s in summary.items():

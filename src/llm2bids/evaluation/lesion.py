@@ -306,6 +306,7 @@ def run_lesion(
     fill: str = "zero",
     calibration_file: str | Path | None = None,
     protected_layers: Sequence[int] = (),
+    threshold: float | None = None,
 ) -> dict[str, LesionResult]:
     """Lesion (or keep only) a neuron set in each subject's model; write TSV + JSON.
 
@@ -338,6 +339,9 @@ def run_lesion(
         Text file for the means of ``fill="mean"``; ``None`` is the built-in recording
         stimuli. It must not overlap the evaluation text.
     %(protected_layers)s
+    threshold : float or None, default=None
+        For a stat map or component map: the set is the neurons at or above it (needed
+        there; ignored for tables and atlases).
 
     Returns
     -------
@@ -381,6 +385,7 @@ def run_lesion(
             layer_count(lm.model),
             neurons_per_layer(lm.model, hook_point)[0],
             component=component,
+            threshold=threshold,
         )
         table = lesion_study(
             lm,
@@ -417,6 +422,7 @@ def run_lesion(
             provenance(
                 networks=str(networks),
                 component=component,
+                threshold=threshold,
                 mode=mode,
                 n_controls=n_controls,
                 seed=seed,

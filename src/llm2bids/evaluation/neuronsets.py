@@ -120,7 +120,10 @@ def _from_image(path: Path, n_neurons, component, threshold) -> tuple[np.ndarray
         hit = data == component if component is not None else data > 0
     else:
         if threshold is None:
-            raise InputError(f"{path.name} is a statistical map: pass a threshold.")
+            raise InputError(
+                f"{path.name} is a statistical map: pass a threshold (the neurons at or above "
+                "it form the set; `llm2bids lesion --threshold Z`)."
+            )
         hit = data >= threshold
     x, y, z = np.nonzero(hit & geom.mask)
     return z, x + geom.nx * y
