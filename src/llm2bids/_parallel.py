@@ -43,6 +43,11 @@ def parallel_map(
     return list(bar(jobs(joblib.delayed(fn)(item) for item in items)))
 
 
+def cluster_n_jobs(n_jobs: int, address: str | None) -> int:
+    """``n_jobs`` for work sent to the cluster at ``address``: 1 (the default) means all workers."""
+    return -1 if address is not None and n_jobs == 1 else n_jobs
+
+
 @contextlib.contextmanager
 def dask_cluster(address: str | None, timeout: float = 10) -> Iterator[object]:
     """Run the joblib work inside the block on the Dask cluster at ``address``.

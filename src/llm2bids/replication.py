@@ -35,7 +35,7 @@ from .bids.path import BIDSPath
 from .decomposition import FunctionalNetworks
 from .derivatives import init_derivatives, provenance, write_table
 from .evaluation import minimal_pairs, rank_neurons, top_neurons
-from .evaluation.lesion import evaluate, lesion_study
+from .evaluation.lesion import BASELINE, evaluate, lesion_study
 from .evaluation.masking import check_mask, mask_neurons, resolve_layers
 from .exceptions import InputError
 from .models import LoadedModel, arch_spec, load_model
@@ -321,12 +321,9 @@ def replicate(
 
     say("evaluate the intact model")
     rows = [
-        pd.DataFrame(
-            [
-                {"condition": "baseline", "seed": "n/a", "mode": "none", "n_neurons": 0}
-                | evaluate(lm, text, pairs, window=WINDOW, stride=WINDOW)
-            ]
-        ).assign(study="baseline", protocol="none", masking="none", hook_point="none")
+        pd.DataFrame([BASELINE | evaluate(lm, text, pairs, WINDOW, WINDOW)]).assign(
+            study="baseline", protocol="none", masking="none", hook_point="none"
+        )
     ]
     fits = {}
     for protocol in protocols:

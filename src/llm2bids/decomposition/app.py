@@ -15,7 +15,7 @@ from sklearn.base import clone
 from tqdm.auto import tqdm
 
 from .._docs import fill_doc
-from .._parallel import dask_cluster, parallel_map
+from .._parallel import cluster_n_jobs, dask_cluster, parallel_map
 from ..bids.names import acquisition_label
 from ..bids.path import BIDSPath, by_role
 from ..bids.reader import check_same_geometry, run_metadata, select_runs, special_mask
@@ -108,8 +108,7 @@ def run_networks(
         all_runs = [r for runs in by_task.values() for r in runs]
         check_same_geometry(all_runs)
         check_n_components(max(template.component_counts), [special_mask(r) for r in all_runs])
-    if dask_scheduler is not None and n_jobs == 1:
-        template.set_params(n_jobs=-1)
+    template.set_params(n_jobs=cluster_n_jobs(n_jobs, dask_scheduler))
     with dask_cluster(dask_scheduler):  # reached (or refused) before anything is written
         output_dir = init_derivatives(output_dir, bids_dir)
         written: list[Path] = []

@@ -20,15 +20,17 @@ from ..exceptions import DatasetError, InputError
 from ..models import LoadedModel, load_model
 from ..models.hooks import hook_point_of, layer_count, neurons_per_layer
 from ..stimuli import heldout_text
-from .masking import FILLS, mask_neurons, neuron_means, protect_layers
+from .masking import mask_neurons, neuron_means, protect_layers
 from .metrics import PERPLEXITY_STRIDE, PERPLEXITY_WINDOW, minimal_pair_accuracy, perplexity
 from .minimal_pairs import minimal_pairs
-from .neuronsets import random_controls, read_neuron_set, top_neurons
-from .texts import resolve_texts
+from .neuronsets import random_controls, read_neuron_set, set_entities, top_neurons
+from .texts import calibration_label, read_text_file, resolve_texts
 
 logger = logging.getLogger("llm2bids.evaluation")
 
 METRICS = ("perplexity", "next_token_accuracy", "minimal_pair_accuracy")
+#: The intact model's row of a lesion table (its metrics follow).
+BASELINE = {"condition": "baseline", "seed": "n/a", "mode": "none", "n_neurons": 0}
 
 
 @dataclass
@@ -138,17 +140,10 @@ def lesion_study(
     """
     if n_controls < 1:
         raise InputError(f"n_controls must be at least 1, got {n_controls}.")
-    if fill not in FILLS:
-        raise InputError(f"fill must be one of {FILLS}, got {fill!r}.")
     text, calibration = resolve_texts(text, calibration_text, fill)
     target = protect_layers(target, protected_layers, mode)
     means = neuron_means(lm, calibration, hook_point=hook_point) if fill == "mean" else None
-    rows = []
-    if baseline:
-        rows.append(
-            {"condition": "baseline", "seed": "n/a", "mode": "none", "n_neurons": 0}
-            | evaluate(lm, text, pairs, window, stride)
-        )
+    rows = [BASELINE | evaluate(lm, text, pairs, window, stride)] if baseline else []
     sets = [("target", "n/a", target)] + [
         ("control", seed + i, c) for i, c in enumerate(random_controls(target, n_controls, seed))
     ]
@@ -266,17 +261,6 @@ def keep_only_curve(
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
-def read_text_file(path: str | Path, role: str) -> str:
-    """The text of a UTF-8 file, or an error naming the ``role`` it was meant for."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"{role} {path} cannot be read: {err}.") from err
-    if not text.strip():
-        raise InputError(f"{role} {path} is empty.")
-    return text
-
-
 def _participant_model(bids_dir: Path, sub: str) -> str:
     participants = read_participants(bids_dir)
     row = participants[participants.participant_id == participant_id(sub)]
@@ -353,10 +337,7 @@ def run_lesion(
     networks = Path(networks)
     if not networks.exists():
         raise InputError(f"--networks {str(networks)!r} does not exist.")
-    try:
-        source = BIDSPath.from_path(networks)
-    except DatasetError:  # a neuron set of the user's own, not named by llm2bids
-        source = BIDSPath()
+    source = set_entities(networks)
     if participant_label:
         subjects = [strip_prefix(p) for p in participant_label]
     elif source.subject is not None:
@@ -367,9 +348,7 @@ def run_lesion(
     calibration = (
         None if calibration_file is None else read_text_file(calibration_file, "calibration text")
     )
-    if fill not in FILLS:
-        raise InputError(f"fill must be one of {FILLS}, got {fill!r}.")
-    resolve_texts(text, calibration, fill)  # refuse overlapping texts before any model loads
+    resolve_texts(text, calibration, fill)  # refuse a bad fill or overlapping texts before loading
     hook_point = "mlp_out" if hook_point_of(source.acquisition) == "mlp_out" else "mlp"
     pairs = minimal_pairs()
     output_dir = init_derivatives(output_dir, bids_dir)
@@ -429,13 +408,7 @@ def run_lesion(
                 model_id=lm.model_id,
                 hook_point=hook_point,
                 fill=fill,
-                calibration=(
-                    None
-                    if fill != "mean"
-                    else "built-in recording stimuli"
-                    if calibration_file is None
-                    else str(calibration_file)
-                ),
+                calibration=calibration_label(fill == "mean", calibration_file),
                 protected_layers=list(protected_layers),
                 perplexity_window=int(table.window.iloc[0]),
                 perplexity_stride=int(table.stride.iloc[0]),

@@ -16,6 +16,8 @@ from ..models.hooks import layer_count, neurons_per_layer
 MODES = ("ablate", "keep")
 #: What a masked neuron is replaced by: zero, or its mean over a calibration text.
 FILLS = ("zero", "mean")
+#: Hook points whose units can be masked.
+MASKABLE = ("mlp", "mlp_out")
 
 
 @contextlib.contextmanager
@@ -50,10 +52,6 @@ def mask_neurons(
     over the loop variable: the published code's late-binding defect).
     """
     model = model.model if isinstance(model, LoadedModel) else model
-    if hook_point not in MASKABLE:
-        raise InputError(
-            f"hook_point must be one of {MASKABLE} to mask neurons, got {hook_point!r}."
-        )
     masked = check_mask(model, neurons, mode, hook_point)
     if means is not None and np.shape(means) != masked.shape:
         raise InputError(
@@ -93,10 +91,6 @@ def mask_neurons(
         yield
 
 
-#: Hook points whose units can be masked.
-MASKABLE = ("mlp", "mlp_out")
-
-
 def check_mask(
     model: torch.nn.Module, neurons: np.ndarray, mode: str, hook_point: str = "mlp"
 ) -> np.ndarray:
@@ -112,8 +106,11 @@ def check_mask(
     hook_point : {"mlp", "mlp_out"}, default="mlp"
         Where the set lives.
     """
-    if mode not in MODES:
-        raise InputError(f"mode must be one of {MODES}, got {mode!r}.")
+    _check_mode(mode)
+    if hook_point not in MASKABLE:
+        raise InputError(
+            f"hook_point must be one of {MASKABLE} to mask neurons, got {hook_point!r}."
+        )
     neurons = np.asarray(neurons, dtype=bool)
     widths = neurons_per_layer(model, hook_point)
     expected = (layer_count(model), widths[0])
@@ -181,11 +178,15 @@ def protect_layers(neurons: np.ndarray, layers, mode: str) -> np.ndarray:
     ndarray of bool
         A copy of ``neurons`` with the protected layers all in (keep) or all out (ablate).
     """
-    if mode not in MODES:
-        raise InputError(f"mode must be one of {MODES}, got {mode!r}.")
+    _check_mode(mode)
     out = np.array(neurons, dtype=bool)
     out[resolve_layers(layers, out.shape[0]), :] = mode == "keep"
     return out
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {MODES}, got {mode!r}.")
 
 
 def resolve_layers(layers, n_layers: int) -> list[int]:

@@ -10,8 +10,19 @@ import pandas as pd
 
 from .._docs import fill_doc
 from ..bids.geometry import VoxelGeometry
-from ..bids.path import suffix_of
-from ..exceptions import InputError
+from ..bids.path import BIDSPath, suffix_of
+from ..exceptions import DatasetError, InputError
+
+
+def set_entities(path: str | Path) -> BIDSPath:
+    """The BIDS entities of a neuron-set file's name (subject, task, ``acq-`` hook point ...).
+
+    An empty :class:`~llm2bids.bids.path.BIDSPath` for a file of the user's own naming.
+    """
+    try:
+        return BIDSPath.from_path(path)
+    except (DatasetError, ValueError):  # not a BIDS name llm2bids knows
+        return BIDSPath()
 
 
 def read_neuron_set(

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .. import _io
 from ..bids.dataset import generated_by
-from ..exceptions import DatasetError, InputError, ModelLoadError
+from ..exceptions import InputError, ModelLoadError
 from ..models import LoadedModel, arch_spec
 from ..models.loading import PRUNED_MODEL_FILE
 from .masking import check_mask
@@ -343,22 +343,16 @@ def run_prune(
         ``kept_neurons``, ``total_neurons``, ``parameters_dense``, ``parameters_pruned`` and
         ``folder``.
     """
-    from ..bids.path import BIDSPath
     from ..models import load_model
     from ..models.hooks import layer_count, neurons_per_layer
-    from .lesion import read_text_file
     from .masking import neuron_means, protect_layers, resolve_layers
-    from .neuronsets import read_neuron_set
-    from .texts import resolve_texts
+    from .neuronsets import read_neuron_set, set_entities
+    from .texts import calibration_label, read_text_file, resolve_texts
 
     _check_pruned_folder(Path(output_dir), overwrite)  # before loading anything
     keep_source = "a mask given in Python" if isinstance(keep, np.ndarray) else keep
     if not isinstance(keep, np.ndarray):
-        try:
-            acquisition = BIDSPath.from_path(keep).acquisition
-        except (DatasetError, ValueError):  # a file of the user's own naming
-            acquisition = None
-        if acquisition == "mlpout":
+        if set_entities(keep).acquisition == "mlpout":
             raise InputError(
                 f"{Path(keep).name} is a set of MLP output dimensions (acq-mlpout): those are "
                 "hidden-size dimensions every layer shares, not neurons that can be cut out of "
@@ -393,13 +387,7 @@ def run_prune(
             "component": component,
             "protected_layers": list(protected_layers),
             "bias_compensation": bias_compensation,
-            "calibration": (
-                None
-                if not bias_compensation
-                else "built-in recording stimuli"
-                if calibration_file is None
-                else str(calibration_file)
-            ),
+            "calibration": calibration_label(bias_compensation, calibration_file),
         },
     )
     return {

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from ..exceptions import InputError
 from ..stimuli import calibration_text, heldout_text
+from .masking import FILLS
 
 #: Words in a row that two texts may share before they count as overlapping.
 OVERLAP_WORDS = 8
@@ -65,7 +67,14 @@ def resolve_texts(
     -------
     tuple
         ``(evaluation, calibration)``; ``calibration`` is ``None`` unless ``fill="mean"``.
+
+    Raises
+    ------
+    InputError
+        For a fill that does not exist, an empty calibration text, or overlapping texts.
     """
+    if fill not in FILLS:
+        raise InputError(f"fill must be one of {FILLS}, got {fill!r}.")
     evaluation = heldout_text() if evaluation is None else evaluation
     if fill != "mean":
         return evaluation, None
@@ -76,3 +85,21 @@ def resolve_texts(
         )
     check_disjoint(calibration, evaluation)
     return evaluation, calibration
+
+
+def read_text_file(path: str | Path, role: str) -> str:
+    """The text of a UTF-8 file, or an error naming the ``role`` it was meant for."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"{role} {path} cannot be read: {err}.") from err
+    if not text.strip():
+        raise InputError(f"{role} {path} is empty.")
+    return text
+
+
+def calibration_label(used: bool, calibration_file: str | Path | None) -> str | None:
+    """What a sidecar says the means came from: ``None`` when no means were taken."""
+    if not used:
+        return None
+    return "built-in recording stimuli" if calibration_file is None else str(calibration_file)

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from .._docs import fill_doc
-from .._parallel import dask_cluster
+from .._parallel import cluster_n_jobs, dask_cluster
 from ..bids.names import acquisition_label
 from ..bids.path import BIDSPath
 from ..bids.reader import run_metadata, select_runs
@@ -75,8 +75,7 @@ def run_localize(
     selected = select_runs(bids_dir, participant_label, [task], hook_point)
     label = contrast_label(contrast)
     results = {}
-    if dask_scheduler is not None and n_jobs == 1:
-        n_jobs = -1
+    n_jobs = cluster_n_jobs(n_jobs, dask_scheduler)
     with dask_cluster(dask_scheduler):
         for sub, by_task in selected.items():  # fit everything before writing anything
             results[sub] = localize(
