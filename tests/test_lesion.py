@@ -80,6 +80,7 @@ def test_lesion_cli_mean_fill_and_protected_layers(recorded, key_table, tmp_path
     table = pd.read_csv(side.with_suffix(".tsv"), sep="\t")
     assert (table.n_neurons[1:] == 40 + 1 + 40).all()  # layers 0 and 2 whole, 1 key neuron
     capsys.readouterr()
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     overlap = tmp_path / "eval.txt"
     overlap.write_text(llm2bids.stimuli.calibration_text()[:2000])
     assert main([*args, "--fill", "mean", "--eval-text", str(overlap)]) == 2
@@ -89,6 +90,8 @@ def test_lesion_cli_mean_fill_and_protected_layers(recorded, key_table, tmp_path
     with pytest.raises(SystemExit):  # argparse names the choices
         main([*args, "--fill", "median"])
     assert "invalid choice: 'median'" in capsys.readouterr().err
+    # the refused runs left what the first one wrote exactly as it was
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_prune_refuses_mlp_output_dimensions(tiny_dir, tmp_path, capsys):
