@@ -122,3 +122,26 @@ def test_component_sweep_is_the_union_and_one_sided_is_the_heavy_tail(planted):
         FunctionalNetworks(sided="both").fit(paths)
     with pytest.raises(InputError, match="n_components"):
         FunctionalNetworks(n_components=[3, 0]).fit(paths)
+
+
+def test_canica_with_the_multiplied_cube_is_nilearns_canica(planted):
+    """The fast cube changes how FastICA's contrast is computed, not what CanICA finds."""
+    from nilearn.decomposition import CanICA
+    from sklearn.decomposition._fastica import _cube
+
+    from llm2bids.bids.reader import check_same_geometry, load_img
+    from llm2bids.decomposition._canica import FastCubeCanICA, cube
+
+    x = np.random.default_rng(0).standard_normal((4, 1000))
+    for ours, theirs in zip(cube(x), _cube(x, {})):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-14)
+    # The override replaces a method nilearn has (were it renamed, ours would go unused).
+    assert callable(getattr(CanICA, "_unmix_components", None))
+    paths, _ = planted
+    imgs = [load_img(p) for p in paths]
+    mask = check_same_geometry(paths).mask_img()
+    params = dict(mask=mask, n_components=4, smoothing_fwhm=None, threshold=None, random_state=0)
+    fast = FastCubeCanICA(**params).fit(imgs)
+    reference = CanICA(**params).fit(imgs)
+    scale = np.abs(reference.components_).max()
+    np.testing.assert_allclose(fast.components_, reference.components_, atol=1e-6 * scale)

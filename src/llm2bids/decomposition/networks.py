@@ -19,6 +19,7 @@ import pandas as pd
 from scipy import stats
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils.validation import check_is_fitted
 
 from .._docs import fill_doc
 from .._parallel import parallel_map
@@ -103,7 +104,8 @@ class FunctionalNetworks(BaseEstimator):
         n_networks`` (``n_networks``: how many networks the neuron belongs to).
     mixing_ : pandas.DataFrame
         Component time courses of every run: ``run, volume, special`` and one column per
-        component (``comp-01`` ...).
+        component (``comp-01`` ...). Computed on first access (a second pass over the runs,
+        which fits that only need the maps, such as a seed refit, never pay).
     geometry_ : VoxelGeometry
     estimator_ : nilearn.decomposition.CanICA or DictLearning
         The (first) fitted nilearn estimator.
@@ -204,8 +206,8 @@ class FunctionalNetworks(BaseEstimator):
             jobs,
             n_jobs=outer,
         )
-        raws, zmaps, series, info, caught_all = [], [], [], [], []
-        for (layer, k), (_, part, part_series, caught) in zip(jobs, fitted):
+        raws, zmaps, info, caught_all = [], [], [], []
+        for (layer, k), (_, part, caught) in zip(jobs, fitted):
             columns = slice(None) if layer is None else np.flatnonzero(column_layer == layer)
             raw = np.zeros((part.shape[0], geom.n_total))
             raw[:, columns] = part
@@ -213,7 +215,6 @@ class FunctionalNetworks(BaseEstimator):
             z[:, columns] = zscore_maps(part)
             raws.append(raw)
             zmaps.append(z)
-            series.append(part_series)
             info += [("n/a" if layer is None else layer, k)] * part.shape[0]
             caught_all += caught
         self.estimators_ = [estimator for estimator, *_ in fitted]
@@ -230,10 +231,24 @@ class FunctionalNetworks(BaseEstimator):
         )
         self.components_img_ = self.maps_to_img(self.components_)
         self.key_neurons_ = key_neuron_table(self.components_, self.networks_, self.geometry_)
-        per_run = [np.hstack([s[i] for s in series]) for i in range(len(imgs))]
-        self.mixing_ = _mixing_table(per_run, samples, raw, self.components_)
         self.runs_ = runs
+        # What the time courses need, kept for the first access to mixing_.
+        self._time_course_inputs = (jobs, imgs, confounds, samples, _signs(raw, self.components_))
+        self._mixing = None
         return self
+
+    @property
+    def mixing_(self) -> pd.DataFrame:
+        check_is_fitted(self, "components_")
+        if self._mixing is None:
+            jobs, imgs, confounds, samples, signs = self._time_course_inputs
+            series = [
+                _part_time_courses(estimator, imgs, confounds, layer)
+                for estimator, (layer, _) in zip(self.estimators_, jobs)
+            ]
+            per_run = [np.hstack([s[i] for s in series]) for i in range(len(imgs))]
+            self._mixing = _mixing_table(per_run, samples, signs)
+        return self._mixing
 
     def estimator_params(self) -> dict:
         """The nilearn estimator and the arguments it is built with (the mask aside).
@@ -266,10 +281,12 @@ class FunctionalNetworks(BaseEstimator):
         return {"class": "DictLearning", **common, "alpha": self.alpha, "n_epochs": self.n_epochs}
 
     def _make_estimator(self, mask_img: nib.Nifti1Image, n_components: int, n_jobs: int = 1):
-        from nilearn import decomposition
+        from nilearn.decomposition import DictLearning
+
+        from ._canica import FastCubeCanICA
 
         params = self.estimator_params() | {"n_components": n_components, "n_jobs": n_jobs}
-        cls = getattr(decomposition, params.pop("class"))
+        cls = {"CanICA": FastCubeCanICA, "DictLearning": DictLearning}[params.pop("class")]
         return cls(mask=mask_img, **params)
 
     def maps_to_img(self, maps: np.ndarray) -> nib.Nifti1Image:
@@ -286,24 +303,33 @@ class FunctionalNetworks(BaseEstimator):
         return self.geometry_.layer_counts(self.networks_.any(axis=0))
 
 
+def _part_imgs(imgs, layer):
+    """The runs a part is fitted on: all of them, or only a layer's z-slice (``layer`` int).
+
+    A slice reads 1/n_layers of the data from disk.
+    """
+    return imgs if layer is None else [img.slicer[:, :, layer : layer + 1, :] for img in imgs]
+
+
+def _part_time_courses(estimator, imgs, confounds, layer) -> list[np.ndarray]:
+    """A fitted part's component time courses, one array per run."""
+    return estimator.transform(_part_imgs(imgs, layer), confounds=confounds)
+
+
 def _fit_part(networks, geometry, imgs, confounds, n_jobs, job):
     """One decomposition: the whole model (``layer`` None) or one layer, ``k`` components.
 
-    Returns the fitted nilearn estimator, its maps (over the part's neurons), its time
-    courses per run and the warnings it raised (as plain tuples, so a worker process can
-    send them back).
+    Returns the fitted nilearn estimator, its maps (over the part's neurons) and the warnings
+    it raised (as plain tuples, so a worker process can send them back).
     """
     layer, k = job
-    if layer is None:
-        mask_img, part_imgs = geometry.mask_img(), imgs
-    else:  # the layer's z-slice only: nilearn then reads 1/n_layers of the data
-        mask_img = geometry.mask_img().slicer[:, :, layer : layer + 1]
-        part_imgs = [img.slicer[:, :, layer : layer + 1, :] for img in imgs]
+    mask_img = geometry.mask_img()
+    if layer is not None:
+        mask_img = mask_img.slicer[:, :, layer : layer + 1]
     estimator = networks._make_estimator(mask_img, k, n_jobs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        estimator.fit(part_imgs, confounds=confounds)
-        series = estimator.transform(part_imgs, confounds=confounds)
+        estimator.fit(_part_imgs(imgs, layer), confounds=confounds)
     part = np.asarray(estimator.components_, dtype=np.float64)
     if not np.all(np.isfinite(part)):
         raise NumericalError(
@@ -312,7 +338,7 @@ def _fit_part(networks, geometry, imgs, confounds, n_jobs, job):
             + "; check the runs for constant or non-finite neurons."
         )
     caught = [(w.category, str(w.message), w.filename, w.lineno) for w in caught]
-    return estimator, part, series, caught
+    return estimator, part, caught
 
 
 def check_n_components(n_components: int, samples: Sequence[np.ndarray], drop_special=True):
@@ -386,11 +412,15 @@ def _spike_regressors(sample_mask: np.ndarray) -> np.ndarray | None:
     return spikes
 
 
-def _mixing_table(series, samples, raw, zmaps) -> pd.DataFrame:
-    frames = []
-    # Time courses follow the maps' sign flips so that both read the same way.
+def _signs(raw: np.ndarray, zmaps: np.ndarray) -> np.ndarray:
+    """+1 or -1 per map: the flip :func:`zscore_maps` applied, for the time courses to follow."""
     signs = np.sign(np.sum(raw * zmaps, axis=1))
     signs[signs == 0] = 1
+    return signs
+
+
+def _mixing_table(series, samples, signs) -> pd.DataFrame:
+    frames = []
     for i, (ts, sample) in enumerate(zip(series, samples)):
         ts = np.asarray(ts) * signs
         frame = pd.DataFrame(ts, columns=[f"comp-{k + 1:02d}" for k in range(ts.shape[1])])
