@@ -230,9 +230,9 @@ def replication_plot(summary: pd.DataFrame, path: Path) -> Path:
     return _save(fig, path)
 
 
-def load_volume(path: Path, index: int | None = None) -> np.ndarray:
-    data = np.asarray(nib.load(path).dataobj, dtype=np.float32)
-    return data[..., index] if index is not None and data.ndim == 4 else data
+def load_volume(path: Path) -> np.ndarray:
+    """A NIfTI image's data as float32 (3D or 4D)."""
+    return np.asarray(nib.load(path).dataobj, dtype=np.float32)
 
 
 def _save(fig, path: Path) -> Path:

@@ -81,11 +81,11 @@ def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
     c = overall[0]
     ctx.params["networks"] = _sidecar(c).get("Parameters", {})
     ctx.params["hook_point"] = hook_point_of(c.acquisition)
-    n_comp = fig.load_volume(c.fpath).shape[3]
+    maps = fig.load_volume(c.fpath)  # read once: each read decompresses every component
     parts = ["<h2>Functional networks</h2>"]
-    for k in range(min(n_comp, 4)):
+    for k in range(min(maps.shape[3], 4)):
         path = fig.layer_mosaic(
-            fig.load_volume(c.fpath, k),
+            maps[..., k],
             ctx.figures / f"component-{k + 1:02d}.png",
             f"component {k + 1} (z)",
         )
