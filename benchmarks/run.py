@@ -422,10 +422,10 @@ def _cell(value) -> str:
 def _table(rows):
     if not rows:
         return "(not run)\n"
-    cols = list(rows[0])
+    cols = list(dict.fromkeys(c for r in rows for c in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")
+        lines.append("| " + " | ".join(_cell(r.get(c, "")) for c in cols) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -505,7 +505,16 @@ def _targets(rec_rows, mem_rows, mask_rows) -> str:
     return "\n".join(lines)
 
 
-SECTIONS = ("recording", "memory", "formats", "pipeline", "decomposition", "masking", "gpu")
+SECTIONS = (
+    "recording",
+    "memory",
+    "formats",
+    "pipeline",
+    "decomposition",
+    "masking",
+    "gpu",
+    "atsize",
+)
 
 
 def measure(quick: bool, sections=SECTIONS) -> dict:
@@ -558,6 +567,11 @@ def measure(quick: bool, sections=SECTIONS) -> dict:
         from gpu import bench_gpu
 
         out["gpu"] = bench_gpu(quick)
+    if "atsize" in sections:
+        from atsize import GEOMETRIES, bench_atsize
+
+        geometries = list(GEOMETRIES)[:2] if quick else list(GEOMETRIES)
+        out["atsize"] = bench_atsize(geometries, 8 if quick else 32, 256 if quick else 512, WORK)
     shutil.rmtree(WORK, ignore_errors=True)
     return out | {
         "command": f"python benchmarks/run.py{' --quick' if quick else ''}"
@@ -620,10 +634,42 @@ is a latency ratio (< 1 is faster).
 
 {_gpu_section(r["gpu"])}
 
+## 7. Analysis at research scale (synthetic datasets of real model geometries)
+
+{_atsize_section(r.get("atsize", []))}
 ## Targets
 
 {_targets(r["recording"], r["memory"], r["masking"])}
 {_notes(r.get("notes", []))}"""
+
+
+def _atsize_section(rows) -> str:
+    """The at-size table, and how time and memory grow from the smallest geometry."""
+    if not rows:
+        return "Not measured yet: `python benchmarks/run.py --only atsize`.\n"
+    from atsize import __doc__ as method
+
+    text = method.split("\n\n", 2)[2].strip() + "\n\n" + _table(rows)
+    by = {(r["geometry"], r["stage"]): r for r in rows}
+    geometries = list(dict.fromkeys(r["geometry"] for r in rows))
+    small, large = geometries[0], geometries[-1]
+    lines = []
+    for stage in dict.fromkeys(r["stage"] for r in rows):
+        a, b = by.get((small, stage)), by.get((large, stage))
+        if a and b:
+            lines.append(
+                f"- `{stage}`: {b['seconds'] / a['seconds']:.1f}x the time and "
+                f"{b['peak_MB'] / a['peak_MB']:.1f}x the peak memory for "
+                f"{b['neurons'] / a['neurons']:.1f}x the neurons ({small} -> {large})."
+            )
+    networks = [r for r in rows if r["stage"].startswith("networks") and r["geometry"] == large]
+    if networks:
+        peak = max(r["peak_MB"] for r in networks) / 1024
+        lines.append(
+            f"- Target: `networks` on the {large} geometry within 16 GB: peak {peak:.1f} GB -- "
+            + ("met." if peak <= 16 else "missed.")
+        )
+    return text + "\n" + "\n".join(lines) + "\n"
 
 
 def _remeasured(results: dict) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +19,20 @@ from llm2bids.stimuli import Document, Segment, StimulusSet
 
 def write_synthetic(
     root: Path,
-    runs: list[np.ndarray],
+    runs: Iterable[np.ndarray],
     conditions: list[list[str]] | None = None,
     subject: str = "synth",
     task: str = "synth",
     special_first: bool = True,
 ) -> list[Path]:
-    """Write ``runs`` (each ``(T, n_layers, n_neurons)``) as a dataset; return the bold paths."""
-    n_layers, n_neurons = runs[0].shape[1:]
+    """Write ``runs`` (each ``(T, n_layers, n_neurons)``) as a dataset; return the bold paths.
+
+    ``runs`` may be a generator: each run is written before the next is drawn, so a dataset
+    larger than memory can be written (the at-size benchmark does).
+    """
+    runs = iter(runs)
+    first = next(runs)
+    n_layers, n_neurons = first.shape[1:]
     geom = VoxelGeometry(n_layers, n_neurons)
     dataset.init_dataset(root)
     dataset.add_participant(
@@ -37,18 +45,13 @@ def write_synthetic(
             "mlp_neurons_per_layer": n_neurons,
         },
     )
-    docs = [
-        Document(f"run{i + 1}", [Segment(f"synthetic run {i + 1}", "x")]) for i in range(len(runs))
-    ]
-    stimuli = StimulusSet(task, "Synthetic data.", docs, "CC0")
-    dataset.register_task(root, task, stimuli.task_metadata(), stimuli.files())
     recording = BIDSPath(subject=subject, task=task, acquisition="mlp", root=root)
     _io.write_json(
         recording.update(suffix="bold", extension=".json").fpath,
         {"RepetitionTime": 1.0, **geom.to_sidecar()},
     )
     paths = []
-    for i, acts in enumerate(runs):
+    for i, acts in enumerate(itertools.chain([first], runs)):
         t = acts.shape[0]
         conds = conditions[i] if conditions else ["x"] * t
         special = np.zeros(t, dtype=int)
@@ -63,6 +66,12 @@ def write_synthetic(
         )
         bold = recording.update(run=i + 1, suffix="bold", extension=".nii").fpath
         paths.append(write_run(bold, block, geom))
+        del acts, block
+    docs = [
+        Document(f"run{i + 1}", [Segment(f"synthetic run {i + 1}", "x")]) for i in range(len(paths))
+    ]
+    stimuli = StimulusSet(task, "Synthetic data.", docs, "CC0")
+    dataset.register_task(root, task, stimuli.task_metadata(), stimuli.files())
     return paths
 
 
