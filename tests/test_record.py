@@ -348,3 +348,13 @@ def test_disk_estimate_refuses(tmp_path, tiny_dir, monkeypatch):
             tmp_path / "bids", model=str(tiny_dir("llama")), task="narrative", verbose=0
         )
     assert find_runs(tmp_path / "bids") == []
+
+
+def test_unreachable_hub_reads_only_the_local_cache(monkeypatch):
+    """Offline, a hub id fails at once (no retries) and says why and what to do instead."""
+    from llm2bids.models import loading
+
+    monkeypatch.setattr(loading, "hub_reachable", lambda timeout=3.0: False)
+    # The message comes only from a cache-only load (local_files_only), which never retries.
+    with pytest.raises(ModelLoadError, match="unreachable .* not in its local cache"):
+        llm2bids.load_model("some-org/not-cached-model", device="cpu")

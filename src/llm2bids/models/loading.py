@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -148,6 +150,26 @@ def embedded_model_path() -> Path:
     )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the model hub accepts a connection within ``timeout`` seconds.
+
+    ``False`` at once when ``HF_HUB_OFFLINE`` is set. Asked before loading a hub id, so that
+    a machine without network reads the local cache only, instead of spending a minute in
+    the hub client's retries before failing.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def load_model(
     spec: str | None = None,
     device: str = "auto",
@@ -223,16 +245,23 @@ def load_model(
         else:
             folder, load_kwargs = spec, {"revision": revision} if revision else {}
             model_id, source = spec, "hub"
+            if not hub_reachable():  # only the local cache can serve it: ask nothing else
+                load_kwargs["local_files_only"] = True
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **load_kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs, **kwargs)
     except (OSError, ValueError) as err:
-        hint = (
-            " This machine may not reach the model hub: pass a local folder or .gguf file, or "
-            "omit --model for the embedded SmolLM2 default."
-            if source == "hub"
-            else ""
-        )
+        hint = ""
+        if source == "hub":
+            hint = (
+                " The model hub is unreachable from this machine and the model is not in its "
+                "local cache"
+                if load_kwargs.get("local_files_only")
+                else " This machine may not reach the model hub"
+            ) + (
+                ": pass a local folder or .gguf file, or omit --model for the embedded "
+                "SmolLM2 default."
+            )
         raise ModelLoadError(f"could not load model {spec!r}: {err}.{hint}") from err
     if target is not None:
         model.to(target)
