@@ -145,3 +145,33 @@ def test_canica_with_the_multiplied_cube_is_nilearns_canica(planted):
     reference = CanICA(**params).fit(imgs)
     scale = np.abs(reference.components_).max()
     np.testing.assert_allclose(fast.components_, reference.components_, atol=1e-6 * scale)
+
+
+def test_nilearn_recipes_in_the_docs_run_on_our_derivatives(planted, tmp_path, monkeypatch):
+    """docs/nilearn.md runs as written (every python block, in order) and draws the networks."""
+    import re
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.image import imread
+
+    paths, _ = planted
+    bids_dir = paths[0].parents[2]
+    derivatives = tmp_path / "derivatives"
+    llm2bids.run_networks(bids_dir, derivatives, n_components=4, per_run=False, verbose=0)
+    page = (Path(__file__).parents[1] / "docs" / "nilearn.md").read_text()
+    code = "\n".join(re.findall(r"```python\n(.*?)```", page, flags=re.S))
+    for line in ('bids_dir = "ds"', 'derivatives = "ds/derivatives/llm2bids"'):
+        assert line in code, line  # the paths a reader edits; pointed at the test's data
+    code = code.replace('"ds/derivatives/llm2bids"', repr(str(derivatives)))
+    code = code.replace('"ds"', repr(str(bids_dir)))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "docs/nilearn.md", "exec"), namespace)
+    assert namespace["X"].shape == llm2bids.load_run(paths[0]).data.shape
+    for figure in ("component-01-nilearn.png", "networks-atlas.png", "connectivity.png"):
+        rgb = imread(tmp_path / figure)[..., :3]
+        coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2  # not white, grey or black
+        assert coloured.sum() > 200, f"{figure} draws (almost) nothing"
