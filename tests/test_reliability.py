@@ -430,3 +430,35 @@ def test_bad_cli_inputs_are_errors_not_tracebacks(tmp_path, tiny_dir, capsys):
         assert main(args) == 2, args
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
+
+
+def test_interrupted_networks_keep_old_derivatives_and_resume(recorded, tmp_path, monkeypatch):
+    """Ctrl-C in `networks` publishes nothing; the rerun fits only what was left, identically."""
+    from llm2bids.derivatives import STAGING_DIR
+
+    options = dict(n_components=3, n_permutations=10, per_run=True, verbose=0)
+    out, fresh = tmp_path / "deriv", tmp_path / "fresh"
+    llm2bids.run_networks(recorded, out, seed=0, **options)
+    before = _snapshot(out)
+    real_fit, fits = FunctionalNetworks.fit, []
+
+    def counted(self, runs, y=None):
+        fits.append(len(runs))
+        if interrupt_at == len(fits):
+            raise KeyboardInterrupt
+        return real_fit(self, runs, y)
+
+    monkeypatch.setattr(FunctionalNetworks, "fit", counted)
+    interrupt_at = 3  # two task fits done, the all-task fit interrupted
+    with pytest.raises(KeyboardInterrupt):
+        llm2bids.run_networks(recorded, out, seed=1, **options)
+    # The earlier derivatives are intact: nothing of the interrupted run is published.
+    assert {k: v for k, v in _snapshot(out).items() if STAGING_DIR not in str(k)} == before
+    interrupt_at, fits[:] = None, []
+    llm2bids.run_networks(recorded, out, seed=1, **options)
+    resumed = len(fits)
+    fits[:] = []
+    llm2bids.run_networks(recorded, fresh, seed=1, **options)
+    assert resumed == len(fits) - 2  # the two finished task fits were not redone
+    assert not (out / STAGING_DIR).exists()
+    assert _snapshot(out) == _snapshot(fresh)

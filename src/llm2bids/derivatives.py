@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import joblib
 import nibabel as nib
 import pandas as pd
 
@@ -116,3 +121,84 @@ def write_table(path: Path, frame: pd.DataFrame, sidecar: dict | None = None) ->
 
 def _json_for(path: Path) -> Path:
     return path.with_name(BIDSPath.from_path(path).update(extension=".json").basename)
+
+
+#: Where unfinished outputs wait (hidden: the validator and pybids skip dot-folders).
+STAGING_DIR = ".llm2bids-staging"
+
+
+class Staging:
+    """Write an analysis's derivatives aside, publish them together, and resume finished steps.
+
+    Files are written under ``output_dir/.llm2bids-staging/<name>-<digest>/`` with their
+    final relative names (use :attr:`root` as the derivatives root), and :meth:`publish` moves
+    them into place at the end: an interrupted run never leaves new files beside old ones that
+    contradict them. :meth:`step` computes a result once and keeps it in the staging folder,
+    so that a rerun with the same ``key`` after an interruption takes up where it stopped.
+
+    Parameters
+    ----------
+    output_dir : str or Path
+        The derivatives dataset.
+    name : str
+        What is staged (for example ``"sub-X_networks"``); staged work of the same name under
+        another key is stale and removed.
+    key : dict
+        Everything the results depend on (parameters, input files with their sizes and
+        modification times); JSON-serializable.
+    """
+
+    def __init__(self, output_dir: str | Path, name: str, key: dict):
+        self.output_dir = Path(output_dir)
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode())
+        folder = self.output_dir / STAGING_DIR
+        self.root = folder / f"{name}-{digest.hexdigest()[:16]}"
+        for stale in folder.glob(f"{name}-*"):
+            if stale != self.root:
+                shutil.rmtree(stale, ignore_errors=True)
+        self._steps = self.root / ".steps"
+        self._steps.mkdir(parents=True, exist_ok=True)
+
+    def step(self, name: str, compute: Callable[[], object]):
+        """``compute()``, or its result kept by an earlier, interrupted run of the same key.
+
+        Parameters
+        ----------
+        name : str
+            The step's name, unique within the staging.
+        compute : callable
+            Computes the result (it may write files under :attr:`root`); the result must be
+            picklable.
+        """
+        path = self._steps / f"{name}.joblib"
+        if path.exists():
+            return joblib.load(path)
+        result = compute()
+        with _io.atomic_path(path) as tmp:
+            joblib.dump(result, tmp)
+        return result
+
+    def publish(self) -> dict[Path, Path]:
+        """Move every staged file into ``output_dir``; returns staged path -> final path."""
+        moved = {}
+        for staged in sorted(self.root.rglob("*")):
+            if staged.is_dir() or self._steps in staged.parents:
+                continue
+            final = self.output_dir / staged.relative_to(self.root)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, final)
+            moved[staged] = final
+        shutil.rmtree(self.root)
+        if not any(self.root.parent.iterdir()):
+            self.root.parent.rmdir()
+        return moved
+
+
+def input_fingerprint(paths) -> list[tuple[str, int, int]]:
+    """``(path, size, mtime_ns)`` of each input: what a staging key needs to notice changes.
+
+    Parameters
+    ----------
+    paths : iterable of str or Path
+    """
+    return [(str(p), (st := Path(p).stat()).st_size, st.st_mtime_ns) for p in paths]

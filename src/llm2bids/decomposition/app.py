@@ -6,6 +6,7 @@ import functools
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -16,10 +17,19 @@ from tqdm.auto import tqdm
 
 from .._docs import fill_doc
 from .._parallel import cluster_n_jobs, dask_cluster, parallel_map
+from ..bids.geometry import VoxelGeometry
 from ..bids.names import acquisition_label
 from ..bids.path import BIDSPath, by_role
 from ..bids.reader import check_same_geometry, run_metadata, select_runs, special_mask
-from ..derivatives import check_output_dir, init_derivatives, provenance, write_img, write_table
+from ..derivatives import (
+    Staging,
+    check_output_dir,
+    init_derivatives,
+    input_fingerprint,
+    provenance,
+    write_img,
+    write_table,
+)
 from ..overlap import compare_fits, recurrence_frequency
 from .networks import FunctionalNetworks, check_n_components
 
@@ -136,10 +146,35 @@ def _results_params(params: dict) -> dict:
     return {k: v for k, v in params.items() if k not in RUNTIME_PARAMS}
 
 
+@dataclass
+class _Maps:
+    """What the recurrence tests need of a fit (kept, not the fit, when a step is staged)."""
+
+    components_: np.ndarray
+    networks_: np.ndarray
+    runs_: list
+    geometry_: VoxelGeometry
+
+
+def _maps(fit: FunctionalNetworks) -> _Maps:
+    return _Maps(fit.components_, fit.networks_, fit.runs_, fit.geometry_)
+
+
+def _fit_and_write(template, runs, base, params, bids_dir) -> tuple[_Maps, list[Path]]:
+    fit = clone(template).fit(runs)
+    return _maps(fit), write_networks(fit, base, params, bids_dir)
+
+
 def _networks_of_subject(
     sub, by_task, template, output_dir, bids_dir, hook_point, per_run, n_permutations, verbose
 ) -> list[Path]:
-    """One subject's decompositions (per task, over all tasks) and their recurrence."""
+    """One subject's decompositions (per task, over all tasks) and their recurrence.
+
+    Everything is written to a staging folder and published at the end (see
+    :class:`~llm2bids.derivatives.Staging`): an interruption leaves the earlier derivatives
+    as they were, and a rerun with the same inputs and parameters resumes after the last
+    finished fit.
+    """
     written: list[Path] = []
     fits = {}
     model_id = run_metadata(next(iter(by_task.values()))[0]).get("ModelID", "n/a")
@@ -147,21 +182,40 @@ def _networks_of_subject(
         "estimator": _results_params(template.estimator_params()),
         "model_id": model_id,
     }
-    recording = BIDSPath(subject=sub, acquisition=acquisition_label(hook_point), root=output_dir)
+    acq = acquisition_label(hook_point)
+    stage = Staging(
+        output_dir,
+        f"sub-{sub}_acq-{acq}_desc-{template.method}_networks",
+        {
+            "params": params,
+            "runs": {t: input_fingerprint(runs) for t, runs in by_task.items()},
+            "per_run": per_run,
+            "n_permutations": n_permutations,
+        },
+    )
+    recording = BIDSPath(subject=sub, acquisition=acq, root=stage.root)
     bar = tqdm(total=len(by_task) + 1, desc=f"{sub} networks", disable=not verbose)
     for task, runs in by_task.items():
-        fit = clone(template).fit(runs)
-        fits[task] = fit
-        written += write_networks(fit, recording.update(task=task), params, bids_dir)
+        base = recording.update(task=task)
+        fits[task], files = stage.step(
+            f"task-{task}",
+            functools.partial(_fit_and_write, template, runs, base, params, bids_dir),
+        )
+        written += files
         bar.update()
     all_runs = [r for runs in by_task.values() for r in runs]
     if len(by_task) > 1:
-        fit_all = clone(template).fit(all_runs)
-        fits["__all__"] = fit_all  # also the reference of the seed comparison
-        written += write_networks(fit_all, recording, params | {"tasks": sorted(by_task)}, bids_dir)
+        all_params = params | {"tasks": sorted(by_task)}
+        # also the reference of the seed comparison
+        fits["__all__"], files = stage.step(
+            "all-tasks",
+            functools.partial(_fit_and_write, template, all_runs, recording, all_params, bids_dir),
+        )
+        written += files
     bar.update()
     bar.close()
     written += _recurrence(
+        stage,
         recording,
         by_task,
         fits,
@@ -171,7 +225,8 @@ def _networks_of_subject(
         params,
         verbose,
     )
-    return written
+    published = stage.publish()
+    return [published[p] for p in written]
 
 
 @fill_doc
@@ -291,12 +346,17 @@ def connectivity(fit: FunctionalNetworks) -> pd.DataFrame:
     return frame
 
 
-def _fit_single_run(template: FunctionalNetworks, run: Path) -> FunctionalNetworks:
+def _fit_single_run(template: FunctionalNetworks, run: Path) -> _Maps:
     """``template`` fitted on one run, in one process (the runs are what runs in parallel)."""
-    return clone(template).set_params(n_jobs=1).fit([run])
+    return _maps(clone(template).set_params(n_jobs=1).fit([run]))
+
+
+def _refit(template: FunctionalNetworks, runs, seed: int) -> _Maps:
+    return _maps(clone(template).set_params(random_state=seed).fit(runs))
 
 
 def _recurrence(
+    stage: Staging,
     recording: BIDSPath,
     by_task,
     fits,
@@ -313,7 +373,9 @@ def _recurrence(
         if "__all__" in fits
         else next((f"task-{t}", f) for t, f in fits.items())
     )
-    reseeded = clone(template).set_params(random_state=seed + 1).fit(ref_fit.runs_)
+    reseeded = stage.step(
+        f"seed-{seed + 1}", functools.partial(_refit, template, ref_fit.runs_, seed + 1)
+    )
     seed_rows = compare_fits(
         ref_fit.components_,
         reseeded.components_,
@@ -345,12 +407,16 @@ def _recurrence(
         if not per_run or len(runs) < 2:
             continue
         group = fits[task]
-        run_fits = parallel_map(
-            functools.partial(_fit_single_run, template),
-            runs,
-            n_jobs=template.n_jobs,
-            desc=f"{recording.subject} {task} single-run fits",
-            verbose=verbose,
+        run_fits = stage.step(
+            f"task-{task}_single-runs",
+            functools.partial(
+                parallel_map,
+                functools.partial(_fit_single_run, template),
+                runs,
+                n_jobs=template.n_jobs,
+                desc=f"{recording.subject} {task} single-run fits",
+                verbose=verbose,
+            ),
         )
         for run, fit in zip(runs, run_fits):
             table = compare_fits(
