@@ -67,3 +67,25 @@ def test_cli_bad_inputs_write_nothing(recorded, tmp_path, capsys):
     assert "exceeds the number of time points" in capsys.readouterr().err
     assert not out.exists()
     assert llm2bids.validate(recorded).valid
+
+
+def test_validator_checks_every_derivative_the_schema_names(derivatives):
+    """.bidsignore hides only what BIDS does not name: the atlas files are really validated."""
+    import fnmatch
+
+    ignored = [p for p in (derivatives / ".bidsignore").read_text().splitlines() if p]
+    # dseg and probseg are BIDS suffixes: no pattern hides them, only the all-task atlas
+    # (functional derivatives need a task) is listed by name
+    assert all("*" not in p and "_task-" not in p for p in ignored if "seg" in p)
+    files = [p for p in derivatives.rglob("*") if p.is_file()]
+    visible = [
+        p
+        for p in files
+        if not any(part.startswith(".") for part in p.relative_to(derivatives).parts)
+        and not any(fnmatch.fnmatch(p.name, pattern) for pattern in ignored)
+    ]
+    atlas = [p for p in visible if "_dseg." in p.name or "_probseg." in p.name]
+    assert len(atlas) >= 6  # three tasks' worth of dseg (.nii.gz, .tsv, .json) and probseg
+    result = llm2bids.validate(derivatives)
+    assert result.valid, result.summary()
+    assert result.n_files_checked == len(visible), sorted(p.name for p in visible)

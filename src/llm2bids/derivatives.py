@@ -68,8 +68,36 @@ def init_derivatives(output_dir: str | Path, bids_dir: str | Path) -> Path:
                 f"# llm2bids derivatives\n\n{NOT_BRAIN_DATA}\n\nComputed from "
                 f"`{_relative_url(bids_dir, output_dir)}` by llm2bids {__version__}.\n",
             )
-        _io.write_text(output_dir / ".bidsignore", DERIVATIVES_BIDSIGNORE)
+        ignore = output_dir / ".bidsignore"
+        # the fixed patterns, then any file names added by ignore_in_derivatives
+        added = [
+            line
+            for line in (ignore.read_text().splitlines() if ignore.exists() else [])
+            if line and line not in DERIVATIVES_BIDSIGNORE.splitlines()
+        ]
+        _io.write_text(ignore, DERIVATIVES_BIDSIGNORE + "".join(f"{n}\n" for n in added))
     return output_dir
+
+
+def ignore_in_derivatives(output_dir: str | Path, names: list[str]) -> None:
+    """Add ``names`` (file names or patterns) to a derivatives dataset's ``.bidsignore``.
+
+    For files BIDS names but cannot place, such as an atlas over all tasks (functional
+    derivatives need a task entity): each is listed by name, so that the validator still checks
+    every other file of its kind.
+
+    Parameters
+    ----------
+    output_dir : str or Path
+        The derivatives dataset.
+    names : list of str
+    """
+    path = Path(output_dir) / ".bidsignore"
+    with _io.dataset_lock(output_dir):
+        lines = path.read_text().splitlines() if path.exists() else []
+        new = [n for n in names if n not in lines]
+        if new:
+            _io.write_text(path, "\n".join(lines + new) + "\n")
 
 
 def _relative_url(bids_dir: Path, output_dir: Path) -> str:

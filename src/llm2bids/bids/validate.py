@@ -26,11 +26,14 @@ class ValidationResult:
         Issues as the validator reports them (``code``, ``location``, ``issueMessage``...).
     returncode : int
         The validator's exit code.
+    n_files_checked : int
+        Files the validator read (those that ``.bidsignore`` hides are not counted).
     """
 
     errors: list[dict] = field(default_factory=list)
     warnings: list[dict] = field(default_factory=list)
     returncode: int = 0
+    n_files_checked: int = 0
 
     @property
     def valid(self) -> bool:
@@ -107,6 +110,7 @@ def validate(root: str | Path, recursive: bool = False, timeout: float = 600) ->
         errors=[i for i in issues if i.get("severity") == "error"],
         warnings=[i for i in issues if i.get("severity") == "warning"],
         returncode=proc.returncode,
+        n_files_checked=int(report.get("summary", {}).get("totalFiles", 0)),
     )
     logger.info("validator on %s: %s", root, result.summary().splitlines()[0])
     return result

@@ -24,6 +24,7 @@ from ..bids.reader import check_same_geometry, run_metadata, select_runs, specia
 from ..derivatives import (
     Staging,
     check_output_dir,
+    ignore_in_derivatives,
     init_derivatives,
     input_fingerprint,
     provenance,
@@ -225,8 +226,19 @@ def _networks_of_subject(
         params,
         verbose,
     )
-    published = stage.publish()
-    return [published[p] for p in written]
+    moved = stage.publish()
+    # Functional derivatives need a task entity, which the atlas over all tasks cannot have:
+    # its dseg/probseg files are hidden from the validator by name (the per-task ones are
+    # checked).
+    ignore_in_derivatives(
+        output_dir,
+        [
+            p.name
+            for p in moved.values()
+            if p.name.split(".")[0].endswith("seg") and "_task-" not in p.name
+        ],
+    )
+    return [moved[p] for p in written]
 
 
 @fill_doc
