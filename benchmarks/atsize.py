@@ -1,7 +1,7 @@
 """Analysis at research scale: synthetic datasets of real model geometries.
 
     python benchmarks/run.py --only atsize          # the table in RESULTS.md
-    python benchmarks/atsize.py Llama-3-8B --runs 32 --tokens 512   # one geometry, printed
+    python benchmarks/atsize.py Llama-3-8B --runs 16 --tokens 512   # one geometry, printed
 
 Each geometry gets a dataset written through llm2bids' own BIDS writer: ``runs`` runs of
 ``tokens`` tokens, Gaussian noise on every neuron plus planted networks (each 0.4% of the
@@ -40,6 +40,8 @@ N_PLANTED = 10  # ICA networks; the localizer network comes on top
 NETWORK_FRACTION = 0.004  # of all neurons, per planted network
 BLOCK = 16  # tokens per condition block of the a/b design
 N_COMPONENTS = 20
+#: Runs x tokens per dataset: 8,192 tokens (15 GB at the 8B geometry), and a quick size.
+SIZE, QUICK_SIZE = (16, 512), (8, 256)
 STAGES = ("write", "networks-canica", "networks-dictlearning", "localize", "report")
 
 
@@ -182,8 +184,8 @@ def bench_atsize(geometries, n_runs: int, n_tokens: int, work: Path | None = Non
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("geometry", nargs="+", choices=list(GEOMETRIES))
-    parser.add_argument("--runs", type=int, default=32)
-    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--runs", type=int, default=SIZE[0])
+    parser.add_argument("--tokens", type=int, default=SIZE[1])
     parser.add_argument("--stage", choices=STAGES, help="run one stage in WORK (internal)")
     parser.add_argument("--work", type=Path, help="where the dataset is written (a temp folder)")
     args = parser.parse_args()

@@ -568,10 +568,10 @@ def measure(quick: bool, sections=SECTIONS) -> dict:
 
         out["gpu"] = bench_gpu(quick)
     if "atsize" in sections:
-        from atsize import GEOMETRIES, bench_atsize
+        from atsize import GEOMETRIES, QUICK_SIZE, SIZE, bench_atsize
 
         geometries = list(GEOMETRIES)[:2] if quick else list(GEOMETRIES)
-        out["atsize"] = bench_atsize(geometries, 8 if quick else 32, 256 if quick else 512, WORK)
+        out["atsize"] = bench_atsize(geometries, *(QUICK_SIZE if quick else SIZE), WORK)
     shutil.rmtree(WORK, ignore_errors=True)
     return out | {
         "command": f"python benchmarks/run.py{' --quick' if quick else ''}"

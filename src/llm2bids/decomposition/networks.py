@@ -189,8 +189,7 @@ class FunctionalNetworks(BaseEstimator):
         if not runs:
             raise InputError("no runs to decompose: check the subject and task filters.")
         self.geometry_ = check_same_geometry(runs)
-        imgs = [load_img(r) for r in runs]
-        samples = [special_mask(r, img.shape[3]) for r, img in zip(runs, imgs)]
+        samples = [special_mask(r, load_img(r).shape[3]) for r in runs]
         check_n_components(max(self.component_counts), samples, self.drop_special)
         confounds = [_spike_regressors(s) if self.drop_special else None for s in samples]
         geom = self.geometry_
@@ -202,7 +201,7 @@ class FunctionalNetworks(BaseEstimator):
         outer = self.n_jobs if len(jobs) > 1 else 1
         inner = self.n_jobs if outer == 1 else 1
         fitted = parallel_map(
-            functools.partial(_fit_part, self, geom, imgs, confounds, inner),
+            functools.partial(_fit_part, self, geom, runs, confounds, inner),
             jobs,
             n_jobs=outer,
         )
@@ -233,7 +232,7 @@ class FunctionalNetworks(BaseEstimator):
         self.key_neurons_ = key_neuron_table(self.components_, self.networks_, self.geometry_)
         self.runs_ = runs
         # What the time courses need, kept for the first access to mixing_.
-        self._time_course_inputs = (jobs, imgs, confounds, samples, _signs(raw, self.components_))
+        self._time_course_inputs = (jobs, runs, confounds, samples, _signs(raw, self.components_))
         self._mixing = None
         return self
 
@@ -241,12 +240,12 @@ class FunctionalNetworks(BaseEstimator):
     def mixing_(self) -> pd.DataFrame:
         check_is_fitted(self, "components_")
         if self._mixing is None:
-            jobs, imgs, confounds, samples, signs = self._time_course_inputs
+            jobs, runs, confounds, samples, signs = self._time_course_inputs
             series = [
-                _part_time_courses(estimator, imgs, confounds, layer)
+                _part_time_courses(estimator, runs, confounds, layer)
                 for estimator, (layer, _) in zip(self.estimators_, jobs)
             ]
-            per_run = [np.hstack([s[i] for s in series]) for i in range(len(imgs))]
+            per_run = [np.hstack([s[i] for s in series]) for i in range(len(runs))]
             self._mixing = _mixing_table(per_run, samples, signs)
         return self._mixing
 
@@ -303,20 +302,25 @@ class FunctionalNetworks(BaseEstimator):
         return self.geometry_.layer_counts(self.networks_.any(axis=0))
 
 
-def _part_imgs(imgs, layer):
-    """The runs a part is fitted on: all of them, or only a layer's z-slice (``layer`` int).
+def _part_imgs(runs: list[Path], layer: int | None) -> list:
+    """What nilearn reads for a part: the runs' paths, or a layer's z-slice of each run.
 
-    A slice reads 1/n_layers of the data from disk.
+    Paths, not opened images: nilearn keeps the data it reads on an image object it is given
+    (``_data_cache``), so a list of opened runs would hold every run in memory by the end of
+    a pass (30 GB for an 8B-size dataset); from a path, it opens, reads and drops each run in
+    turn. A layer's slice reads 1/n_layers of the data.
     """
-    return imgs if layer is None else [img.slicer[:, :, layer : layer + 1, :] for img in imgs]
+    if layer is None:
+        return [str(r) for r in runs]
+    return [load_img(r).slicer[:, :, layer : layer + 1, :] for r in runs]
 
 
-def _part_time_courses(estimator, imgs, confounds, layer) -> list[np.ndarray]:
+def _part_time_courses(estimator, runs, confounds, layer) -> list[np.ndarray]:
     """A fitted part's component time courses, one array per run."""
-    return estimator.transform(_part_imgs(imgs, layer), confounds=confounds)
+    return estimator.transform(_part_imgs(runs, layer), confounds=confounds)
 
 
-def _fit_part(networks, geometry, imgs, confounds, n_jobs, job):
+def _fit_part(networks, geometry, runs, confounds, n_jobs, job):
     """One decomposition: the whole model (``layer`` None) or one layer, ``k`` components.
 
     Returns the fitted nilearn estimator, its maps (over the part's neurons) and the warnings
@@ -329,7 +333,7 @@ def _fit_part(networks, geometry, imgs, confounds, n_jobs, job):
     estimator = networks._make_estimator(mask_img, k, n_jobs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        estimator.fit(_part_imgs(imgs, layer), confounds=confounds)
+        estimator.fit(_part_imgs(runs, layer), confounds=confounds)
     part = np.asarray(estimator.components_, dtype=np.float64)
     if not np.all(np.isfinite(part)):
         raise NumericalError(

@@ -209,7 +209,7 @@ def localize(
     if not runs:
         raise InputError("no runs to localize in: check the subject and task filters.")
     geometry = check_same_geometry(runs)
-    imgs, events, masks, conditions = _events_and_masks(runs)
+    _, events, masks, conditions = _events_and_masks(runs)
     _check_contrast(contrast, conditions)
     # A run split off a long document may lack a condition of the contrast: it says nothing
     # about the contrast and nilearn cannot estimate it there, so it is left out, by name.
@@ -224,7 +224,10 @@ def localize(
         )
     if not usable:
         raise InputError(f"no run has every condition of {contrast!r}; nothing to estimate.")
-    imgs, events, masks = ([x[i] for i in usable] for x in (imgs, events, masks))
+    events, masks = ([x[i] for i in usable] for x in (events, masks))
+    # Paths, not the opened images: nilearn keeps the data it reads on an image it is given,
+    # so opened runs would all stay in memory (see decomposition.networks._part_imgs).
+    imgs = [str(runs[i]) for i in usable]
     mask_img = geometry.mask_img()
     options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img, "n_jobs": n_jobs}
     with warnings.catch_warnings():
