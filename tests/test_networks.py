@@ -175,3 +175,35 @@ def test_nilearn_recipes_in_the_docs_run_on_our_derivatives(planted, tmp_path, m
         rgb = imread(tmp_path / figure)[..., :3]
         coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2  # not white, grey or black
         assert coloured.sum() > 200, f"{figure} draws (almost) nothing"
+
+
+def test_report_dashboards_show_the_tokens_that_drive_each_network(tmp_path):
+    """A network whose time course spikes at one token: its dashboard shows that token first."""
+    import re
+
+    import pandas as pd
+
+    from llm2bids.report.dashboards import driving_tokens, source_dataset
+
+    runs, truth = planted_networks(n_runs=3, n_tokens=200, n_groups=2, group_size=25, seed=3)
+    group = np.flatnonzero(truth[0])
+    runs[1][57].reshape(-1)[group] += 40.0  # group 0 spikes at token 57 of run 2
+    bids = tmp_path / "bids"
+    write_synthetic(bids, runs)
+    out = tmp_path / "derivatives"
+    llm2bids.run_networks(bids, out, n_components=2, per_run=False, verbose=0)
+    func = out / "sub-synth" / "func"
+    stem = "sub-synth_task-synth_acq-mlp_desc-canica"
+    keys = pd.read_csv(func / f"{stem}_keyneurons.tsv", sep="\t")
+    flat = keys.layer * 100 + keys.neuron
+    k = int(keys[flat.isin(group)].component.mode()[0])  # the network of group 0
+    mixing = pd.read_csv(func / f"{stem}_mixing.tsv", sep="\t")
+    sources = llm2bids._io.read_json(func / f"{stem}_mixing.json")["Sources"]
+    assert source_dataset(out) == bids.resolve()
+    top = driving_tokens(mixing, sources, bids, f"comp-{k:02d}").iloc[0]
+    assert (top.run.endswith("run-02"), top.position, top.token) == (True, 57, "tok57")
+    assert top.before.endswith("tok56") and top.after.startswith("tok58")
+    page = llm2bids.build_report(out, "synth").read_text()
+    assert "<h2>Summary</h2>" in page and "Tokens analysed" in page
+    assert len(re.findall(r"<h3>Network \d+</h3>", page)) == 2
+    assert "<mark>tok57</mark>" in page

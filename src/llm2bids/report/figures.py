@@ -85,12 +85,12 @@ def layer_counts_plot(counts: pd.DataFrame, path: Path, title: str) -> Path:
 
 
 def heatmap(matrix: pd.DataFrame, path: Path, title: str, vmin=-1, vmax=1, cmap="RdBu_r") -> Path:
-    """A labelled matrix (connectivity, recurrence between tasks).
+    """A labelled matrix (connectivity, recurrence between tasks, key neurons per layer).
 
     Parameters
     ----------
     matrix : DataFrame
-        Square, labelled by its index and columns.
+        Labelled by its index (rows) and columns.
     path : Path
         The PNG to write (an SVG is written beside it).
     title : str

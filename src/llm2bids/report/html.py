@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .._io import write_text
@@ -19,29 +20,38 @@ from ..decomposition import METHODS
 from ..exceptions import DatasetError
 from ..models.hooks import HOOK_POINT_DESCRIPTIONS, hook_point_of
 from . import figures as fig
+from .dashboards import context_html, driving_tokens, layer_span, source_dataset, summary_items
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
 h1{border-bottom:2px solid #444}h2{margin-top:2em;border-bottom:1px solid #ccc}
 figure{margin:1em 0}figcaption{font-size:.9em;color:#444}img{max-width:100%}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ccc;padding:2px 6px}
-.warn{background:#fff3cd;padding:.6em;border-left:4px solid #e0a800}pre{background:#f6f6f6;padding:1em;white-space:pre-wrap}"""
+.warn{background:#fff3cd;padding:.6em;border-left:4px solid #e0a800}pre{background:#f6f6f6;padding:1em;white-space:pre-wrap}
+.scroll{overflow-x:auto;max-width:100%}.card{border:1px solid #ccc;border-radius:6px;padding:.6em 1em;margin:1em 0}
+.card h2,.card h3{margin-top:.3em}.summary{background:#f4f8fb}.summary dt{font-weight:600;float:left;clear:left;width:11em}.summary dd{margin-left:12em}
+.ctx{font-family:ui-monospace,monospace;white-space:pre-wrap;font-size:.85em}mark{background:#ffd54f}"""
 
 
 def _img(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _figure(path: Path, caption: str, root: Path) -> str:
+def _figure(path: Path, caption: str, root: Path, voxels: bool = False) -> str:
+    """A figure with its caption; ``voxels``: it draws neurons as voxels (say how)."""
     rel = path.relative_to(root)
+    note = f" {fig.VOXEL_NOTE}" if voxels else ""
     return (
         f'<figure><img src="{_img(path)}" alt="{html.escape(str(rel))}">'
-        f"<figcaption>{html.escape(caption)} {fig.VOXEL_NOTE} "
+        f"<figcaption>{html.escape(caption)}{note} "
         f"(<code>{html.escape(str(rel))}</code>)</figcaption></figure>"
     )
 
 
 def _table(frame: pd.DataFrame, n: int = 12) -> str:
-    return frame.head(n).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+    """The first ``n`` rows, in a box that scrolls rather than run past the margin."""
+    shown = frame.head(n).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+    more = f"<p><em>First {n} of {len(frame)} rows.</em></p>" if len(frame) > n else ""
+    return f'<div class="scroll">{shown}</div>{more}'
 
 
 def _sidecar(file: BIDSPath) -> dict:
@@ -66,34 +76,49 @@ class _Context:
     figures: Path
     params: dict = field(default_factory=dict)  # sidecar Parameters, by kind, for Methods
 
-    def figure(self, path: Path, caption: str) -> str:
-        return _figure(path, caption, self.root)
+    def figure(self, path: Path, caption: str, voxels: bool = False) -> str:
+        return _figure(path, caption, self.root, voxels)
 
 
-def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
+def _overall(files: list[BIDSPath]) -> BIDSPath | None:
+    """The decomposition a report shows: over all tasks, else the first task's."""
     comps = sorted(
         (c for c in files if c.description in METHODS),
         key=lambda c: (METHODS.index(c.description), c.fpath),
     )
     overall = [c for c in comps if c.task is None] or comps[:1]
-    if not overall:
+    return overall[0] if overall else None
+
+
+#: Component maps drawn as mosaics (every network has a dashboard).
+N_MOSAICS = 4
+
+
+def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
+    c = _overall(files)
+    if c is None:
         return []
-    c = overall[0]
     ctx.params["networks"] = _sidecar(c).get("Parameters", {})
     ctx.params["hook_point"] = hook_point_of(c.acquisition)
+    threshold = float(ctx.params["networks"].get("threshold", 3.0))
     maps = fig.load_volume(c.fpath)  # read once: each read decompresses every component
+    n_maps = maps.shape[3]
     parts = ["<h2>Functional networks</h2>"]
-    for k in range(min(maps.shape[3], 4)):
+    for k in range(min(n_maps, N_MOSAICS)):
+        network = np.where(np.abs(maps[..., k]) >= threshold, maps[..., k], 0)
         path = fig.layer_mosaic(
-            maps[..., k],
+            network,
             ctx.figures / f"component-{k + 1:02d}.png",
-            f"component {k + 1} (z)",
+            f"network {k + 1} (z, |z| >= {threshold:g})",
         )
         parts.append(
             ctx.figure(
                 path,
-                f"Component {k + 1} of the group decomposition over all "
-                "tasks, z-scored and drawn as a layer mosaic (one panel per layer).",
+                f"Network {k + 1} of {n_maps} of the group decomposition over all tasks: the "
+                f"neurons with |z| >= {threshold:g} in its z-scored map, one panel per layer "
+                + (f"(the first {N_MOSAICS} are drawn; " if n_maps > N_MOSAICS else "(")
+                + "every network has a dashboard below).",
+                voxels=True,
             )
         )
     counts = c.update(suffix="layercounts", extension=".tsv").fpath
@@ -109,7 +134,9 @@ def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
         )
     keys = c.update(suffix="keyneurons", extension=".tsv").fpath
     if keys.exists():
-        parts.append("<p>Key-neuron table (first rows):</p>" + _table(pd.read_csv(keys, sep="\t")))
+        table = pd.read_csv(keys, sep="\t")
+        strongest = table.loc[table.z.abs().sort_values(ascending=False, kind="stable").index]
+        parts.append("<p>Key neurons, strongest first (|z|):</p>" + _table(strongest))
     conn = c.update(suffix="connectivity", extension=".tsv").fpath
     if conn.exists():
         matrix = pd.read_csv(conn, sep="\t").set_index("component")
@@ -122,6 +149,74 @@ def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
                 "ConnectivityMeasure), averaged over runs.",
             )
         )
+    return ["\n".join(parts)]
+
+
+def _dashboards(files: list[BIDSPath], ctx: _Context) -> list[str]:
+    """One card per network: where it lives, its strongest neurons, the tokens that drive it."""
+    c = _overall(files)
+    keys_file = c.update(suffix="keyneurons", extension=".tsv").fpath if c else None
+    if keys_file is None or not keys_file.exists():
+        return []
+    keys = pd.read_csv(keys_file, sep="\t")
+    mixing_file = c.update(suffix="mixing", extension=".tsv").fpath
+    mixing = pd.read_csv(mixing_file, sep="\t") if mixing_file.exists() else None
+    n_maps = fig.load_volume(c.fpath).shape[3] if mixing is None else None
+    columns = (
+        [col for col in mixing.columns if col.startswith("comp-")]
+        if mixing is not None
+        else [f"comp-{k:02d}" for k in range(1, n_maps + 1)]
+    )
+    layers = pd.read_csv(c.update(suffix="layercounts", extension=".tsv").fpath, sep="\t").layer
+    counts = (
+        keys.groupby(["component", "layer"])
+        .size()
+        .unstack(fill_value=0)
+        .reindex(index=range(1, len(columns) + 1), columns=layers, fill_value=0)
+    )
+    counts.index = [f"network {k}" for k in counts.index]
+    parts = [
+        "<h2>Network dashboards</h2>",
+        ctx.figure(
+            fig.heatmap(
+                counts,
+                ctx.figures / "key-neurons-per-network-and-layer.png",
+                "key neurons per network and layer",
+                0,
+                max(1, int(counts.to_numpy().max())),
+                "viridis",
+            ),
+            "Where each network lives: its key neurons in each layer.",
+        ),
+    ]
+    sources = _sidecar(c).get("Sources", [])
+    raw = source_dataset(ctx.root)
+    if mixing is None or raw is None:
+        parts.append(
+            "<p><em>The tokens that drive each network need the decomposition's time courses "
+            "and the raw dataset's events; "
+            + ("the raw dataset was not found." if raw is None else "there are no time courses.")
+            + "</em></p>"
+        )
+    for k, column in enumerate(columns, start=1):
+        members = keys[keys.component == k]
+        strongest = members.loc[members.z.abs().sort_values(ascending=False).index]
+        card = [
+            f'<div class="card"><h3>Network {k}</h3>'
+            f"<p>{len(members)} key neurons, {layer_span(counts.iloc[k - 1])}.</p>",
+            "<p>Strongest neurons:</p>" + _table(strongest[["layer", "neuron", "z"]], 5),
+        ]
+        if mixing is not None and raw is not None:
+            drivers = driving_tokens(mixing, sources, raw, column)
+            items = "".join(
+                f"<li>{context_html(row)} <small>({html.escape(row.run)}, token "
+                f"{row.position}, {row.value:.3g})</small></li>"
+                for row in drivers.itertuples()
+            )
+            card.append(
+                "<p>Tokens where its time course peaks, in context:</p>" + f"<ol>{items}</ol>"
+            )
+        parts.append("\n".join(card) + "</div>")
     return ["\n".join(parts)]
 
 
@@ -167,7 +262,7 @@ def _recurrence(files: list[BIDSPath], ctx: _Context) -> list[str]:
             subject=rec.subject, suffix="map", extension=".nii.gz", root=ctx.root
         ).match()
         frequency = [m for m in maps if m.description in RECURRENCE_DESCRIPTIONS]
-        for freq in frequency[:2]:
+        for freq in frequency:
             parts.append(
                 ctx.figure(
                     fig.layer_mosaic(
@@ -179,6 +274,7 @@ def _recurrence(files: list[BIDSPath], ctx: _Context) -> list[str]:
                     ),
                     "Fraction of single-run decompositions in which each neuron belongs to a "
                     f"network ({freq.basename}).",
+                    voxels=True,
                 )
             )
         sections.append("\n".join(parts))
@@ -200,6 +296,7 @@ def _localizer(files: list[BIDSPath], ctx: _Context) -> list[str]:
                 ),
                 f"z-map of the contrast {ctx.params['localizer'].get('contrast', '')} "
                 "(nilearn FirstLevelModel, no HRF, no drift, no smoothing).",
+                voxels=True,
             )
         )
     for z in files:  # the units each contrast selected
@@ -297,7 +394,26 @@ def _replication(files: list[BIDSPath], ctx: _Context) -> list[str]:
 
 
 def _pruning(files: list[BIDSPath], ctx: _Context) -> list[str]:
-    return ["<h2>Pruned model</h2>" + _table(pd.read_csv(p.fpath, sep="\t")) for p in files]
+    sections = []
+    for p in files:
+        table = pd.read_csv(p.fpath, sep="\t")
+        note = ""
+        if {"latency_dense_ms", "latency_pruned_ms"} <= set(table.columns):
+            ratio = float(table.latency_pruned_ms.iloc[0]) / float(table.latency_dense_ms.iloc[0])
+            note = (
+                f"<p>Latency pruned / dense: {ratio:.2f}, from a single timing of one short "
+                "sequence on the machine that ran this analysis"
+                + (
+                    ": the pruned model was not faster here. At that size timing noise and the "
+                    "fixed cost of each layer dominate, so this says little; the benchmark "
+                    "(benchmarks/RESULTS.md) times pruned models with repeats."
+                    if ratio >= 1
+                    else "."
+                )
+                + "</p>"
+            )
+        sections.append("<h2>Pruned model</h2>" + _table(table) + note)
+    return sections
 
 
 RECURRENCE_DESCRIPTIONS = tuple(f"{method}Recurrence" for method in METHODS)
@@ -305,6 +421,7 @@ RECURRENCE_DESCRIPTIONS = tuple(f"{method}Recurrence" for method in METHODS)
 #: The report, in order: each kind of section, found by the entities of its files.
 SECTIONS = (
     Section({"suffix": "components", "extension": ".nii.gz"}, _networks),
+    Section({"suffix": "components", "extension": ".nii.gz"}, _dashboards),
     Section({"suffix": "recurrence", "extension": ".tsv"}, _recurrence),
     Section({"suffix": "statmap", "stat": "z", "extension": ".nii.gz"}, _localizer),
     Section({"suffix": "lesion", "extension": ".tsv"}, _lesions),
@@ -351,6 +468,7 @@ def build_report(derivatives: str | Path, subject: str) -> Path:
     body = (
         f"<h1>llm2bids report: {label}</h1>"
         f'<p class="warn">{html.escape(NOT_BRAIN_DATA)}</p>'
+        + _summary(root, subject)
         + "\n".join(sections)
         + f"<h2>Methods</h2><pre>{html.escape(methods)}</pre>"
     )
@@ -361,6 +479,18 @@ def build_report(derivatives: str | Path, subject: str) -> Path:
     out = report_path(root, subject)
     write_text(out, page)
     return out
+
+
+def _summary(root: Path, subject: str) -> str:
+    """The opening card: model, tasks, tokens, networks, the headline lesion effect."""
+    query = BIDSPath(subject=subject, root=root)
+    overall = _overall(query.update(suffix="components", extension=".nii.gz").match())
+    lesions = query.update(suffix="lesion", extension=".tsv").match()
+    items = summary_items(root, subject, overall, lesions)
+    if not items:
+        return ""
+    rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
+    return f'<div class="card summary"><h2>Summary</h2><dl>{rows}</dl></div>'
 
 
 def _methods(params: dict) -> str:
