@@ -186,7 +186,9 @@ def _networks_of_subject(
     acq = acquisition_label(hook_point)
     stage = Staging(
         output_dir,
-        f"sub-{sub}_acq-{acq}_desc-{template.method}_networks",
+        BIDSPath(
+            subject=sub, acquisition=acq, description=template.method, suffix="networks"
+        ).basename,
         {
             "params": params,
             "runs": {t: input_fingerprint(runs) for t, runs in by_task.items()},
@@ -199,7 +201,7 @@ def _networks_of_subject(
     for task, runs in by_task.items():
         base = recording.update(task=task)
         fits[task], files = stage.step(
-            f"task-{task}",
+            f"group fit of {task}",
             functools.partial(_fit_and_write, template, runs, base, params, bids_dir),
         )
         written += files
@@ -209,7 +211,7 @@ def _networks_of_subject(
         all_params = params | {"tasks": sorted(by_task)}
         # also the reference of the seed comparison
         fits["__all__"], files = stage.step(
-            "all-tasks",
+            "group fit of all tasks",
             functools.partial(_fit_and_write, template, all_runs, recording, all_params, bids_dir),
         )
         written += files
@@ -235,7 +237,8 @@ def _networks_of_subject(
         [
             p.name
             for p in moved.values()
-            if p.name.split(".")[0].endswith("seg") and "_task-" not in p.name
+            if BIDSPath.from_path(p).suffix in ("dseg", "probseg")
+            and BIDSPath.from_path(p).task is None
         ],
     )
     return [moved[p] for p in written]
@@ -386,7 +389,7 @@ def _recurrence(
         else next((f"task-{t}", f) for t, f in fits.items())
     )
     reseeded = stage.step(
-        f"seed-{seed + 1}", functools.partial(_refit, template, ref_fit.runs_, seed + 1)
+        f"refit with seed {seed + 1}", functools.partial(_refit, template, ref_fit.runs_, seed + 1)
     )
     seed_rows = compare_fits(
         ref_fit.components_,
@@ -420,7 +423,7 @@ def _recurrence(
             continue
         group = fits[task]
         run_fits = stage.step(
-            f"task-{task}_single-runs",
+            f"single-run fits of {task}",
             functools.partial(
                 parallel_map,
                 functools.partial(_fit_single_run, template),
