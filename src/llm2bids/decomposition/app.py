@@ -232,14 +232,10 @@ def _networks_of_subject(
     # Functional derivatives need a task entity, which the atlas over all tasks cannot have:
     # its dseg/probseg files are hidden from the validator by name (the per-task ones are
     # checked).
+    published = [BIDSPath.from_path(p) for p in moved.values()]
     ignore_in_derivatives(
         output_dir,
-        [
-            p.name
-            for p in moved.values()
-            if BIDSPath.from_path(p).suffix in ("dseg", "probseg")
-            and BIDSPath.from_path(p).task is None
-        ],
+        [p.basename for p in published if p.suffix in ("dseg", "probseg") and p.task is None],
     )
     return [moved[p] for p in written]
 

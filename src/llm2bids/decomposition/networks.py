@@ -232,7 +232,7 @@ class FunctionalNetworks(BaseEstimator):
         self.key_neurons_ = key_neuron_table(self.components_, self.networks_, self.geometry_)
         self.runs_ = runs
         # What the time courses need, kept for the first access to mixing_.
-        self._time_course_inputs = (jobs, runs, confounds, samples, _signs(raw, self.components_))
+        self._time_course_inputs = (jobs, confounds, samples, _signs(raw, self.components_))
         self._mixing = None
         return self
 
@@ -240,7 +240,8 @@ class FunctionalNetworks(BaseEstimator):
     def mixing_(self) -> pd.DataFrame:
         check_is_fitted(self, "components_")
         if self._mixing is None:
-            jobs, runs, confounds, samples, signs = self._time_course_inputs
+            jobs, confounds, samples, signs = self._time_course_inputs
+            runs = self.runs_
             series = [
                 _part_time_courses(estimator, runs, confounds, layer)
                 for estimator, (layer, _) in zip(self.estimators_, jobs)

@@ -128,12 +128,10 @@ def _check_contrast(contrast: str, conditions: set[str]) -> None:
 
 
 def _events_and_masks(runs: Sequence[Path]):
-    """Open each run (lazily) and read its events: images, events, sample masks, conditions."""
-    imgs, events, masks, conditions = [], [], [], set()
+    """Read each run's events (checked against its volumes): events, sample masks, conditions."""
+    events, masks, conditions = [], [], set()
     for run in runs:
-        img = load_img(run)
-        imgs.append(img)
-        ev = read_run_events(run, img.shape[3])
+        ev = read_run_events(run, load_img(run).shape[3])
         if "trial_type" not in ev.columns:
             raise InputError(
                 f"{run.name}: its events have no trial_type column, so there are no conditions "
@@ -145,7 +143,7 @@ def _events_and_masks(runs: Sequence[Path]):
         masks.append(keep)
         events.append(ev.loc[keep, ["onset", "duration", "trial_type"]].reset_index(drop=True))
         conditions |= set(events[-1].trial_type)
-    return imgs, events, masks, conditions
+    return events, masks, conditions
 
 
 def localize(
@@ -209,7 +207,7 @@ def localize(
     if not runs:
         raise InputError("no runs to localize in: check the subject and task filters.")
     geometry = check_same_geometry(runs)
-    _, events, masks, conditions = _events_and_masks(runs)
+    events, masks, conditions = _events_and_masks(runs)
     _check_contrast(contrast, conditions)
     # A run split off a long document may lack a condition of the contrast: it says nothing
     # about the contrast and nilearn cannot estimate it there, so it is left out, by name.

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 
@@ -161,7 +162,7 @@ def _dashboards(files: list[BIDSPath], ctx: _Context) -> list[str]:
     keys = pd.read_csv(keys_file, sep="\t")
     mixing_file = c.update(suffix="mixing", extension=".tsv").fpath
     mixing = pd.read_csv(mixing_file, sep="\t") if mixing_file.exists() else None
-    n_maps = fig.load_volume(c.fpath).shape[3] if mixing is None else None
+    n_maps = nib.load(c.fpath).shape[3] if mixing is None else None  # the header only
     columns = (
         [col for col in mixing.columns if col.startswith("comp-")]
         if mixing is not None
