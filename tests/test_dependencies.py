@@ -67,7 +67,7 @@ def test_every_module_a_study_imports_comes_with_a_plain_install(tmp_path):
     test_only = {"tiny"}  # the test's own helper module
     # present in a test environment, and imported when present by libraries that do not need
     # them (scikit-learn's testing helpers try pytest): not on the default path
-    opportunistic = {"pytest", "pluggy", "iniconfig"}
+    opportunistic = {"pytest", "pluggy", "iniconfig", "pygments"}  # pygments: pytest imports it
     missing = {}
     for module in modules:
         if module in sys.stdlib_module_names or module.startswith("_") or module in test_only:
@@ -76,3 +76,32 @@ def test_every_module_a_study_imports_comes_with_a_plain_install(tmp_path):
         if dists and not dists & core and not dists <= opportunistic:
             missing[module] = sorted(dists)
     assert not missing, f"imported but not brought by a plain install: {missing}"
+
+
+def _floors() -> dict[str, str]:
+    """``{distribution: lowest version}`` from pyproject.toml's core dependencies."""
+    import tomllib
+
+    project = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["project"]
+    floors = {}
+    for requirement in project["dependencies"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)>=([0-9.]+)", requirement.strip())
+        assert match, f"{requirement!r}: a core dependency is declared as NAME>=FLOOR"
+        floors[_name(match[1])] = match[2]
+    return floors
+
+
+def test_the_lowest_stack_pins_every_floor_pyproject_declares():
+    """`make test-lowest` installs the floors (torch aside: the Makefile pins its
+    CPU build), so the lower bounds users are promised are the ones the suite ran on."""
+    pins = {}
+    for line in (TESTS.parent / "constraints" / "lowest.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[_name(name)] = version
+    floors = _floors()
+    del floors["torch"]
+    assert set(pins) == set(floors)
+    for name, floor in floors.items():  # a patch release of the floor's own release
+        assert pins[name].split(".")[: len(floor.split("."))] == floor.split("."), name
