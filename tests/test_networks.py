@@ -105,6 +105,58 @@ def test_per_layer_scope_recovers_groups_confined_to_layers(tmp_path):
     assert fit.mixing_.filter(like="comp-").shape[1] == n_layers
 
 
+@pytest.mark.parametrize("scope", ["model", "layer"])
+def test_time_courses_are_least_squares_on_the_maps(tmp_path, scope):
+    """The time courses, computed from each run in file order, are each volume regressed on
+    the part's maps over every neuron, then the special tokens' spikes regressed out by
+    nilearn's ``signal.clean``; on a geometry with padding (37 neurons on a 7 x 6 slice).
+    From nilearn 0.14 that is exactly what ``estimator.transform`` gives; earlier nilearn
+    regressed only on the neurons where some map is positive (``_trim_maps``), which is
+    why llm2bids computes them itself: the same numbers on every supported stack."""
+    import nilearn
+    from nilearn.signal import clean
+    from packaging.version import Version
+    from scipy import linalg
+
+    from llm2bids.bids.reader import load_img, special_mask
+    from llm2bids.decomposition.networks import _part_imgs, _spike_regressors, time_courses
+
+    rng = np.random.default_rng(3)
+    runs = [rng.laplace(size=(80, 3, 37)).astype(np.float32) for _ in range(3)]
+    paths = write_synthetic(tmp_path / "bids", runs)
+    fit = FunctionalNetworks(n_components=2, scope=scope, random_state=0).fit(paths)
+    geometry = fit.geometry_
+    assert geometry.slice_size > geometry.n_neurons
+    layers = [None] if scope == "model" else [0, 1, 2]
+    confounds = [_spike_regressors(special_mask(p)) for p in paths]
+    ours = time_courses(fit.estimators_, layers, geometry, paths, confounds)
+    for path, confound, run in zip(paths, confounds, ours):
+        volume = np.asarray(load_img(path).dataobj, dtype=np.float64)
+        parts = []
+        for estimator, layer in zip(fit.estimators_, layers):
+            data = volume if layer is None else volume[:, :, layer : layer + 1]
+            mask = geometry.mask[:, :, : data.shape[2]]  # every slice has the same neurons
+            maps = estimator.components_img_.get_fdata()[mask]
+            parts.append(linalg.lstsq(maps, data[mask])[0].T)
+        expected = clean(
+            np.hstack(parts),
+            confounds=confound,
+            detrend=False,
+            standardize=None if Version(nilearn.__version__) >= Version("0.13") else False,
+        )
+        np.testing.assert_allclose(run, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    if Version(nilearn.__version__) >= Version("0.14"):  # its masker: the same numbers
+        theirs = [
+            est.transform(_part_imgs(paths, layer), confounds=confounds)
+            for est, layer in zip(fit.estimators_, layers)
+        ]
+        for i, run in enumerate(ours):
+            expected = np.hstack([part[i] for part in theirs])
+            np.testing.assert_allclose(run, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    table = fit.mixing_.filter(like="comp-").to_numpy()
+    np.testing.assert_allclose(np.abs(table), np.abs(np.vstack(ours)), rtol=1e-6)
+
+
 def test_component_sweep_is_the_union_and_one_sided_is_the_heavy_tail(planted):
     """n_components=[3, 4] stacks both decompositions; sided="one" keeps z >= threshold."""
     paths, _ = planted
@@ -207,3 +259,28 @@ def test_report_dashboards_show_the_tokens_that_drive_each_network(tmp_path):
     assert "<h2>Summary</h2>" in page and "Tokens analysed" in page
     assert len(re.findall(r"<h3>Network \d+</h3>", page)) == 2
     assert "<mark>tok57</mark>" in page
+
+
+def test_frozen_gc_hides_existing_objects_only_inside_the_block():
+    """nilearn <= 0.13 collects garbage before each image it reads; inside frozen_gc those
+    collections skip the objects that already existed, and afterwards nothing is lost."""
+    import gc
+    import weakref
+
+    from llm2bids._gc import frozen_gc
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.self = cycle
+    alive = weakref.ref(cycle)
+    del cycle
+    with pytest.raises(RuntimeError), frozen_gc():
+        assert gc.get_freeze_count() > 0
+        gc.collect()
+        assert alive() is not None  # frozen: not collected inside the block
+        raise RuntimeError
+    assert gc.get_freeze_count() == 0
+    gc.collect()
+    assert alive() is None  # collected once the block is over, even after an error

@@ -22,8 +22,10 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.validation import check_is_fitted
 
 from .._docs import fill_doc
+from .._gc import frozen_gc
 from .._parallel import parallel_map
 from ..bids.geometry import VoxelGeometry
+from ..bids.nifti import read_volume
 from ..bids.reader import check_same_geometry, load_img, special_mask
 from ..exceptions import InputError, NumericalError
 
@@ -241,13 +243,14 @@ class FunctionalNetworks(BaseEstimator):
         check_is_fitted(self, "components_")
         if self._mixing is None:
             jobs, confounds, samples, signs = self._time_course_inputs
-            runs = self.runs_
-            series = [
-                _part_time_courses(estimator, runs, confounds, layer)
-                for estimator, (layer, _) in zip(self.estimators_, jobs)
-            ]
-            per_run = [np.hstack([s[i] for s in series]) for i in range(len(runs))]
-            self._mixing = _mixing_table(per_run, samples, signs)
+            series = time_courses(
+                self.estimators_,
+                [layer for layer, _ in jobs],
+                self.geometry_,
+                self.runs_,
+                confounds,
+            )
+            self._mixing = _mixing_table(series, samples, signs)
         return self._mixing
 
     def estimator_params(self) -> dict:
@@ -316,9 +319,73 @@ def _part_imgs(runs: list[Path], layer: int | None) -> list:
     return [load_img(r).slicer[:, :, layer : layer + 1, :] for r in runs]
 
 
-def _part_time_courses(estimator, runs, confounds, layer) -> list[np.ndarray]:
-    """A fitted part's component time courses, one array per run."""
-    return estimator.transform(_part_imgs(runs, layer), confounds=confounds)
+def time_courses(estimators, layers, geometry, runs, confounds) -> list[np.ndarray]:
+    """Each run's component time courses, ``(T, n_components)`` with the parts side by side.
+
+    The values of nilearn 0.14's ``estimator.transform`` (each volume regressed on the part's
+    maps by least squares, then the confounds regressed out by :func:`nilearn.signal.clean`),
+    computed from one read of each run in the file's own order: each part's pseudo-inverse
+    is laid onto the file's voxels (zero on the padding), so a run costs one matrix product
+    per part over contiguous memory. nilearn's masker instead gathers every neuron's time
+    series across the volumes (a strided read of the whole run per part); before nilearn
+    0.14 it also collected garbage before each image it read and regressed only on the
+    voxels where some map is positive (``_trim_maps``), which for signed ICA maps is not the
+    least-squares fit. Here every supported nilearn gives nilearn 0.14's numbers.
+
+    Parameters
+    ----------
+    estimators : list of fitted nilearn decompositions
+        One per part, as in ``FunctionalNetworks.estimators_``.
+    layers : list of int or None
+        Each part's layer (None: the whole model).
+    geometry : VoxelGeometry
+        The runs' geometry.
+    runs : list of Path
+        The runs.
+    confounds : list of ndarray or None
+        Each run's confounds, as given to the fit.
+
+    Returns
+    -------
+    list of ndarray
+        One ``(n_volumes, n_components_total)`` float array per run.
+    """
+    from nilearn.signal import clean
+
+    labels = geometry.labels()
+    layer_of = labels.layer.to_numpy()
+    file_column = layer_of * geometry.slice_size + labels.neuron.to_numpy()
+    projections = []  # (first file column, pseudo-inverse over the part's file columns)
+    for estimator, layer in zip(estimators, layers):
+        columns = file_column if layer is None else file_column[layer_of == layer]
+        start = 0 if layer is None else layer * geometry.slice_size
+        stop = geometry.volume_size if layer is None else start + geometry.slice_size
+        pinv = np.zeros((stop - start, len(estimator.components_)), dtype=np.float32)
+        pinv[columns - start] = np.linalg.pinv(np.asarray(estimator.components_, np.float64))
+        projections.append((start, stop, pinv))
+    series = []
+    for run, confound in zip(runs, confounds):
+        volume = read_volume(load_img(run), run)  # (x, y, z, t), F-ordered: (t, z, y, x) in C
+        block = volume.T.reshape(volume.shape[3], geometry.volume_size)
+        ts = np.hstack([block[:, start:stop] @ pinv for start, stop, pinv in projections])
+        if confound is not None:
+            ts = clean(
+                ts,
+                confounds=confound,
+                detrend=False,
+                standardize=_no_standardization(),
+                standardize_confounds=True,
+            )
+        series.append(ts)
+    return series
+
+
+def _no_standardization():
+    """nilearn's value for "do not standardize": None from 0.13 (False deprecated), else False."""
+    import nilearn
+    from packaging.version import Version
+
+    return None if Version(nilearn.__version__) >= Version("0.13") else False
 
 
 def _fit_part(networks, geometry, runs, confounds, n_jobs, job):
@@ -332,7 +399,7 @@ def _fit_part(networks, geometry, runs, confounds, n_jobs, job):
     if layer is not None:
         mask_img = mask_img.slicer[:, :, layer : layer + 1]
     estimator = networks._make_estimator(mask_img, k, n_jobs)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, frozen_gc():
         warnings.simplefilter("always")
         estimator.fit(_part_imgs(runs, layer), confounds=confounds)
     part = np.asarray(estimator.components_, dtype=np.float64)

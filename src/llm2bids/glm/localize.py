@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .._gc import frozen_gc
 from ..bids.geometry import VoxelGeometry
 from ..bids.reader import check_same_geometry, load_img, load_run, read_run_events
 from ..exceptions import InputError
@@ -228,7 +229,7 @@ def localize(
     imgs = [str(runs[i]) for i in usable]
     mask_img = geometry.mask_img()
     options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img, "n_jobs": n_jobs}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), frozen_gc():
         # nilearn notices that do not apply: the mask is given on purpose, and the contrast is
         # an expression over condition names, which is right for runs with different designs.
         warnings.filterwarnings("ignore", ".*Generation of a mask has been requested")
