@@ -197,14 +197,18 @@ class VoxelGeometry:
         t = block.shape[0]
         return block.reshape(t, self.n_layers, self.ny, self.nx).T
 
-    def volume_to_tokens(self, volume: np.ndarray) -> np.ndarray:
-        """Return the ``(T, n_layers, n_neurons)`` activations held in a 4D volume (a view)."""
+    def volume_to_block(self, volume: np.ndarray) -> np.ndarray:
+        """The ``(T, n_layers, slice_size)`` block of a 4D volume: the inverse of
+        :meth:`block_to_volume` (a view of a volume read from a file, which is F-ordered)."""
         if volume.shape[:3] != self.shape:
             raise DatasetError(
                 f"volume has spatial shape {volume.shape[:3]}, the geometry says {self.shape}."
             )
-        block = np.asarray(volume).T.reshape(volume.shape[3], self.n_layers, self.slice_size)
-        return block[:, :, : self.n_neurons]
+        return np.asarray(volume).T.reshape(volume.shape[3], self.n_layers, self.slice_size)
+
+    def volume_to_tokens(self, volume: np.ndarray) -> np.ndarray:
+        """Return the ``(T, n_layers, n_neurons)`` activations held in a 4D volume (a view)."""
+        return self.volume_to_block(volume)[:, :, : self.n_neurons]
 
     def to_sidecar(self) -> dict:
         """The geometry as sidecar metadata, enough to invert the mapping without llm2bids."""

@@ -355,7 +355,7 @@ def time_courses(estimators, layers, geometry, runs, confounds) -> list[np.ndarr
     labels = geometry.labels()
     layer_of = labels.layer.to_numpy()
     file_column = layer_of * geometry.slice_size + labels.neuron.to_numpy()
-    projections = []  # (first file column, pseudo-inverse over the part's file columns)
+    projections = []  # (start, stop, pseudo-inverse over the file columns start:stop)
     for estimator, layer in zip(estimators, layers):
         columns = file_column if layer is None else file_column[layer_of == layer]
         start = 0 if layer is None else layer * geometry.slice_size
@@ -363,17 +363,18 @@ def time_courses(estimators, layers, geometry, runs, confounds) -> list[np.ndarr
         pinv = np.zeros((stop - start, len(estimator.components_)), dtype=np.float32)
         pinv[columns - start] = np.linalg.pinv(np.asarray(estimator.components_, np.float64))
         projections.append((start, stop, pinv))
+    standardize = _no_standardization()
     series = []
     for run, confound in zip(runs, confounds):
-        volume = read_volume(load_img(run), run)  # (x, y, z, t), F-ordered: (t, z, y, x) in C
-        block = volume.T.reshape(volume.shape[3], geometry.volume_size)
-        ts = np.hstack([block[:, start:stop] @ pinv for start, stop, pinv in projections])
+        block = geometry.volume_to_block(read_volume(load_img(run), run))
+        voxels = block.reshape(len(block), -1)  # token by token, in file order (a view)
+        ts = np.hstack([voxels[:, start:stop] @ pinv for start, stop, pinv in projections])
         if confound is not None:
             ts = clean(
                 ts,
                 confounds=confound,
                 detrend=False,
-                standardize=_no_standardization(),
+                standardize=standardize,
                 standardize_confounds=True,
             )
         series.append(ts)
