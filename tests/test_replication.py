@@ -10,7 +10,7 @@ import torch
 
 from llm2bids.cli.main import main
 from llm2bids.evaluation import mask_neurons, minimal_pairs, neuron_means, top_neurons
-from llm2bids.evaluation.lesion import lesion_study
+from llm2bids.evaluation.lesion import keep_only_curve, lesion_study
 from llm2bids.evaluation.masking import protect_layers
 from llm2bids.evaluation.metrics import perplexity
 from llm2bids.evaluation.texts import check_disjoint
@@ -103,6 +103,35 @@ def test_mean_fill_protected_layers_and_per_layer_top_k():
     assert global_top[0].sum() == 30 and not global_top[1:].any()  # one layer takes it all
     per_layer = top_neurons(ranking, 0.25, 3, 40, per_layer=True)
     assert (per_layer.sum(axis=1) == 10).all() and per_layer[1, 30:].all()
+
+
+def test_keep_only_curve_keeps_each_layers_top_and_names_what_is_missing(caplog):
+    """Per layer, a fraction whose top neurons a short layer cannot supply is skipped with a
+    warning that counts per layer; the rows kept are lesion_study's on top_neurons' set."""
+    lm = wrap_model(tiny_model("llama"), tiny_tokenizer())
+    ranking = pd.DataFrame(  # layer 2 ranks only 5 of its 40 neurons
+        {
+            "layer": np.repeat([0, 1, 2], [40, 40, 5]),
+            "neuron": np.r_[np.arange(40), np.arange(40), np.arange(5)],
+            "z": np.r_[np.arange(40.0), -np.arange(40.0), np.arange(5.0)],
+        }
+    )
+    small = minimal_pairs(n_per_phenomenon=2)
+    text = heldout_text()[:1500]
+    curve = keep_only_curve(
+        lm, ranking, [0.1, 0.25], n_controls=2, text=text, pairs=small, verbose=0, per_layer=True
+    )
+    assert "keep-only 0.25 skipped: it needs 10 neurons in every layer" in caplog.text
+    assert "(layer 2: 5)" in caplog.text
+    assert curve.condition.tolist() == ["baseline", "target", "control", "control"]
+    assert curve.fraction.tolist() == [1.0, 0.1, 0.1, 0.1]
+    target = top_neurons(ranking, 0.1, 3, 40, per_layer=True)
+    assert (target.sum(axis=1) == 4).all() and target[1, 36:].all()  # strongest |z| kept
+    direct = lesion_study(lm, target, "keep", 2, text=text, pairs=small, verbose=0)
+    pd.testing.assert_frame_equal(curve.drop(columns="fraction"), direct)
+    caplog.clear()
+    whole = keep_only_curve(lm, ranking, [0.9], n_controls=2, text=text, pairs=small, verbose=0)
+    assert whole.empty and "it needs 108 neurons and the table ranks 85" in caplog.text
 
 
 def test_masking_options_refuse_bad_input():
