@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
@@ -255,7 +257,15 @@ def test_report_dashboards_show_the_tokens_that_drive_each_network(tmp_path):
     top = driving_tokens(mixing, sources, bids, f"comp-{k:02d}").iloc[0]
     assert (top.run.endswith("run-02"), top.position, top.token) == (True, 57, "tok57")
     assert top.before.endswith("tok56") and top.after.startswith("tok58")
-    page = llm2bids.build_report(out, "synth").read_text()
+    reads = []
+    real_read_csv = pd.read_csv
+    with pytest.MonkeyPatch.context() as patch:  # every table the report shows, read once
+        patch.setattr(
+            pd, "read_csv", lambda path, *a, **k: reads.append(path) or real_read_csv(path, *a, **k)
+        )
+        page = llm2bids.build_report(out, "synth").read_text()
+    assert f"{stem}_keyneurons.tsv" in {Path(r).name for r in reads}
+    assert len(reads) == len(set(reads)), reads
     assert "<h2>Summary</h2>" in page and "Tokens analysed" in page
     assert len(re.findall(r"<h3>Network \d+</h3>", page)) == 2
     assert "<mark>tok57</mark>" in page

@@ -8,6 +8,7 @@ its surrounding text read from the raw runs' ``events.tsv``.
 from __future__ import annotations
 
 import html
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -42,7 +43,12 @@ def source_dataset(derivatives: Path) -> Path | None:
 
 
 def driving_tokens(
-    mixing: pd.DataFrame, sources: list[str], raw: Path, component: str, n: int = 5
+    mixing: pd.DataFrame,
+    sources: list[str],
+    raw: Path,
+    component: str,
+    n: int = 5,
+    read: Callable[[Path], pd.DataFrame] = read_events,
 ) -> pd.DataFrame:
     """The ``n`` ordinary tokens where a component's time course is largest, in their text.
 
@@ -57,6 +63,9 @@ def driving_tokens(
     component : str
         The column, for example ``"comp-01"``.
     n : int, default=5
+    read : callable, default=read_events
+        Reads a run's ``_events.tsv`` (the report passes one that reads each file once for
+        all its networks).
 
     Returns
     -------
@@ -68,7 +77,7 @@ def driving_tokens(
     for _, peak in ordinary.nlargest(n, component).iterrows():
         bold = raw / sources[int(peak.run) - 1].removeprefix("bids:raw:")
         if bold not in events:
-            events[bold] = read_events(events_path(bold))
+            events[bold] = read(events_path(bold))
         tokens = events[bold].token.tolist()
         v = int(peak.volume)
         rows.append(
@@ -102,7 +111,9 @@ def layer_span(counts: pd.Series) -> str:
     return f"{where}, most in {int(present.idxmax())}"
 
 
-def summary_items(root: Path, subject: str, overall, lesions: list) -> list[tuple[str, str]]:
+def summary_items(
+    root: Path, subject: str, overall, lesions: list, read_table: Callable[[Path], pd.DataFrame]
+) -> list[tuple[str, str]]:
     """The report's opening card: (label, text) pairs from the derivatives and the raw data.
 
     Parameters
@@ -114,6 +125,8 @@ def summary_items(root: Path, subject: str, overall, lesions: list) -> list[tupl
         The decomposition the report shows.
     lesions : list of BIDSPath
         The subject's lesion tables (the first gives the headline).
+    read_table : callable
+        ``read_table(path)``: a TSV as a DataFrame (the report's, which reads each once).
     """
     from ..bids.dataset import read_participants
     from ..bids.path import BIDSPath, participant_id
@@ -134,7 +147,7 @@ def summary_items(root: Path, subject: str, overall, lesions: list) -> list[tupl
     if overall is not None:
         mixing = overall.update(suffix="mixing", extension=".tsv").fpath
         if mixing.exists():
-            frame = pd.read_csv(mixing, sep="\t", usecols=["run", "special"])
+            frame = read_table(mixing)
             items.append(
                 (
                     "Tokens analysed",
@@ -145,9 +158,9 @@ def summary_items(root: Path, subject: str, overall, lesions: list) -> list[tupl
         keys = overall.update(suffix="keyneurons", extension=".tsv").fpath
         counts = overall.update(suffix="layercounts", extension=".tsv").fpath
         if keys.exists() and counts.exists():
-            table = pd.read_csv(keys, sep="\t")
+            table = read_table(keys)
             n_key = len(table.drop_duplicates(["layer", "neuron"]))
-            layer_table = pd.read_csv(counts, sep="\t")
+            layer_table = read_table(counts)
             total = n_key / layer_table.fraction.sum() * len(layer_table) if n_key else 0
             share = f" ({100 * n_key / total:.1f}% of the neurons)" if total else ""
             items.append(
@@ -158,7 +171,7 @@ def summary_items(root: Path, subject: str, overall, lesions: list) -> list[tupl
                 )
             )
     if lesions:
-        table = pd.read_csv(lesions[0].fpath, sep="\t")
+        table = read_table(lesions[0].fpath)
         if {"baseline", "target", "control"} <= set(table.condition):
             ppl = summarize(table)["perplexity"]
             n_controls = int((table.condition == "control").sum())

@@ -7,6 +7,7 @@ import html
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import nibabel as nib
@@ -16,6 +17,7 @@ import pandas as pd
 from .._io import write_text
 from .._version import __version__
 from ..bids.dataset import NOT_BRAIN_DATA
+from ..bids.events import read_events
 from ..bids.path import BIDSPath, figures_dir, participant_id, report_path, subjects
 from ..decomposition import METHODS
 from ..exceptions import DatasetError
@@ -76,9 +78,18 @@ class _Context:
     root: Path
     figures: Path
     params: dict = field(default_factory=dict)  # sidecar Parameters, by kind, for Methods
+    tables: dict = field(default_factory=dict, repr=False)  # path -> table, see table()
 
     def figure(self, path: Path, caption: str, voxels: bool = False) -> str:
         return _figure(path, caption, self.root, voxels)
+
+    def table(self, path: Path, read: Callable[[Path], pd.DataFrame] | None = None) -> pd.DataFrame:
+        """The TSV at ``path``, read once per report (by ``read``, default pandas' TSV reader):
+        the summary card, the networks section and the dashboards show the same tables, and
+        every network's dashboard the same events (callers must not modify it)."""
+        if path not in self.tables:
+            self.tables[path] = read(path) if read else pd.read_csv(path, sep="\t")
+        return self.tables[path]
 
 
 def _overall(files: list[BIDSPath]) -> BIDSPath | None:
@@ -124,7 +135,7 @@ def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
         )
     counts = c.update(suffix="layercounts", extension=".tsv").fpath
     if counts.exists():
-        table = pd.read_csv(counts, sep="\t")
+        table = ctx.table(counts)
         parts.append(
             ctx.figure(
                 fig.layer_counts_plot(
@@ -135,12 +146,12 @@ def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
         )
     keys = c.update(suffix="keyneurons", extension=".tsv").fpath
     if keys.exists():
-        table = pd.read_csv(keys, sep="\t")
+        table = ctx.table(keys)
         strongest = table.loc[table.z.abs().sort_values(ascending=False, kind="stable").index]
         parts.append("<p>Key neurons, strongest first (|z|):</p>" + _table(strongest))
     conn = c.update(suffix="connectivity", extension=".tsv").fpath
     if conn.exists():
-        matrix = pd.read_csv(conn, sep="\t").set_index("component")
+        matrix = ctx.table(conn).set_index("component")
         parts.append(
             ctx.figure(
                 fig.heatmap(
@@ -159,16 +170,16 @@ def _dashboards(files: list[BIDSPath], ctx: _Context) -> list[str]:
     keys_file = c.update(suffix="keyneurons", extension=".tsv").fpath if c else None
     if keys_file is None or not keys_file.exists():
         return []
-    keys = pd.read_csv(keys_file, sep="\t")
+    keys = ctx.table(keys_file)
     mixing_file = c.update(suffix="mixing", extension=".tsv").fpath
-    mixing = pd.read_csv(mixing_file, sep="\t") if mixing_file.exists() else None
+    mixing = ctx.table(mixing_file) if mixing_file.exists() else None
     n_maps = nib.load(c.fpath).shape[3] if mixing is None else None  # the header only
     columns = (
         [col for col in mixing.columns if col.startswith("comp-")]
         if mixing is not None
         else [f"comp-{k:02d}" for k in range(1, n_maps + 1)]
     )
-    layers = pd.read_csv(c.update(suffix="layercounts", extension=".tsv").fpath, sep="\t").layer
+    layers = ctx.table(c.update(suffix="layercounts", extension=".tsv").fpath).layer
     counts = (
         keys.groupby(["component", "layer"])
         .size()
@@ -208,7 +219,9 @@ def _dashboards(files: list[BIDSPath], ctx: _Context) -> list[str]:
             "<p>Strongest neurons:</p>" + _table(strongest[["layer", "neuron", "z"]], 5),
         ]
         if mixing is not None and raw is not None:
-            drivers = driving_tokens(mixing, sources, raw, column)
+            drivers = driving_tokens(
+                mixing, sources, raw, column, read=partial(ctx.table, read=read_events)
+            )
             items = "".join(
                 f"<li>{context_html(row)} <small>({html.escape(row.run)}, token "
                 f"{row.position}, {row.value:.3g})</small></li>"
@@ -224,7 +237,7 @@ def _dashboards(files: list[BIDSPath], ctx: _Context) -> list[str]:
 def _recurrence(files: list[BIDSPath], ctx: _Context) -> list[str]:
     sections = []
     for rec in files:
-        table = pd.read_csv(rec.fpath, sep="\t")
+        table = ctx.table(rec.fpath)
         parts = ["<h2>Recurrence across tasks and runs</h2>"]
         tasks = table[table.scope == "task"]
         if not tasks.empty:
@@ -312,7 +325,7 @@ def _localizer(files: list[BIDSPath], ctx: _Context) -> list[str]:
             parts.append(
                 ctx.figure(
                     fig.layer_counts_plot(
-                        pd.read_csv(counts, sep="\t"),
+                        ctx.table(counts),
                         ctx.figures / "localizer-units-per-layer.png",
                         "localizer units per layer",
                     ),
@@ -327,7 +340,7 @@ def _lesions(files: list[BIDSPath], ctx: _Context) -> list[str]:
         return []
     parts = ["<h2>Lesions versus random controls</h2>"]
     for les in files:
-        table = pd.read_csv(les.fpath, sep="\t")
+        table = ctx.table(les.fpath)
         params = _sidecar(les).get("Parameters", {})
         ctx.params.setdefault("lesion", params)
         parts.append(
@@ -346,7 +359,7 @@ def _lesions(files: list[BIDSPath], ctx: _Context) -> list[str]:
 def _keep_only(files: list[BIDSPath], ctx: _Context) -> list[str]:
     sections = []
     for keep in files:
-        table = pd.read_csv(keep.fpath, sep="\t")
+        table = ctx.table(keep.fpath)
         figure = fig.keep_only_plot(table, ctx.figures / "keep-only.png", "keep-only curves")
         sections.append(
             "<h2>Keep only the key neurons</h2>"
@@ -364,7 +377,7 @@ def _replication(files: list[BIDSPath], ctx: _Context) -> list[str]:
     summaries = [f for f in files if f.description == "summary"]
     if not summaries:
         return []
-    summary = pd.read_csv(summaries[0].fpath, sep="\t")
+    summary = ctx.table(summaries[0].fpath)
     figure = fig.replication_plot(summary, ctx.figures / "replication.png")
     columns = [
         "study",
@@ -397,7 +410,7 @@ def _replication(files: list[BIDSPath], ctx: _Context) -> list[str]:
 def _pruning(files: list[BIDSPath], ctx: _Context) -> list[str]:
     sections = []
     for p in files:
-        table = pd.read_csv(p.fpath, sep="\t")
+        table = ctx.table(p.fpath)
         note = ""
         if {"latency_dense_ms", "latency_pruned_ms"} <= set(table.columns):
             ratio = float(table.latency_pruned_ms.iloc[0]) / float(table.latency_dense_ms.iloc[0])
@@ -469,7 +482,7 @@ def build_report(derivatives: str | Path, subject: str) -> Path:
     body = (
         f"<h1>llm2bids report: {label}</h1>"
         f'<p class="warn">{html.escape(NOT_BRAIN_DATA)}</p>'
-        + _summary(root, subject)
+        + _summary(ctx, subject)
         + "\n".join(sections)
         + f"<h2>Methods</h2><pre>{html.escape(methods)}</pre>"
     )
@@ -482,12 +495,12 @@ def build_report(derivatives: str | Path, subject: str) -> Path:
     return out
 
 
-def _summary(root: Path, subject: str) -> str:
+def _summary(ctx: _Context, subject: str) -> str:
     """The opening card: model, tasks, tokens, networks, the headline lesion effect."""
-    query = BIDSPath(subject=subject, root=root)
+    query = BIDSPath(subject=subject, root=ctx.root)
     overall = _overall(query.update(suffix="components", extension=".nii.gz").match())
     lesions = query.update(suffix="lesion", extension=".tsv").match()
-    items = summary_items(root, subject, overall, lesions)
+    items = summary_items(ctx.root, subject, overall, lesions, ctx.table)
     if not items:
         return ""
     rows = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in items)
