@@ -112,7 +112,7 @@ def run_networks(
         scope=scope,
         sided=sided,
     )
-    template._check_params()  # before anything is read or written
+    template.check_params()  # before anything is read or written
     check_output_dir(bids_dir, output_dir)
     selected = select_runs(bids_dir, participant_label, tasks, hook_point)
     for by_task in selected.values():  # check everything before writing anything

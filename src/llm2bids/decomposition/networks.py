@@ -154,7 +154,14 @@ class FunctionalNetworks(BaseEstimator):
         n = self.n_components
         return [n] if isinstance(n, (int, np.integer)) else list(n)
 
-    def _check_params(self) -> None:
+    def check_params(self) -> None:
+        """Check the parameters without reading any data; :meth:`fit` starts with it.
+
+        Raises
+        ------
+        InputError
+            Naming the first parameter that is not valid and what it accepts.
+        """
         if self.method not in METHODS:
             raise InputError(f"method must be one of {METHODS}, got {self.method!r}.")
         counts = self.component_counts
@@ -186,7 +193,7 @@ class FunctionalNetworks(BaseEstimator):
         -------
         self
         """
-        self._check_params()
+        self.check_params()
         runs = [Path(r) for r in ([runs] if isinstance(runs, (str, Path)) else runs)]
         if not runs:
             raise InputError("no runs to decompose: check the subject and task filters.")
