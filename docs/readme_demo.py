@@ -20,6 +20,7 @@ import pandas as pd
 
 from llm2bids.bids import find_runs, load_run, run_metadata
 from llm2bids.bids.path import BIDSPath, subjects
+from llm2bids.evaluation import accuracy_text
 from llm2bids.glm.localize import welch_selection
 
 START, END = "<!-- demo-results:start -->", "<!-- demo-results:end -->"
@@ -111,16 +112,18 @@ def demo_section(out: Path) -> str:
             description=f"{target.description}Ablate", suffix="lesion", extension=".tsv"
         )
         summary = _sidecar(lesion)["Summary"]
-        size = int(_read(lesion).n_neurons.iloc[1])
+        table = _read(lesion).set_index("condition")
+        size = int(table.loc["target", "n_neurons"])
         ppl, pairs = summary["perplexity"], summary["minimal_pair_accuracy"]
         rows.append(
             f"| {name} | {size} ({size / n_total:.1%}) | {ppl['target']:.2f} | "
-            f"{ppl['control_mean']:.2f} ± {ppl['control_sd']:.2f} | {pairs['target']:.3f} | "
-            f"{pairs['control_mean']:.3f} |"
+            f"{ppl['control_mean']:.2f} ± {ppl['control_sd']:.2f} | "
+            f"{accuracy_text(table.loc['target'])} | {pairs['control_mean']:.3f} |"
         )
     lines += [
         "Lesions versus the mean of random neuron sets of the same size per layer "
-        f"(intact perplexity {ppl['baseline']:.2f}, minimal pairs {pairs['baseline']:.3f}):",
+        f"(intact perplexity {ppl['baseline']:.2f}, minimal pairs "
+        f"{accuracy_text(table.loc['baseline'])}; accuracies with their 95% Wilson intervals):",
         "",
         "| ablated set | neurons | perplexity | controls | minimal pairs | controls |",
         "|---|---|---|---|---|---|",
@@ -134,7 +137,7 @@ def demo_section(out: Path) -> str:
         t, c = g[g.condition == "target"].iloc[0], g[g.condition == "control"]
         keep_rows.append(
             f"| {fraction:.0%} | {t.perplexity:.3g} | {c.perplexity.mean():.3g} | "
-            f"{t.minimal_pair_accuracy:.3f} | {c.minimal_pair_accuracy.mean():.3f} |"
+            f"{accuracy_text(t)} | {c.minimal_pair_accuracy.mean():.3f} |"
         )
     lines += [
         "Keep only the top key neurons (ranked by max |z|) versus random sets of that size:",

@@ -24,6 +24,7 @@ from .bids.reader import run_geometry
 from .decomposition import run_networks
 from .derivatives import init_derivatives, provenance, write_table
 from .evaluation import (
+    accuracy_text,
     keep_only_curve,
     load_pruned,
     mask_neurons,
@@ -168,8 +169,11 @@ def run_demo(
         "localizer": localizer.update(suffix="keyneurons", extension=".tsv"),
     }
     p = p | {"n_controls": cfg["n_controls"]}
-    summaries = {}
+    summaries, lesions = {}, {}
     for name, table in tables.items():
+        lesions[name] = table.update(
+            description=f"{table.description}Ablate", suffix="lesion", extension=".tsv"
+        ).fpath
         if not stages.fresh(f"lesion-{name}", p):
             say(f"[5/8] lesion the {name} units versus {cfg['n_controls']} random controls")
             results = run_lesion(
@@ -185,10 +189,7 @@ def run_demo(
             stages.finish(f"lesion-{name}", p)
         else:
             say(f"[5/8] lesion {name}: reused")
-            lesion = table.update(
-                description=f"{table.description}Ablate", suffix="lesion", extension=".json"
-            )
-            summaries[name] = json.loads(lesion.fpath.read_text())["Summary"]
+            summaries[name] = json.loads(lesions[name].with_suffix(".json").read_text())["Summary"]
 
     components = networks.update(suffix="components", extension=".nii.gz")
     ranking = rank_neurons(components.fpath, run_geometry(find_runs(bids, subject=sub)[0]))
@@ -233,7 +234,10 @@ def run_demo(
         raise Llm2BidsError("the derivatives do not validate:\n" + deriv_valid.summary())
     say(
         _summary_text(
-            summaries, pd.read_csv(keep_path, sep="\t"), pd.read_csv(prune_path, sep="\t")
+            summaries,
+            {name: pd.read_csv(path, sep="\t") for name, path in lesions.items()},
+            pd.read_csv(keep_path, sep="\t"),
+            pd.read_csv(prune_path, sep="\t"),
         )
     )
     say(
@@ -280,21 +284,27 @@ def _prune_and_reload(lm, ranking: pd.DataFrame, fraction: float, folder: Path) 
     )
 
 
-def _summary_text(summaries: dict, keep: pd.DataFrame, pruning: pd.DataFrame) -> str:
-    lines = ["", "Lesion results (target vs mean of random size-matched controls):"]
+def _summary_text(summaries: dict, lesions: dict, keep: pd.DataFrame, pruning: pd.DataFrame) -> str:
+    lines = [
+        "",
+        "Lesion results (target vs mean of random size-matched controls; accuracies with "
+        "their 95% intervals):",
+    ]
     for name, s in summaries.items():
         ppl, acc = s["perplexity"], s["minimal_pair_accuracy"]
+        rows = lesions[name].set_index("condition")
         lines.append(
             f"  {name:9s}: perplexity {ppl['baseline']:.2f} -> {ppl['target']:.2f} "
             f"(controls {ppl['control_mean']:.2f} ± {ppl['control_sd']:.2f}); minimal pairs "
-            f"{acc['baseline']:.3f} -> {acc['target']:.3f} (controls {acc['control_mean']:.3f})"
+            f"{accuracy_text(rows.loc['baseline'])} -> {accuracy_text(rows.loc['target'])} "
+            f"(controls {acc['control_mean']:.3f})"
         )
     lines.append("Keep only the top key neurons (target vs random mean):")
     for fraction, g in keep[keep.condition != "baseline"].groupby("fraction"):
         t, c = g[g.condition == "target"], g[g.condition == "control"]
         lines.append(
             f"  {fraction:.0%}: perplexity {t.perplexity.iloc[0]:.1f} vs "
-            f"{c.perplexity.mean():.1f}; minimal pairs {t.minimal_pair_accuracy.iloc[0]:.3f} "
+            f"{c.perplexity.mean():.1f}; minimal pairs {accuracy_text(t.iloc[0])} "
             f"vs {c.minimal_pair_accuracy.mean():.3f}"
         )
     row = pruning.iloc[0]

@@ -144,6 +144,20 @@ def sentence_logprobs(lm: LoadedModel, sentences: list[str], batch_size: int = 3
     return np.asarray(out)
 
 
+def accuracy_text(row, name: str = "minimal_pair") -> str:
+    """An accuracy with its 95%% Wilson interval, ``"0.612 [0.545, 0.675]"``, from a row.
+
+    Parameters
+    ----------
+    row : pandas.Series or mapping
+        A row of a lesion or keep-only table (``<name>_accuracy``, ``<name>_ci_low``,
+        ``<name>_ci_high``).
+    name : {"minimal_pair", "next_token"}, default="minimal_pair"
+    """
+    low, high = row[f"{name}_ci_low"], row[f"{name}_ci_high"]
+    return f"{row[f'{name}_accuracy']:.3f} [{low:.3f}, {high:.3f}]"
+
+
 def minimal_pair_accuracy(lm: LoadedModel, pairs: pd.DataFrame) -> dict:
     """Fraction of pairs whose grammatical sentence gets the higher log-probability.
 
