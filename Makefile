@@ -7,6 +7,9 @@ STAMP  := $(VENV)/.llm2bids-installed
 DEMO_DIR ?= demo_output
 REPLICATION_DIR ?= replication_output
 
+# What a test venv runs on, printed before its suite.
+SHOW_STACK := -c "import sys, numpy, scipy, pandas, nilearn, transformers, torch; print('stack: Python', sys.version.split()[0], 'numpy', numpy.__version__, 'scipy', scipy.__version__, 'pandas', pandas.__version__, 'nilearn', nilearn.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
+
 .PHONY: install test test-all test-lowest test-newest demo readme-demo replication bench bench-quick lint format clean
 
 # $(call install_venv,VENV,PIP_ARGS[,PYTHON,TORCH]): a venv with llm2bids and its test extras
@@ -30,19 +33,25 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 test: install
+	$(PY) $(SHOW_STACK)
 	$(VENV)/bin/pytest
 
 test-all: install
 	$(VENV)/bin/pytest -m ''
 
 # The same fast suite on the oldest versions pyproject.toml allows (constraints/lowest.txt),
-# in a venv of its own; `make test` covers the newest ones.
+# on the oldest Python it allows (requires-python) found on PATH or in pyenv, in a venv of its
+# own; `make test` and `make test-newest` cover the newest ones.
+REQUIRES_PYTHON := $(shell sed -n 's/^requires-python = ">=\([0-9.]*\)"$$/\1/p' pyproject.toml)
+LOWEST_PYTHON ?= $(shell tools/find-python --oldest $(REQUIRES_PYTHON))
 LOWEST_VENV := .venv-lowest
 LOWEST_STAMP := $(LOWEST_VENV)/.llm2bids-installed
 $(LOWEST_STAMP): pyproject.toml Makefile constraints/lowest.txt
-	$(call install_venv,$(LOWEST_VENV),-c constraints/lowest.txt,,torch -c constraints/lowest.txt)
+	@test -n "$(LOWEST_PYTHON)" || { echo "make test-lowest: no Python >= $(REQUIRES_PYTHON) (see above)"; exit 1; }
+	$(call install_venv,$(LOWEST_VENV),-c constraints/lowest.txt,$(LOWEST_PYTHON),torch -c constraints/lowest.txt)
 
 test-lowest: $(LOWEST_STAMP)
+	$(LOWEST_VENV)/bin/python $(SHOW_STACK)
 	$(LOWEST_VENV)/bin/pytest -p no:cacheprovider
 
 # The same fast suite on the newest releases pyproject.toml allows, on the newest Python here:
@@ -57,7 +66,7 @@ $(NEWEST_STAMP): pyproject.toml Makefile
 	$(call install_venv,$(NEWEST_VENV),,$(NEWEST_PYTHON),torch)
 
 test-newest: $(NEWEST_STAMP)
-	$(NEWEST_VENV)/bin/python -c "import sys, numpy, scipy, pandas, nilearn, torch; print('newest stack: Python', sys.version.split()[0], 'numpy', numpy.__version__, 'scipy', scipy.__version__, 'pandas', pandas.__version__, 'nilearn', nilearn.__version__, 'torch', torch.__version__)"
+	$(NEWEST_VENV)/bin/python $(SHOW_STACK)
 	$(NEWEST_VENV)/bin/pytest -p no:cacheprovider
 
 demo: install

@@ -80,7 +80,10 @@ def test_every_module_a_study_imports_comes_with_a_plain_install(tmp_path):
 
 def _floors() -> dict[str, str]:
     """``{distribution: lowest version}`` from pyproject.toml's core dependencies."""
-    import tomllib
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
 
     project = tomllib.loads((TESTS.parent / "pyproject.toml").read_text())["project"]
     floors = {}
@@ -106,25 +109,31 @@ def test_the_lowest_stack_pins_every_floor_pyproject_declares():
         assert pins[name].split(".")[: len(floor.split("."))] == floor.split("."), name
 
 
-def test_the_newest_stack_runs_on_the_newest_python_found(tmp_path):
-    """`make test-newest` takes its interpreter from tools/find-python: the newest at least
-    as new as asked (numpy 2.5 needs 3.12), from PATH or pyenv; none says what to do."""
+def test_the_newest_and_lowest_stacks_find_their_python(tmp_path):
+    """`make test-newest` / `make test-lowest` take their interpreter from tools/find-python:
+    the newest / oldest at least as new as asked (numpy 2.5 needs 3.12; the lowest stack runs
+    on requires-python's floor), from PATH or pyenv; none says what to do."""
     script = TESTS.parent / "tools" / "find-python"
     asked = "{}.{}".format(*sys.version_info[:2])
     pyenv = tmp_path / "pyenv"  # this interpreter, installed as pyenv installs one
     (pyenv / "versions" / asked / "bin").mkdir(parents=True)
     (pyenv / "versions" / asked / "bin" / "python3").symlink_to(sys.executable)
     env = {"PATH": "/usr/bin:/bin", "PYENV_ROOT": str(pyenv)}
-    found = subprocess.run(
-        [script, asked], capture_output=True, text=True, check=True, env=env
-    ).stdout.strip()
-    version = subprocess.run(
-        [found, "-c", "import sys; print(*sys.version_info[:2])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert tuple(map(int, version)) >= sys.version_info[:2], found
+
+    def version(*args: str) -> tuple[int, ...]:
+        found = subprocess.run(
+            [script, *args], capture_output=True, text=True, check=True, env=env
+        ).stdout.strip()
+        printed = subprocess.run(
+            [found, "-c", "import sys; print(*sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        return tuple(map(int, printed.split()))
+
+    newest, oldest = version(asked), version("--oldest", asked)
+    assert newest >= oldest >= sys.version_info[:2], (newest, oldest)
     refused = subprocess.run([script, "3.99"], capture_output=True, text=True, env=env)
     assert refused.returncode == 1 and refused.stdout == ""
     assert "no Python >= 3.99 found" in refused.stderr and "NEWEST_PYTHON=" in refused.stderr

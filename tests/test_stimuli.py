@@ -1,4 +1,4 @@
-import csv
+import sys
 
 import pandas as pd
 import pytest
@@ -8,6 +8,31 @@ from hypothesis import strategies as st
 from llm2bids.exceptions import InputError, StimuliError
 from llm2bids.stimuli import BUILTIN_SETS, builtin_set, read_stimuli, tokenize_runs
 from tiny import tiny_tokenizer
+
+#: Python's csv module reads (and writes) NUL characters from 3.11 on; on 3.10 the stimuli
+#: reader refuses them with a message that says so.
+CSV_KEEPS_NUL = sys.version_info >= (3, 11)
+
+
+def _write_quoted_tsv(path, columns: dict[str, list[str]]) -> None:
+    """A TSV with every cell quoted (standard CSV quoting), written by hand: Python 3.10's
+    csv module, under pandas too, cannot write a NUL character."""
+
+    def quote(cell: str) -> str:
+        return '"' + cell.replace('"', '""') + '"'
+
+    rows = [list(columns), *zip(*columns.values())]
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        f.writelines("\t".join(quote(cell) for cell in row) + "\n" for row in rows)
+
+
+def _read_back(path, texts: list[str]) -> None:
+    """The texts read back exactly, or on Python 3.10 a NUL refused by name."""
+    if CSV_KEEPS_NUL or not any("\x00" in t for t in texts):
+        assert [d.segments[0].text for d in read_stimuli(path, "t").documents] == texts
+    else:
+        with pytest.raises(StimuliError, match="Remove NUL characters"):
+            read_stimuli(path, "t")
 
 
 def test_builtin_sets_are_distinct_tasks_with_several_runs():
@@ -112,19 +137,19 @@ def test_bad_tsv_and_paths(tmp_path):
 def test_tsv_reader_round_trips_hostile_text(tmp_path, texts):
     path = tmp_path / "h.tsv"
     # Texts with tabs or line breaks must be quoted (standard CSV quoting) to be unambiguous.
-    pd.DataFrame({"text": texts, "condition": ["c"] * len(texts)}).to_csv(
-        path, sep="\t", index=False, quoting=csv.QUOTE_ALL
-    )
-    stimset = read_stimuli(path, "t")
-    assert [d.segments[0].text for d in stimset.documents] == texts
+    _write_quoted_tsv(path, {"text": texts, "condition": ["c"] * len(texts)})
+    _read_back(path, texts)
 
 
 def test_tsv_reader_keeps_nul_and_names_bad_rows(tmp_path):
-    """Every character survives whatever pandas version is installed (3.0 dropped NUL)."""
+    """Every character survives whatever pandas version is installed (3.0 dropped NUL); on
+    Python 3.10, whose csv module cannot read NUL, it is refused with a clear message."""
     texts = ["\x00", "a\x00b", 'say "hi"\tthen\nleave']
     path = tmp_path / "nul.tsv"
-    pd.DataFrame({"text": texts}).to_csv(path, sep="\t", index=False, quoting=csv.QUOTE_ALL)
-    assert [d.segments[0].text for d in read_stimuli(path, "t").documents] == texts
+    _write_quoted_tsv(path, {"text": texts})
+    _read_back(path, texts)
+    _write_quoted_tsv(path, {"text": texts[2:]})  # and without NUL on every Python
+    _read_back(path, texts[2:])
     ragged = tmp_path / "ragged.tsv"
     ragged.write_text("text\tcondition\nfine\tc\ntoo\tmany\tcells\n", encoding="utf-8")
     with pytest.raises(StimuliError, match="row 3 has 3 cells, the header 2"):
