@@ -121,7 +121,12 @@ def test_time_courses_are_least_squares_on_the_maps(tmp_path, scope):
     from scipy import linalg
 
     from llm2bids.bids.reader import load_img, special_mask
-    from llm2bids.decomposition.networks import _part_imgs, _spike_regressors, time_courses
+    from llm2bids.decomposition.networks import (
+        _no_standardization,
+        _part_imgs,
+        _spike_regressors,
+        time_courses,
+    )
 
     rng = np.random.default_rng(3)
     runs = [rng.laplace(size=(80, 3, 37)).astype(np.float32) for _ in range(3)]
@@ -144,7 +149,7 @@ def test_time_courses_are_least_squares_on_the_maps(tmp_path, scope):
             np.hstack(parts),
             confounds=confound,
             detrend=False,
-            standardize=None if Version(nilearn.__version__) >= Version("0.13") else False,
+            standardize=_no_standardization(),
         )
         np.testing.assert_allclose(run, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
     if Version(nilearn.__version__) >= Version("0.14"):  # its masker: the same numbers

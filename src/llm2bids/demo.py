@@ -33,6 +33,7 @@ from .evaluation import (
     run_prune,
     top_neurons,
 )
+from .evaluation.lesion import summarize
 from .exceptions import Llm2BidsError
 from .glm import run_localize
 from .models import load_model
@@ -234,7 +235,6 @@ def run_demo(
         raise Llm2BidsError("the derivatives do not validate:\n" + deriv_valid.summary())
     say(
         _summary_text(
-            summaries,
             {name: pd.read_csv(path, sep="\t") for name, path in lesions.items()},
             pd.read_csv(keep_path, sep="\t"),
             pd.read_csv(prune_path, sep="\t"),
@@ -284,15 +284,16 @@ def _prune_and_reload(lm, ranking: pd.DataFrame, fraction: float, folder: Path) 
     )
 
 
-def _summary_text(summaries: dict, lesions: dict, keep: pd.DataFrame, pruning: pd.DataFrame) -> str:
+def _summary_text(lesions: dict, keep: pd.DataFrame, pruning: pd.DataFrame) -> str:
     lines = [
         "",
         "Lesion results (target vs mean of random size-matched controls; accuracies with "
         "their 95% intervals):",
     ]
-    for name, s in summaries.items():
-        ppl, acc = s["perplexity"], s["minimal_pair_accuracy"]
-        rows = lesions[name].set_index("condition")
+    for name, table in lesions.items():
+        summary = summarize(table)
+        ppl, acc = summary["perplexity"], summary["minimal_pair_accuracy"]
+        rows = table.set_index("condition")
         lines.append(
             f"  {name:9s}: perplexity {ppl['baseline']:.2f} -> {ppl['target']:.2f} "
             f"(controls {ppl['control_mean']:.2f} ± {ppl['control_sd']:.2f}); minimal pairs "

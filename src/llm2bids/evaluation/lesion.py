@@ -23,7 +23,13 @@ from ..stimuli import heldout_text
 from .masking import mask_neurons, neuron_means, protect_layers
 from .metrics import PERPLEXITY_STRIDE, PERPLEXITY_WINDOW, minimal_pair_accuracy, perplexity
 from .minimal_pairs import minimal_pairs
-from .neuronsets import random_controls, read_neuron_set, set_entities, top_neurons
+from .neuronsets import (
+    random_controls,
+    read_neuron_set,
+    set_entities,
+    top_neurons,
+    top_shortfall,
+)
 from .texts import calibration_label, read_text_file, resolve_texts
 
 logger = logging.getLogger("llm2bids.evaluation")
@@ -242,7 +248,7 @@ def keep_only_curve(
             logger.warning(
                 "keep-only %.3g skipped: %s",
                 fraction,
-                _shortfall(ranking, fraction, n_layers, n_neurons, per_layer),
+                top_shortfall(ranking, fraction, n_layers, n_neurons, per_layer),
             )
             continue
         study = lesion_study(
@@ -259,20 +265,6 @@ def keep_only_curve(
         )
         rows.append(study.assign(fraction=np.where(study.condition == "baseline", 1.0, fraction)))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
-
-
-def _shortfall(
-    ranking: pd.DataFrame, fraction: float, n_layers: int, n_neurons: int, per_layer: bool
-) -> str:
-    """What a keep-only fraction needs that ``ranking`` does not list (see top_neurons)."""
-    ranked = ranking.drop_duplicates(["layer", "neuron"])
-    if not per_layer:
-        need = int(round(fraction * n_layers * n_neurons))
-        return f"it needs {need} neurons and the table ranks {len(ranked)}"
-    need = int(round(fraction * n_neurons))
-    counts = ranked.groupby("layer").size().reindex(range(n_layers), fill_value=0)
-    short = ", ".join(f"layer {layer}: {n}" for layer, n in counts[counts < need].items())
-    return f"it needs {need} neurons in every layer and the table ranks fewer ({short})"
 
 
 def _participant_model(bids_dir: Path, sub: str) -> str:

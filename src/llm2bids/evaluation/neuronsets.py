@@ -197,14 +197,10 @@ def top_neurons(
     """
     if not 0 < fraction <= 1:
         raise InputError(f"fraction must lie in (0, 1], got {fraction!r}.")
-    ranked = ranking.assign(absz=ranking.z.abs()).sort_values(
-        "absz", ascending=False, kind="stable"
-    )
-    ranked = ranked.drop_duplicates(["layer", "neuron"])
+    ranked = _strongest_first(ranking)
     if per_layer:
         k = int(round(fraction * n_neurons))
-        counts = ranked.groupby("layer").size().reindex(range(n_layers), fill_value=0)
-        if (counts < k).any():
+        if (_per_layer(ranked, n_layers) < k).any():
             return None
         top = ranked.groupby("layer", sort=False).head(k)
     else:
@@ -215,6 +211,36 @@ def top_neurons(
     mask = np.zeros((n_layers, n_neurons), dtype=bool)
     mask[top.layer.to_numpy(int), top.neuron.to_numpy(int)] = True
     return mask
+
+
+def top_shortfall(
+    ranking: pd.DataFrame, fraction: float, n_layers: int, n_neurons: int, per_layer: bool = False
+) -> str:
+    """Why :func:`top_neurons` found too few neurons: what the fraction needs, what is ranked.
+
+    Parameters are :func:`top_neurons`'.
+    """
+    ranked = _strongest_first(ranking)
+    if not per_layer:
+        need = int(round(fraction * n_layers * n_neurons))
+        return f"it needs {need} neurons and the table ranks {len(ranked)}"
+    need = int(round(fraction * n_neurons))
+    counts = _per_layer(ranked, n_layers)
+    short = ", ".join(f"layer {layer}: {n}" for layer, n in counts[counts < need].items())
+    return f"it needs {need} neurons in every layer and the table ranks fewer ({short})"
+
+
+def _strongest_first(ranking: pd.DataFrame) -> pd.DataFrame:
+    """Rows by descending ``|z|``, each neuron once (with its largest ``|z|``)."""
+    ranked = ranking.assign(absz=ranking.z.abs()).sort_values(
+        "absz", ascending=False, kind="stable"
+    )
+    return ranked.drop_duplicates(["layer", "neuron"])
+
+
+def _per_layer(ranked: pd.DataFrame, n_layers: int) -> pd.Series:
+    """Ranked neurons in each layer, every layer listed."""
+    return ranked.groupby("layer").size().reindex(range(n_layers), fill_value=0)
 
 
 @fill_doc

@@ -78,7 +78,7 @@ class _Context:
     root: Path
     figures: Path
     params: dict = field(default_factory=dict)  # sidecar Parameters, by kind, for Methods
-    tables: dict = field(default_factory=dict, repr=False)  # path -> table, see table()
+    tables: dict = field(default_factory=dict, repr=False)  # (path, reader) -> table
 
     def figure(self, path: Path, caption: str, voxels: bool = False) -> str:
         return _figure(path, caption, self.root, voxels)
@@ -87,9 +87,10 @@ class _Context:
         """The TSV at ``path``, read once per report (by ``read``, default pandas' TSV reader):
         the summary card, the networks section and the dashboards show the same tables, and
         every network's dashboard the same events (callers must not modify it)."""
-        if path not in self.tables:
-            self.tables[path] = read(path) if read else pd.read_csv(path, sep="\t")
-        return self.tables[path]
+        key = (path, read)
+        if key not in self.tables:
+            self.tables[key] = read(path) if read else pd.read_csv(path, sep="\t")
+        return self.tables[key]
 
 
 def _overall(files: list[BIDSPath]) -> BIDSPath | None:
