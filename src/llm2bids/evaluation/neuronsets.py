@@ -218,7 +218,22 @@ def top_shortfall(
 ) -> str:
     """Why :func:`top_neurons` found too few neurons: what the fraction needs, what is ranked.
 
-    Parameters are :func:`top_neurons`'.
+    Parameters
+    ----------
+    ranking : DataFrame
+        ``layer, neuron, z`` rows, as for :func:`top_neurons`.
+    fraction : float
+        The fraction :func:`top_neurons` was asked for.
+    n_layers, n_neurons : int
+        The model's size.
+    per_layer : bool, default=False
+        Whether the fraction was of each layer.
+
+    Returns
+    -------
+    str
+        For example ``"it needs 10 neurons in every layer and the table ranks fewer (layer 2:
+        5)"``.
     """
     ranked = _strongest_first(ranking)
     if not per_layer:
