@@ -57,6 +57,9 @@ def test_masking_an_offloaded_model_matches_masking_it_in_memory(models):
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
     with torch.inference_mode():
         assert not torch.allclose(offloaded.model(ids).logits, logits[1])  # the mask was lifted
+    with pytest.raises(InputError, match="cannot fold this mask: weights are offloaded"):
+        with mask_neurons(offloaded, lesion, method="weights"):  # auto hooked them above
+            pass
 
 
 def test_pruning_an_offloaded_model_is_refused(models):

@@ -103,7 +103,7 @@ def test_masking_layer0_touches_only_layer0():
         torch.inference_mode(),
         neuron_hooks(model, lambda layer, x: before.setdefault(layer, x.clone())),
     ):
-        with mask_neurons(model, target, mode="ablate"):
+        with mask_neurons(model, target, mode="ablate", method="hook"):
             with neuron_hooks(model, lambda layer, x: after.setdefault(layer, x.clone())):
                 model(IDS)
     assert torch.all(after[0][..., :10] == 0) and torch.equal(
@@ -112,6 +112,84 @@ def test_masking_layer0_touches_only_layer0():
     for layer in (1, 2):
         assert torch.equal(after[layer], before[layer])
     assert not any(spec.down_module(model, i)._forward_pre_hooks for i in range(3))
+
+
+def test_folded_mask_zeroes_only_its_layers_columns_and_restores_them_exactly():
+    """The folded mask (the default for a zero fill): layer 0's masked columns of the down
+    projection are zero inside the context, nothing else changes, and every weight comes back
+    bit for bit, also when the context is left by an exception."""
+    model = tiny_model("llama")
+    spec = arch_spec(model)
+    target = np.zeros((3, 40), bool)
+    target[0, :10] = True
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with mask_neurons(model, target, mode="ablate"):
+            weight = spec.down_module(model, 0).weight
+            assert torch.all(weight[:, :10] == 0)
+            torch.testing.assert_close(
+                weight[:, 10:],
+                original["model.layers.0.mlp.down_proj.weight"][:, 10:],
+                rtol=0,
+                atol=0,
+            )
+            changed = [k for k, v in model.state_dict().items() if not torch.equal(v, original[k])]
+            assert changed == ["model.layers.0.mlp.down_proj.weight"]
+            raise RuntimeError("inside")
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("hook_point, width", [("mlp", 40), ("mlp_out", 32)])
+@pytest.mark.parametrize("mode", ["ablate", "keep"])
+def test_folded_and_hooked_masks_give_the_same_logits_and_gradients(hook_point, width, mode):
+    """Folded into the weights or hooked, the same numbers: logits bit for bit, and, in a
+    forward pass with gradients, the same gradients (the masked weights get none)."""
+    target = np.random.default_rng(3).random((3, width)) < 0.3
+    results = {}
+    for method in ("hook", "weights"):
+        model = tiny_model("llama")
+        with mask_neurons(model, target, mode, hook_point=hook_point, method=method):
+            with torch.no_grad():
+                logits = model(IDS).logits
+            model(IDS).logits.square().mean().backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results[method] = logits, grads
+    assert torch.equal(results["hook"][0], results["weights"][0])
+    assert results["hook"][1].keys() == results["weights"][1].keys()
+    for name, grad in results["hook"][1].items():
+        torch.testing.assert_close(results["weights"][1][name], grad, rtol=1e-5, atol=1e-7)
+    masked = target if mode == "ablate" else ~target
+    down = "model.layers.1.mlp.down_proj.weight"
+    grad = results["weights"][1][down]
+    assert torch.all((grad[:, masked[1]] if hook_point == "mlp" else grad[masked[1], :]) == 0)
+
+
+def test_auto_masking_folds_a_zero_fill_and_hooks_where_folding_cannot_work():
+    model = tiny_model("llama")
+    spec = arch_spec(model)
+    target = _keep(fraction=0.2)
+    seen = {}
+
+    def inputs(layer, x):
+        seen[layer] = x.clone()
+
+    means = np.ones((3, 40), np.float32)
+    with torch.no_grad(), mask_neurons(model, target):  # zero fill: folded
+        assert torch.all(spec.down_module(model, 0).weight[:, target[0]] == 0)
+        with neuron_hooks(model, inputs):
+            model(IDS)
+        assert torch.all(seen[0][..., target[0]] != 0)  # activations left as they are
+    with torch.no_grad(), mask_neurons(model, target, means=means):  # mean fill: hooked
+        assert not torch.any(spec.down_module(model, 0).weight[:, target[0]] == 0)
+        with neuron_hooks(model, inputs):
+            model(IDS)
+        assert torch.all(seen[0][..., target[0]] == 1)
+    with pytest.raises(InputError, match="method='weights' cannot fold.*mean fill"):
+        with mask_neurons(model, target, means=means, method="weights"):
+            pass
+    with pytest.raises(InputError, match="method must be one of"):
+        with mask_neurons(model, target, method="fold"):
+            pass
 
 
 def test_masking_applies_during_generate():
