@@ -6,9 +6,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llm2bids.bids.events import (
+    TokenCells,
     escape_token,
     events_frame,
+    events_text,
     read_events,
+    run_events,
     unescape_token,
     write_events,
 )
@@ -81,3 +84,39 @@ def test_events_columns(tmp_path):
     ]
     assert raw.onset.tolist() == [0.0, 1.0, 2.0] and raw.duration.tolist() == [1.0] * 3
     assert set(string.whitespace) & set(raw.columns[0]) == set()
+
+
+class _ListTokenizer:
+    """Decodes id ``i`` to ``vocab[i]``, as a tokenizer decodes one token alone."""
+
+    def __init__(self, vocab):
+        self.vocab = vocab
+        self.calls = 0
+
+    def batch_decode(self, sequences):
+        self.calls += 1
+        return [self.vocab[ids[0]] for ids in sequences]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ids=st.lists(st.integers(0, len(NASTY) - 1), min_size=1, max_size=40),
+    repetition_time=st.sampled_from([1.0, 2.0, 0.1, 1 / 3, 2.5, 1e-3, 7.0]),
+)
+def test_recorder_events_are_byte_identical_to_pandas(ids, repetition_time):
+    """The recorder's events (one decode per distinct id, cells as text, no DataFrame) are
+    byte for byte what pandas writes for the frame :func:`events_frame` builds."""
+    import csv
+
+    tokenizer = _ListTokenizer(NASTY)
+    cells = TokenCells(tokenizer)
+    cells.add(ids)
+    cells.add(ids)  # nothing new: no second decode
+    assert tokenizer.calls == 1
+    special = [int(i == 0) for i in ids]
+    conditions = [("special" if s else "sentence") for s in special]
+    fast = events_text(run_events(ids, cells, conditions, special, repetition_time))
+    frame = events_frame(ids, [NASTY[i] for i in ids], conditions, special, repetition_time)
+    reference = frame.to_csv(sep="\t", index=False, quoting=csv.QUOTE_NONE, lineterminator="\n")
+    assert fast == reference
+    assert events_text(frame) == reference

@@ -138,13 +138,25 @@ def test_cuda_round_trip_is_exact(tmp_path, dtype):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_recording_releases_host_and_device_memory(tmp_path):
+    """Nothing stays allocated, reserved or page-locked after record(); a second recording in
+    the same process writes the same bytes."""
+    from llm2bids.models.hooks import hook_device
+    from llm2bids.recording.resources import device_free_memory
+
     lm = _wide_llama("cuda", torch.bfloat16)
+    assert hook_device(lm.model).type == "cuda"
     kwargs = dict(model=lm, task="narrative", max_tokens=256, batch_size=4, verbose=0)
     llm2bids.record(tmp_path / "warm", **kwargs)
+    torch.cuda.synchronize()
     host, device = _resident_mb(), torch.cuda.memory_allocated()
+    reserved, free = torch.cuda.memory_reserved(), device_free_memory("cuda")
     llm2bids.record(tmp_path / "bids", **kwargs)
     assert _resident_mb() - host < 30
     assert torch.cuda.memory_allocated() == device  # the stage is freed
+    assert torch.cuda.memory_reserved() <= reserved  # and not kept in torch's cache
+    assert device_free_memory("cuda") >= 0.99 * free
+    for a, b in zip(find_runs(tmp_path / "warm"), find_runs(tmp_path / "bids")):
+        assert a.read_bytes() == b.read_bytes()
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, None])

@@ -266,44 +266,75 @@ def test_cleanup_spares_temporaries_of_live_writers(tmp_path):
     assert live.exists() and not stale.exists()
 
 
-def test_writer_holds_at_most_one_batch_while_the_next_is_computed():
-    """Memory bound: when ``submit`` returns, every earlier batch is written (and freed)."""
-    import functools
+def test_cpu_pipeline_holds_at_most_one_batch_while_the_next_is_computed(tmp_path):
+    """Memory bound: when a CPU batch is handed over, every earlier batch is written (freed)."""
     import threading
     import time
 
-    from llm2bids.recording.writer import BackgroundWriter
+    import torch
 
-    written = []
-    lock = threading.Lock()
+    from llm2bids.bids.geometry import VoxelGeometry
+    from llm2bids.recording.capture import CapturedBatch
+    from llm2bids.recording.pipeline import MemoryPlan, RecordingPipeline
+    from llm2bids.stimuli.runs import RunStimulus
+    from tiny import tiny_tokenizer
 
-    def slow_write(item):
-        time.sleep(0.02)
-        with lock:
-            written.append(item)
+    runs = [
+        RunStimulus(i + 1, "d", np.arange(5, dtype=np.int64), ["x"] * 5, np.zeros(5, bool))
+        for i in range(20)
+    ]
+    batches = [runs[i : i + 4] for i in range(0, 20, 4)]
+    geometry = VoxelGeometry(2, 3)
+    plan = MemoryPlan.of(geometry, torch.device("cpu"), False, batches, n_writers=3)
+    pipeline = RecordingPipeline(plan, [0, 1], tiny_tokenizer())
+    written, lock = [], threading.Lock()
 
-    writer = BackgroundWriter(n_threads=3)
-    for k in range(5):
-        writer.submit([functools.partial(slow_write, (k, run)) for run in range(4)])
-        assert sorted(written) == [(j, run) for j in range(k) for run in range(4)]
-    writer.close()
-    assert sorted(written) == [(j, run) for j in range(5) for run in range(4)]
+    def slow_task(layers, run, paths):
+        def write():
+            time.sleep(0.02)
+            with lock:
+                written.append(run.index)
+
+        return write
+
+    pipeline.run_writer.layers_task = slow_task
+    pipeline.add_tokens(runs)
+    paths = {r.index: (tmp_path / f"{r.index}_bold.nii", tmp_path / f"{r.index}.tsv") for r in runs}
+    layers = [torch.zeros(4, 5, 3), torch.zeros(4, 5, 3)]
+    for k, batch in enumerate(batches):
+        pipeline.write(CapturedBatch(layers=layers), batch, range(4), paths)
+        assert sorted(written) == [r.index for b in batches[: k - 0] for r in b][: 4 * k]
+    pipeline.close()
+    assert sorted(written) == list(range(1, 21))
+    assert all(p[1].exists() for p in paths.values())  # events written before each bold task
 
 
 def test_writer_error_reaches_the_caller():
-    from llm2bids.recording.writer import BackgroundWriter
+    import threading
+
+    from llm2bids.recording.writer import WriterPool
+
+    gate = threading.Event()
 
     def fail():
+        gate.wait()
         raise OSError("disk gone")
 
-    writer = BackgroundWriter(n_threads=2)
-    writer.submit([fail, fail])
+    released = []
+    writer = WriterPool(n_threads=2)
+    futures = [writer.submit(fail, then=lambda: released.append(1)) for _ in range(3)]
+    gate.set()
     with pytest.raises(OSError, match="disk gone"):
-        writer.submit([fail])
-    writer.close()  # the error was raised once; closing does not hang
+        writer.wait(futures)
+    with pytest.raises(OSError, match="disk gone"):  # a new failure is raised again
+        writer.wait([writer.submit(fail, then=lambda: released.append(1))])
+    writer.submit(fail)
+    with pytest.raises(OSError, match="disk gone"):
+        writer.close()  # and at close, which does not hang
+    assert released == [1, 1, 1, 1]  # every task's callback ran, failed, skipped or not
 
 
-def test_batch_plan_is_fixed_by_the_runs_and_tapers_at_the_end():
+def test_batch_plan_is_fixed_by_the_runs_and_tapers_at_the_end_on_the_cpu():
     from llm2bids.recording.recorder import _plan_batches
     from llm2bids.stimuli.runs import RunStimulus
 
@@ -322,6 +353,9 @@ def test_batch_plan_is_fixed_by_the_runs_and_tapers_at_the_end():
     assert [[r.index for r in b] for b in _plan_batches(runs[::-1], 4)] == [
         [r.index for r in b] for b in plan
     ]
+    # staged on an accelerator the forward is the fast side: no taper
+    assert [len(b) for b in _plan_batches(runs, 4, staged=True)] == [4, 4, 4]
+    assert [len(b) for b in _plan_batches(runs[:6], 4, staged=True)] == [4, 2]
 
 
 def test_an_output_folder_inside_the_raw_dataset_is_refused(tmp_path, tiny_dir, valid):

@@ -3,53 +3,69 @@
 A forward pass of a language model over text is treated as an fMRI scan: MLP neurons are
 voxels, tokens are volumes. Runs are written as 4D NIfTI files in a BIDS dataset, so that
 nibabel, nilearn, pybids and the BIDS validator work on them unchanged.
+
+The names below are imported on first use (PEP 562), so that ``llm2bids.recording`` loads
+without the analysis stack (nilearn, pybids): a GPU box that only records needs torch,
+transformers, numpy, pandas and nibabel.
 """
 
-from ._parallel import dask_cluster
-from ._version import __version__
-from .bids import VoxelGeometry, find_runs, load_run, neuron_masker, validate
-from .decomposition import FunctionalNetworks, run_networks
-from .demo import run_demo
-from .evaluation import (
-    load_pruned,
-    mask_neurons,
-    prune,
-    rank_neurons,
-    read_neuron_set,
-    run_lesion,
-    run_prune,
-    save_pruned,
-    top_neurons,
-)
-from .glm import run_localize
-from .models import load_model
-from .recording import record
-from .replication import replicate
-from .report import build_report
+from __future__ import annotations
 
-__all__ = [
-    "FunctionalNetworks",
-    "build_report",
-    "dask_cluster",
-    "replicate",
-    "run_demo",
-    "VoxelGeometry",
-    "__version__",
-    "find_runs",
-    "load_model",
-    "load_pruned",
-    "load_run",
-    "mask_neurons",
-    "neuron_masker",
-    "prune",
-    "rank_neurons",
-    "read_neuron_set",
-    "record",
-    "run_lesion",
-    "run_localize",
-    "run_networks",
-    "run_prune",
-    "save_pruned",
-    "top_neurons",
-    "validate",
-]
+import importlib
+
+from ._version import __version__
+
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "FunctionalNetworks": "decomposition",
+    "VoxelGeometry": "bids",
+    "build_report": "report",
+    "dask_cluster": "_parallel",
+    "find_runs": "bids",
+    "load_model": "models",
+    "load_pruned": "evaluation",
+    "load_run": "bids",
+    "mask_neurons": "evaluation",
+    "neuron_masker": "bids",
+    "prune": "evaluation",
+    "rank_neurons": "evaluation",
+    "read_neuron_set": "evaluation",
+    "record": "recording",
+    "replicate": "replication",
+    "run_demo": "demo",
+    "run_lesion": "evaluation",
+    "run_localize": "glm",
+    "run_networks": "decomposition",
+    "run_prune": "evaluation",
+    "save_pruned": "evaluation",
+    "top_neurons": "evaluation",
+    "validate": "bids",
+}
+_SUBPACKAGES = (
+    "bids",
+    "cli",
+    "decomposition",
+    "evaluation",
+    "glm",
+    "models",
+    "overlap",
+    "recording",
+    "report",
+    "stimuli",
+)
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBPACKAGES})

@@ -137,12 +137,99 @@ def events_frame(
     )
 
 
-def write_events(path: str | Path, frame: pd.DataFrame) -> Path:
-    """Write an events table atomically, with no quoting (the tokens are already escaped)."""
+class TokenCells:
+    """The ``token`` cell of every distinct token id, decoded on its own once per recording.
+
+    Parameters
+    ----------
+    tokenizer : transformers tokenizer
+        Decodes each token id alone (as :func:`events_frame` takes its ``tokens``).
+
+    Notes
+    -----
+    :meth:`add` decodes the ids it has not seen in one ``batch_decode`` call, in the caller's
+    thread; reading cells afterwards needs no tokenizer, so writer threads never touch it.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cells: dict[int, str] = {}
+
+    def add(self, token_ids) -> None:
+        """Decode and escape the ids of ``token_ids`` not seen before."""
+        new = sorted(set(np.asarray(token_ids, dtype=np.int64).tolist()) - self._cells.keys())
+        if new:
+            texts = self.tokenizer.batch_decode([[i] for i in new])
+            self._cells.update(zip(new, (escape_token(t) for t in texts)))
+
+    def cells(self, token_ids) -> list[str]:
+        """The escaped token cells of ``token_ids`` (every id must have been added)."""
+        return [self._cells[i] for i in np.asarray(token_ids, dtype=np.int64).tolist()]
+
+
+@fill_doc
+def run_events(
+    token_ids, cells: TokenCells, conditions: list[str], special, repetition_time: float = 1.0
+) -> dict[str, list]:
+    """The columns of one run's events table, from already escaped token cells.
+
+    The same table as :func:`events_frame`, without decoding or a DataFrame: what the
+    recorder writes for every run.
+
+    Parameters
+    ----------
+    token_ids : array-like of int
+    cells : TokenCells
+        Holds the escaped text of every id of ``token_ids``.
+    conditions : list of str
+    special : array-like of bool or int
+    %(repetition_time)s
+    """
+    ids = np.asarray(token_ids, dtype=np.int64).tolist()
+    n, rt = len(ids), float(repetition_time)
+    return {  # cells as text already (what events_text writes for the frame's dtypes)
+        "onset": [repr(t * rt) for t in range(n)],
+        "duration": [repr(rt)] * n,
+        "trial_type": list(conditions),
+        "token": cells.cells(ids),
+        "token_id": list(map(str, ids)),
+        "special": list(map(str, np.asarray(special, dtype=np.int8).tolist())),
+        "position": list(map(str, range(n))),
+    }
+
+
+def events_text(table: pd.DataFrame | dict) -> str:
+    """A table as TSV text: no quoting (tokens are already escaped), floats as Python writes them.
+
+    Byte for byte what pandas' ``to_csv(sep="\t", index=False, quoting=QUOTE_NONE)`` writes
+    for the events tables llm2bids builds.
+    """
+    if isinstance(table, pd.DataFrame):
+        columns = {name: list(map(_cell, values)) for name, values in table.items()}
+    else:  # columns of cells; text is written as it is
+        columns = {
+            name: [v if isinstance(v, str) else _cell(v) for v in values]
+            for name, values in table.items()
+        }
+    lines = ["\t".join(columns)] + ["\t".join(row) for row in zip(*columns.values())]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, np.integer):
+        return str(int(value))
+    return str(value)
+
+
+def write_events(path: str | Path, table: pd.DataFrame | dict) -> Path:
+    """Write an events table (a DataFrame or columns of cells) atomically."""
     with atomic_path(path) as tmp:
-        frame.to_csv(
-            tmp, sep="\t", index=False, quoting=csv.QUOTE_NONE, escapechar=None, lineterminator="\n"
-        )
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(events_text(table))
     return Path(path)
 
 

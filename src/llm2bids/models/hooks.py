@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -101,6 +102,87 @@ def _post_hook(fn, layer, module, args, output):
     if out is None:
         return None
     return (out, *output[1:]) if isinstance(output, tuple) else out
+
+
+def hooked_module_name(model: torch.nn.Module, layer: int, hook_point: str = "mlp") -> str:
+    """Dotted name (in ``model``) of the module whose input or output ``hook_point`` is.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layer : int
+    hook_point : {"mlp", "mlp_out", "resid"}, default="mlp"
+        ``"mlp"`` and ``"mlp_out"`` name the down projection, ``"resid"`` the block.
+    """
+    check_hook_point(hook_point)
+    spec = arch_spec(model)
+    block = f"{spec.layers}.{layer}"
+    if hook_point == "resid":
+        return block
+    return ".".join(part for part in (block, spec.mlp, spec.down) if part)
+
+
+def hook_device(
+    model: torch.nn.Module, layers: Sequence[int] | None = None, hook_point: str = "mlp"
+) -> torch.device:
+    """Where the activations of the hooked layers are computed: the device to capture them on.
+
+    Not the device of the model's first module: a ``device_map`` can put the embeddings on
+    ``"cpu"`` or ``"disk"`` and the layers on a GPU, and accelerate runs modules mapped to
+    ``"cpu"`` or ``"disk"`` on the map's first accelerator, moving their weights there for each
+    forward pass.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+    layers : sequence of int or None, default=None
+        The hooked layers; ``None`` is all.
+    hook_point : {"mlp", "mlp_out", "resid"}, default="mlp"
+
+    Returns
+    -------
+    torch.device
+        The first accelerator any hooked layer runs on, else the CPU.
+    """
+    layers = range(layer_count(model)) if layers is None else layers
+    devices = [
+        _execution_device(model, hooked_module_name(model, layer, hook_point)) for layer in layers
+    ]
+    return next((d for d in devices if d.type != "cpu"), torch.device("cpu"))
+
+
+def _execution_device(model: torch.nn.Module, name: str) -> torch.device:
+    """The device module ``name`` computes on (accelerate's hook, the device map, its weights)."""
+    parts = name.split(".")
+    for depth in range(len(parts), -1, -1):  # the module, then its ancestors
+        module = model.get_submodule(".".join(parts[:depth]))
+        device = _hook_execution_device(getattr(module, "_hf_hook", None))
+        if device is not None:
+            return device
+    device_map = getattr(model, "hf_device_map", None) or {}
+    placed = [key for key in device_map if key == "" or name == key or name.startswith(key + ".")]
+    if placed:
+        where = device_map[max(placed, key=len)]
+        if where in ("cpu", "disk"):  # accelerate runs it on the map's first accelerator
+            where = next((d for d in device_map.values() if d not in ("cpu", "disk")), "cpu")
+        return _as_device(where)
+    module = model.get_submodule(name)
+    tensors = itertools.chain(module.parameters(), module.buffers(), model.parameters())
+    return next((t.device for t in tensors if t.device.type != "meta"), torch.device("cpu"))
+
+
+def _hook_execution_device(hook) -> torch.device | None:
+    if hook is None:
+        return None
+    for inner in getattr(hook, "hooks", None) or [hook]:  # a SequentialHook holds several
+        device = getattr(inner, "execution_device", None)
+        if device is not None:
+            return _as_device(device)
+    return None
+
+
+def _as_device(where) -> torch.device:
+    return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
 
 
 def layer_count(model: torch.nn.Module) -> int:

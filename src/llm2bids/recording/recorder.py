@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 from collections.abc import Sequence
@@ -17,14 +18,17 @@ from ..bids import dataset as bids_dataset
 from ..bids.geometry import VoxelGeometry
 from ..bids.names import acquisition_label, check_label, strip_prefix
 from ..bids.path import BIDSPath, participant_id
-from ..exceptions import DiskSpaceError, InputError, ResourceError
+from ..bids.reader import find_runs
+from ..exceptions import DiskSpaceError, InputError, ParameterClashError, ResourceError
 from ..models import LoadedModel, arch_spec, clean_label, load_model, neuron_hooks
 from ..models.hooks import (
     HOOK_POINT_DESCRIPTIONS,
     check_hook_point,
+    hook_device,
     layer_count,
     neurons_per_layer,
 )
+from ..models.identity import model_identity
 from ..stimuli import (
     BUILTIN_SETS,
     RunStimulus,
@@ -33,10 +37,9 @@ from ..stimuli import (
     read_stimuli,
     tokenize_runs,
 )
-from .buffers import SLOTS, ActivationBuffers
-from .capture import ActivationsModified, BatchCapture, CapturedBatch
-from .resources import available_memory, write_speed
-from .writer import BackgroundWriter, RunWriter
+from .capture import ActivationsModified, CapturedBatch
+from .pipeline import MemoryPlan, RecordingPipeline, stages_on
+from .resources import available_memory, device_free_memory, write_speed
 
 logger = logging.getLogger("llm2bids.recording")
 
@@ -139,27 +142,20 @@ def record(
     sub = clean_label(strip_prefix(subject)) if subject else lm.label
     ses = strip_prefix(session, "ses-") if session else None
     layers = _check_layers(lm, layers)
-    widths = {neurons_per_layer(lm.model, hook_point)[i] for i in layers}
+    per_layer = neurons_per_layer(lm.model, hook_point)
+    widths = {per_layer[i] for i in layers}
     if len(widths) != 1:
         raise InputError(
             f"the recorded layers have different widths {sorted(widths)}; record them separately "
             "with --layers."
         )
     geometry = VoxelGeometry(len(layers), widths.pop())
-    tasks = []
-    for stimset in stimulus_sets:
-        runs = tokenize_runs(stimset, lm.tokenizer, max_tokens, prepend_bos)
-        batches = _plan_batches(runs, batch_size)
-        _check_memory(_batch_capacity(batches), geometry, lm.device)  # before anything is written
-        tasks.append((stimset, runs, batches))
-
-    bids_dataset.init_dataset(bids_dir)
-    # this subject's folder only
-    _io.remove_stale_temporaries(BIDSPath(subject=sub, session=ses, root=bids_dir).directory)
-    bids_dataset.add_participant(bids_dir, _participant_row(lm, sub))
+    capture_device = hook_device(lm.model, layers, hook_point)
+    staged = stages_on(capture_device)
     setup = _Setup(
         bids_dir,
         lm,
+        model_identity(lm),
         sub,
         ses,
         geometry,
@@ -171,9 +167,41 @@ def record(
         prepend_bos,
         verbose,
     )
+    # Everything is planned and checked before anything is written: a refused recording
+    # leaves the dataset as it was (participants.tsv included).
+    participant = _participant_row(lm, sub)
+    _check_subject(setup, participant, [s.task for s in stimulus_sets])
+    tasks = []
+    for stimset in stimulus_sets:
+        runs = tokenize_runs(stimset, lm.tokenizer, max_tokens, prepend_bos)
+        tasks.append(_plan_task(setup, stimset, runs, _plan_batches(runs, batch_size, staged)))
+    plan = MemoryPlan.of(geometry, capture_device, staged, [b for t in tasks for b in t.batches])
+    _check_memory(plan)
+    todo = [r for t in tasks for r in t.todo]
+    need = _check_disk(bids_dir, todo, geometry)
+
+    bids_dataset.init_dataset(bids_dir)
+    # this subject's folder only
+    _io.remove_stale_temporaries(BIDSPath(subject=sub, session=ses, root=bids_dir).directory)
+    if ses is None or participant_id(sub) not in set(
+        bids_dataset.read_participants(bids_dir).participant_id
+    ):
+        bids_dataset.add_participant(bids_dir, participant)
+    if ses is not None:
+        bids_dataset.add_session(bids_dir, sub, _session_row(lm, ses))
+    if todo:
+        _announce(bids_dir, need, len(todo), plan)
     written: list[Path] = []
-    for stimset, runs, batches in tasks:
-        written += _record_task(setup, stimset, runs, batches)
+    pipeline = RecordingPipeline(plan, layers, lm.tokenizer)
+    try:
+        for planned in tasks:
+            written += _record_task(setup, planned, pipeline)
+    except BaseException as err:
+        pipeline.close(failed=True)
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _disk_filled(setup, tasks, err) from err
+        raise
+    pipeline.close()
     return written
 
 
@@ -215,12 +243,63 @@ def _participant_row(lm: LoadedModel, sub: str) -> dict:
     }
 
 
+def _session_row(lm: LoadedModel, ses: str) -> dict:
+    return {"session_id": f"ses-{ses}", "model_spec": lm.spec, "revision": lm.revision}
+
+
+def _check_subject(setup: _Setup, participant: dict, tasks: list[str]) -> None:
+    """Refuse to record into a subject (or session) that holds another model (or revision).
+
+    A subject is one model: its ``participants.tsv`` row must name the same model, layers and
+    neurons, and (without sessions) the same weights; a session is one revision. With
+    ``overwrite``, another model may replace a subject only if every recording it holds is one
+    this call replaces, so no run on disk is left contradicting the row.
+    """
+    root, sub, ses = setup.root, setup.sub, setup.ses
+    columns = bids_dataset.MODEL_COLUMNS + (() if ses else bids_dataset.WEIGHTS_COLUMNS)
+    where = participant_id(sub)
+    conflicts = bids_dataset.row_conflicts(
+        bids_dataset.read_participants(root), participant, columns
+    )
+    if ses is not None and not conflicts:
+        where = f"{participant_id(sub)} ses-{ses}"
+        conflicts = bids_dataset.row_conflicts(
+            bids_dataset.read_sessions(root, sub),
+            _session_row(setup.lm, ses),
+            bids_dataset.WEIGHTS_COLUMNS,
+        )
+    if not conflicts:
+        return
+    others = sorted(
+        {
+            BIDSPath.from_path(p).task
+            for p in find_runs(root, subject=sub, session=ses, hook_point=None)
+        }
+        - set(tasks)
+    )
+    if setup.overwrite and not others:
+        return
+    hint = (
+        f"--overwrite replaces only the tasks recorded now, and {where} also holds "
+        f"{others} of the recorded model; "
+        if setup.overwrite
+        else ""
+    )
+    raise ParameterClashError(
+        f"{where} in {root} was recorded from another model than {setup.lm.model_id!r} "
+        f"({'; '.join(conflicts)}). A subject is one model: {hint}record this one as another "
+        "subject (--subject LABEL), or a revision of the same model as a session (--session "
+        "LABEL). Nothing was written."
+    )
+
+
 @dataclass(frozen=True)
 class _Setup:
     """What stays fixed across the tasks of one ``record`` call."""
 
     root: Path
     lm: LoadedModel
+    identity: dict
     sub: str
     ses: str | None
     geometry: VoxelGeometry
@@ -233,37 +312,50 @@ class _Setup:
     verbose: int
 
 
-def _record_task(
-    setup: _Setup, stimset: StimulusSet, runs: list[RunStimulus], batches: list[list[RunStimulus]]
-) -> list[Path]:
-    root, lm, sub, ses, geometry = setup.root, setup.lm, setup.sub, setup.ses, setup.geometry
-    layers, hook_point, max_tokens = setup.layers, setup.hook_point, setup.max_tokens
-    compress, overwrite = setup.compress, setup.overwrite
-    prepend_bos, verbose = setup.prepend_bos, setup.verbose
-    bids_dataset.register_task(
-        root, stimset.task, stimset.task_metadata(), stimset.files(), overwrite=overwrite
-    )
+@dataclass
+class _Task:
+    """One task of a ``record`` call, planned and checked before anything is written."""
+
+    stimset: StimulusSet
+    runs: list[RunStimulus]
+    batches: list[list[RunStimulus]]
+    recording: BIDSPath
+    params: dict
+    resume: bool
+    paths: dict[int, tuple[Path, Path]]
+    done: set[int]
+
+    @property
+    def todo(self) -> list[RunStimulus]:
+        """The runs still to record."""
+        return [r for r in self.runs if r.index not in self.done]
+
+
+def _plan_task(setup: _Setup, stimset: StimulusSet, runs: list[RunStimulus], batches) -> _Task:
+    """Check a task against what the dataset holds (raising before anything is written)."""
+    lm = setup.lm
+    bids_dataset.check_task(setup.root, stimset.task, stimset.fingerprint(), setup.overwrite)
     recording = BIDSPath(
-        subject=sub,
-        session=ses,
+        subject=setup.sub,
+        session=setup.ses,
         task=stimset.task,
-        acquisition=acquisition_label(hook_point),
-        root=root,
+        acquisition=acquisition_label(setup.hook_point),
+        root=setup.root,
     )
     sidecar = recording.update(suffix="bold", extension=".json").fpath
     params = {
         "model_spec": lm.spec,
         "revision": lm.revision,
         "dtype": str(lm.dtype).replace("torch.", ""),
-        "hook_point": hook_point,
-        "layers": layers,
-        "max_tokens": int(max_tokens),
-        "prepend_bos": bool(prepend_bos),
+        "hook_point": setup.hook_point,
+        "layers": setup.layers,
+        "max_tokens": int(setup.max_tokens),
+        "prepend_bos": bool(setup.prepend_bos),
         "stimuli_sha256": stimset.fingerprint(),
         "n_runs": len(runs),
     }
-    resume = bids_dataset.check_recording_params(sidecar, params, overwrite)
-    ext = ".nii.gz" if compress else ".nii"
+    resume = bids_dataset.check_recording_params(sidecar, params, setup.overwrite)
+    ext = ".nii.gz" if setup.compress else ".nii"
     paths = {
         r.index: (
             recording.update(run=r.index, suffix="bold", extension=ext).fpath,
@@ -271,64 +363,67 @@ def _record_task(
         )
         for r in runs
     }
-    if not resume:
-        _remove_runs(recording)
-    _io.write_json(sidecar, _sidecar(lm, geometry, layers, hook_point, params))
-    done = {i for i, (bold, events) in paths.items() if bold.exists() and events.exists()}
-    todo = [r for r in runs if r.index not in done]
-    if done and verbose:
-        logger.info(
-            "task %s: %d of %d runs already recorded; resuming", stimset.task, len(done), len(runs)
-        )
-    if not todo:
-        return [paths[r.index][0] for r in runs]
-    capacity = _batch_capacity(batches)
-    _check_disk(root, todo, geometry, capacity)
+    done = set()
+    if resume:
+        done = {i for i, (bold, events) in paths.items() if bold.exists() and events.exists()}
+    return _Task(stimset, runs, batches, recording, params, resume, paths, done)
 
+
+def _record_task(setup: _Setup, task: _Task, pipeline: RecordingPipeline) -> list[Path]:
+    root, lm, stimset = setup.root, setup.lm, task.stimset
+    bids_dataset.register_task(
+        root, stimset.task, stimset.task_metadata(), stimset.files(), overwrite=setup.overwrite
+    )
+    if not task.resume:
+        _remove_runs(task.recording)
+    sidecar = task.recording.update(suffix="bold", extension=".json").fpath
+    meta = _sidecar(lm, setup.identity, setup.geometry, setup.layers, setup.hook_point, task.params)
+    _io.write_json(sidecar, meta)
+    if task.done and setup.verbose:
+        logger.info(
+            "task %s: %d of %d runs already recorded; resuming",
+            stimset.task,
+            len(task.done),
+            len(task.runs),
+        )
+    todo = task.todo
+    if not todo:
+        return [task.paths[r.index][0] for r in task.runs]
+    pipeline.add_tokens(todo)
     bar = tqdm(
         total=sum(len(r) for r in todo),
         unit="tok",
-        disable=not verbose,
-        desc=f"sub-{sub} task-{stimset.task}",
+        disable=not setup.verbose,
+        desc=f"sub-{setup.sub} task-{stimset.task}",
     )
-    with ActivationBuffers(capacity, geometry, lm.device) as buffers:
-        capture = BatchCapture(buffers, layers)
-        run_writer = RunWriter(lm.tokenizer, geometry, layers)
-        writer = BackgroundWriter()
-        submitted = 0
-        try:
-            for batch in batches:
-                keep = [i for i, r in enumerate(batch) if r.index not in done]
-                if not keep:
-                    continue
-                captured = _forward(lm, batch, capture, submitted % SLOTS, layers, hook_point)
-                writer.submit(
-                    [
-                        run_writer.task(captured, row, batch[row], paths[batch[row].index])
-                        for row in keep
-                    ]
-                )
-                submitted += 1
-                bar.update(sum(len(batch[i]) for i in keep))
-        finally:
-            bar.close()
-            writer.close()
-    return [paths[r.index][0] for r in runs]
+    with bar:
+        for batch in task.batches:
+            rows = [i for i, r in enumerate(batch) if r.index not in task.done]
+            if not rows:
+                continue
+            captured = _forward(lm, batch, pipeline, setup.layers, setup.hook_point)
+            pipeline.write(captured, batch, rows, task.paths)
+            bar.update(sum(len(batch[i]) for i in rows))
+    return [task.paths[r.index][0] for r in task.runs]
 
 
-def _plan_batches(runs: list[RunStimulus], batch_size: int) -> list[list[RunStimulus]]:
-    """Batches of ``batch_size`` runs, longest first; after a full batch, the last one tapered.
+def _plan_batches(
+    runs: list[RunStimulus], batch_size: int, staged: bool = False
+) -> list[list[RunStimulus]]:
+    """Batches of ``batch_size`` runs, longest first; on the CPU the last one tapered.
 
-    The plan depends on the full run list only, so a resumed recording computes every run in
-    the same batch, with the same padding, as an uninterrupted one would. The last batch's
-    write has no forward pass left to overlap with; halving it until one run remains
-    (4 -> 2, 1, 1) leaves one run's write, not a batch's, at the end of the pipeline. A
-    recording of a single batch is not tapered: the peak memory is that of one full batch
-    whatever the number of runs, so a short pilot recording shows what a long one will need.
+    The plan depends on the full run list (and where the layers run) only, so a resumed
+    recording computes every run in the same batch, with the same padding, as an uninterrupted
+    one would. On the CPU, the last batch's write has no forward pass left to overlap with;
+    halving it until one run remains (4 -> 2, 1, 1) leaves one run's write, not a batch's, at
+    the end of the pipeline. A recording of a single batch is not tapered: the peak memory is
+    that of one full batch whatever the number of runs, so a short pilot recording shows what
+    a long one will need. Staged on an accelerator the forward pass is the fast side: tapering
+    would only leave the last runs to fewer writers, so batches stay full.
     """
     order = sorted(runs, key=lambda r: -len(r))
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    if len(batches) == 1:
+    if len(batches) == 1 or staged:
         return batches
     last = batches.pop()
     while len(last) > 1:
@@ -341,12 +436,11 @@ def _plan_batches(runs: list[RunStimulus], batch_size: int) -> list[list[RunStim
 def _forward(
     lm: LoadedModel,
     batch: list[RunStimulus],
-    capture: BatchCapture,
-    slot: int,
+    pipeline: RecordingPipeline,
     layers: list[int],
     hook_point: str,
 ) -> CapturedBatch:
-    """One batched forward pass, captured into host slot ``slot``."""
+    """One batched forward pass, captured by the pipeline's capture."""
     device = lm.device
     longest = max(len(r) for r in batch)
     pad = lm.tokenizer.pad_token_id or 0
@@ -355,7 +449,8 @@ def _forward(
     for i, r in enumerate(batch):
         ids[i, : len(r)] = torch.from_numpy(r.token_ids)
         mask[i, : len(r)] = 1
-    capture.start(slot, len(batch), longest)
+    capture = pipeline.capture
+    capture.start(pipeline.slot, len(batch), longest)
     last = max(layers)
 
     def hook(layer: int, x: torch.Tensor) -> None:
@@ -388,56 +483,74 @@ def _forward(
             hook_point,
         )
         capture.copy = True
-        return _forward(lm, batch, capture, slot, layers, hook_point)
+        return _forward(lm, batch, pipeline, layers, hook_point)
 
 
-def _batch_capacity(batches: list[list[RunStimulus]]) -> int:
-    """Largest ``runs x tokens`` of a batch: what one batch of activations holds."""
-    return max(len(b) * max(len(r) for r in b) for b in batches)
-
-
-def _check_memory(capacity: int, geometry: VoxelGeometry, device) -> None:
-    """Refuse a recording whose batches do not fit in host (or device) memory."""
-    batch_bytes = capacity * geometry.volume_size * 4
+def _check_memory(plan: MemoryPlan) -> None:
+    """Refuse a recording whose buffers do not fit in host (or device) memory."""
     advice = (
         "record with a smaller --batch-size, shorter runs (--max-tokens) or fewer layers "
         "(--layers)."
     )
     available = available_memory()
-    if available is not None and SLOTS * batch_bytes > 0.9 * available:
+    what = (
+        f"{plan.ring_buffers} run buffers"
+        if plan.staged
+        else f"{plan.slots} batch{'es' if plan.slots > 1 else ''}"
+    )
+    if available is not None and plan.host_bytes > 0.9 * available:
         raise ResourceError(
-            f"recording holds {SLOTS} batches of activations in host memory, "
-            f"{SLOTS * batch_bytes / 1e9:.2f} GB ({batch_bytes / 1e9:.2f} GB each), but only "
-            f"{available / 1e9:.2f} GB is available; {advice}"
+            f"recording holds {what} of activations in host memory, "
+            f"{plan.host_bytes / 1e9:.2f} GB, but only {available / 1e9:.2f} GB is available; "
+            f"{advice}"
         )
-    device = torch.device(device)
-    if device.type == "cuda":
-        device_free, _ = torch.cuda.mem_get_info(device)
-        if batch_bytes > 0.9 * device_free:
-            raise ResourceError(
-                f"one batch of activations ({batch_bytes / 1e9:.2f} GB, staged on {device}) "
-                f"does not fit in its free memory ({device_free / 1e9:.2f} GB); {advice}"
-            )
+    free = device_free_memory(plan.device)
+    if free is not None and plan.device_bytes > 0.9 * free:
+        raise ResourceError(
+            f"one batch of activations ({plan.device_bytes / 1e9:.2f} GB, staged on "
+            f"{plan.device}) does not fit in its free memory ({free / 1e9:.2f} GB); {advice}"
+        )
 
 
-def _check_disk(root: Path, todo: list[RunStimulus], geometry: VoxelGeometry, capacity) -> None:
-    """Plan before writing: refuse what the disk cannot hold; log the size and expected time."""
-    per_token = geometry.volume_size * 4
-    need = sum(len(r) for r in todo) * per_token
-    free = shutil.disk_usage(root).free
+def _check_disk(root: Path, todo: list[RunStimulus], geometry: VoxelGeometry) -> int:
+    """Refuse what the disk cannot hold (before anything is written); return the bytes needed."""
+    need = sum(len(r) for r in todo) * geometry.volume_size * 4
+    free = shutil.disk_usage(_existing_parent(root)).free
     if need * 1.05 + 50e6 > free:
         raise DiskSpaceError(
             f"recording needs about {need / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free at "
             f"{root}; free some space, record fewer layers (--layers) or shorter runs."
         )
+    return need
+
+
+def _disk_filled(setup: _Setup, tasks: list[_Task], err: OSError) -> DiskSpaceError:
+    """The error of a disk that filled during the recording: what is kept, what is needed."""
+    runs = [(t.paths[r.index], len(r)) for t in tasks for r in t.runs]
+    left = [n for (bold, events), n in runs if not (bold.exists() and events.exists())]
+    need = sum(left) * setup.geometry.volume_size * 4
+    return DiskSpaceError(
+        f"the disk filled while writing {err.filename or setup.root} ({err.strerror}): the "
+        f"{len(runs) - len(left)} runs finished before are kept and complete; the other "
+        f"{len(left)} need about {_size_text(need)} more. Free that space (or record fewer "
+        "layers with --layers) and run the same command again: it resumes where it stopped."
+    )
+
+
+def _size_text(n_bytes: int) -> str:
+    """``"1.23 GB"`` / ``"4.5 MB"``: a size as a person reads it."""
+    return f"{n_bytes / 1e9:.3g} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.3g} MB"
+
+
+def _announce(root: Path, need: int, n_runs: int, plan: MemoryPlan) -> None:
+    """Log what is about to be written and, for large recordings, how long it will take."""
     logger.info(
-        "about to write %.2f GB (%d runs; %d batches of up to %.0f MB in host memory); "
+        "about to write %.2f GB (%d runs; %.0f MB of activations in host memory); "
         "%.1f GB free on disk",
         need / 1e9,
-        len(todo),
-        SLOTS,
-        capacity * per_token / 1e6,
-        free / 1e9,
+        n_runs,
+        plan.host_bytes / 1e6,
+        shutil.disk_usage(root).free / 1e9,
     )
     if need >= PROBE_ABOVE:  # worth 16 MB and a sync to say how long it will take
         speed = write_speed(root)
@@ -452,6 +565,14 @@ def _check_disk(root: Path, todo: list[RunStimulus], geometry: VoxelGeometry, ca
 PROBE_ABOVE = 1e9  # bytes: smaller recordings are not worth a write-speed probe
 
 
+def _existing_parent(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor (the dataset may not exist yet)."""
+    path = Path(path).absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def _remove_runs(recording: BIDSPath) -> None:
     """Remove every run file (bold, events) of a recording."""
     for found in recording.match():
@@ -459,14 +580,15 @@ def _remove_runs(recording: BIDSPath) -> None:
             found.fpath.unlink()
 
 
-def _sidecar(lm: LoadedModel, geometry: VoxelGeometry, layers, hook_point, params) -> dict:
+def _sidecar(
+    lm: LoadedModel, identity: dict, geometry: VoxelGeometry, layers, hook_point, params
+) -> dict:
     return {
         "RepetitionTime": bids_dataset.REPETITION_TIME,
         "Manufacturer": "n/a (language model)",
-        "ModelID": lm.model_id,
+        **identity,
         "ModelRevision": lm.revision,
         "ModelSource": lm.source,
-        "Architecture": lm.architecture,
         "ArchitectureLayout": (
             "discovered from the model's structure (not registered)"
             if arch_spec(lm.model).discovered
@@ -475,7 +597,6 @@ def _sidecar(lm: LoadedModel, geometry: VoxelGeometry, layers, hook_point, param
         "HookPoint": hook_point,
         "HookPointDescription": HOOK_POINT_DESCRIPTIONS[hook_point],
         "RecordedLayers": layers,
-        "ModelDtype": params["dtype"],
         "DataDtype": "float32",
         **geometry.to_sidecar(),
         "RecordingParameters": params,

@@ -22,6 +22,23 @@ def available_memory() -> int | None:
     return None
 
 
+def device_free_memory(device) -> int | None:
+    """Bytes a new allocation can have on ``device``; ``None`` for the CPU and unknown devices.
+
+    For CUDA: what the driver has free plus what torch's caching allocator holds reserved but
+    unused (it hands that out first), so memory an earlier recording left cached in this
+    process is not counted as taken.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free + max(cached, 0))
+
+
 def write_speed(folder: str | Path) -> float:
     """Synced write speed of the disk holding ``folder``, in bytes per second.
 

@@ -1,10 +1,10 @@
-"""Writer threads: the host side of recording, which only writes.
+"""Writer threads: the host side of recording, which only writes bold files.
 
-The forward pass of the next batch runs while these threads write the previous batch's runs,
-several at a time (one thread cannot keep a fast disk busy: measured on an H100 host, one
-thread wrote 3-4 GB/s where four wrote 10 GB/s). A batch is handed over only once the batch
-before it is written, so at most two batches are in host memory (the one being written and the
-one being captured), however many runs there are.
+Several threads write at once (one thread cannot keep a fast disk busy: measured on an H100
+host, one thread wrote 3-4 GB/s where four wrote 10 GB/s). Each run is one task; a task
+finishes on its own, so a batch's runs need not wait for each other. How much is in flight is
+bounded by the caller: by the ring of run buffers for staged recordings, by two host batches on
+the CPU (see :mod:`.pipeline`).
 """
 
 from __future__ import annotations
@@ -12,24 +12,21 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
 import numpy as np
 
 from ..bids.dataset import REPETITION_TIME
-from ..bids.events import events_frame, write_events
 from ..bids.geometry import VoxelGeometry
 from ..bids.nifti import write_run, write_run_pieces
 from ..exceptions import NumericalError
 from ..stimuli import RunStimulus
-from .capture import CapturedBatch
 
 logger = logging.getLogger("llm2bids.recording")
-
-_STOP = object()
 
 
 def default_writers() -> int:
@@ -37,8 +34,8 @@ def default_writers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-class BackgroundWriter:
-    """Run the tasks of each submitted batch on ``n_threads`` background threads.
+class WriterPool:
+    """Run write tasks on ``n_threads`` background threads; the first error stops the rest.
 
     Parameters
     ----------
@@ -47,145 +44,125 @@ class BackgroundWriter:
 
     Notes
     -----
-    An exception raised by a task stops all further work (remaining tasks are skipped) and is
-    re-raised in the caller at the next :meth:`submit` or at :meth:`close`.
+    An exception raised by a task is kept; tasks that start after it do nothing (their
+    ``finally`` callbacks still run, so buffers are given back and nobody waits forever), and
+    it is re-raised in the caller's thread at the next :meth:`submit`, :meth:`wait`,
+    :meth:`check` or :meth:`close`.
     """
 
     def __init__(self, n_threads: int | None = None):
         self.n_threads = n_threads or default_writers()
-        self._queue: queue.Queue = queue.Queue()
+        self._pool = ThreadPoolExecutor(self.n_threads, thread_name_prefix="llm2bids-writer")
         self._lock = threading.Lock()
         self._error: BaseException | None = None
-        self._pending: _Batch | None = None
-        self._threads = [
-            threading.Thread(target=self._loop, name=f"llm2bids-writer-{i}", daemon=True)
-            for i in range(self.n_threads)
-        ]
-        for thread in self._threads:
-            thread.start()
 
-    def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch, task = item
-            try:
-                if self._error is None:  # after a failure, drain without work
-                    task()
-            except BaseException as err:  # re-raised in the caller's thread
-                with self._lock:
-                    self._error = self._error or err
-            finally:
-                del task, item
-                batch.done_one()
+    def submit(self, task: Callable[[], None], then: Callable[[], None] | None = None) -> Future:
+        """Queue ``task``; ``then`` runs after it whatever happens (for example, a release)."""
+        self.check()
+        return self._pool.submit(self._run, task, then)
 
-    def _wait_and_raise(self) -> None:
-        if self._pending is not None:
-            self._pending.wait()
-            self._pending = None
+    def _run(self, task, then) -> None:
+        try:
+            if self._error is None:  # after a failure, drain without work
+                task()
+        except BaseException as err:  # re-raised in the caller's thread
+            with self._lock:
+                self._error = self._error or err
+        finally:
+            if then is not None:
+                then()
+
+    def check(self) -> None:
+        """Raise the first error a task met, if any."""
         if self._error is not None:
             err, self._error = self._error, None
             raise err
 
-    def submit(self, tasks: Sequence[Callable[[], None]]) -> None:
-        """Hand over one batch's tasks; blocks until the previously submitted batch is written."""
-        self._wait_and_raise()
-        batch = _Batch(len(tasks))
-        for task in tasks:
-            self._queue.put((batch, task))
-        self._pending = batch
+    def wait(self, futures) -> None:
+        """Block until ``futures`` are done, then raise any error a task met."""
+        wait_futures(list(futures))
+        self.check()
 
-    def close(self) -> None:
-        """Finish the last batch, stop the threads, and raise any error they met."""
-        try:
-            self._wait_and_raise()
-        finally:
-            for _ in self._threads:
-                self._queue.put(_STOP)
-            for thread in self._threads:
-                thread.join()
-
-
-class _Batch:
-    """Counts a batch's unfinished tasks."""
-
-    def __init__(self, n: int):
-        self._left = n
-        self._cond = threading.Condition()
-
-    def done_one(self) -> None:
-        with self._cond:
-            self._left -= 1
-            if self._left <= 0:
-                self._cond.notify_all()
-
-    def wait(self) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._left <= 0)
+    def close(self, cancel: bool = False) -> None:
+        """Finish (or, with ``cancel``, drop) the queued tasks, stop the threads, raise errors."""
+        self._pool.shutdown(wait=True, cancel_futures=cancel)
+        if not cancel:
+            self.check()
 
 
 class RunWriter:
-    """Writes the runs of captured batches: events, then the bold file (header + raw block).
+    """Writes one run's bold file (its events file is written before, by the pipeline).
 
     Parameters
     ----------
-    tokenizer : transformers tokenizer
-        Decodes each run's tokens for its events (one call per run).
     geometry : VoxelGeometry
     layers : list of int
         The recorded layers (named in the error for a non-finite activation).
     """
 
-    def __init__(self, tokenizer, geometry: VoxelGeometry, layers: list[int]):
-        self.tokenizer = tokenizer
+    def __init__(self, geometry: VoxelGeometry, layers: list[int]):
         self.geometry = geometry
         self.layers = layers
-        self._decode_lock = threading.Lock()  # tokenizers are not documented as thread-safe
 
-    def task(self, captured: CapturedBatch, row: int, run: RunStimulus, paths: tuple[Path, Path]):
-        """A callable that writes ``run`` (row ``row`` of ``captured``) to ``paths``.
+    def block_task(self, block, finite: bool, run: RunStimulus, paths, landed=None):
+        """A callable that writes a ready data block (staged recordings).
 
         Parameters
         ----------
-        captured : CapturedBatch
-        row : int
-            The run's row in the batch.
+        block : torch.Tensor
+            The run's ``(n_tokens, n_layers, slice_size)`` float32 block in host memory.
+        finite : bool
+            Whether the device found every value finite.
+        run : RunStimulus
+        paths : tuple of Path
+            The run's ``_bold`` and ``_events.tsv`` files.
+        landed : torch.cuda.Event or None, default=None
+            Recorded after the block's device-to-host copy; waited for before writing.
+        """
+        return functools.partial(self._write_block, block, finite, run, paths, landed)
+
+    def layers_task(self, layers: list[np.ndarray], run: RunStimulus, paths):
+        """A callable that writes a run from per-layer ``(n_tokens, width)`` arrays (CPU).
+
+        Parameters
+        ----------
+        layers : list of ndarray
         run : RunStimulus
         paths : tuple of Path
             The run's ``_bold`` and ``_events.tsv`` files.
         """
-        return functools.partial(self._write, captured, row, run, paths)
+        return functools.partial(self._write_layers, layers, run, paths)
 
-    def _write(self, captured: CapturedBatch, row: int, run: RunStimulus, paths) -> None:
-        bold, events = paths
-        n = len(run)
-        captured.wait()
-        if captured.layers is None:  # laid out and checked where it was captured
-            block = captured.host[row, :n].numpy()  # contiguous: the run's NIfTI data block
-            if not captured.finite[row]:
-                _raise_nonfinite([block[:, z] for z in range(block.shape[1])], run, self.layers)
-        else:
-            layers = captured.run_layers(row, n)
-            block = None
+    def _write_block(self, block, finite, run, paths, landed) -> None:
+        if landed is not None:
+            landed.synchronize()
+        array = block.numpy()  # contiguous: the run's NIfTI data block
+        if not finite:
+            self._fail(
+                [array[:, z, : self.geometry.n_neurons] for z in range(array.shape[1])], run, paths
+            )
+        write_run(paths[0], array, self.geometry, REPETITION_TIME)
+
+    def _write_layers(self, layers, run, paths) -> None:
+        bold = paths[0]
+        try:
             if bold.name.endswith(".gz"):  # compressed: nibabel needs the whole block
-                block = self.geometry.empty_block(n)
+                block = self.geometry.empty_block(len(run))
                 for z, layer in enumerate(layers):
                     block[:, z, : layer.shape[1]] = layer
                 if not np.isfinite(block).all():
                     _raise_nonfinite(layers, run, self.layers)
-        with self._decode_lock:  # one call per run
-            tokens = self.tokenizer.batch_decode([[int(t)] for t in run.token_ids])
-        write_events(events, events_frame(run.token_ids, tokens, run.conditions, run.special))
-        try:  # the bold file last: it marks the run done
-            if block is not None:
                 write_run(bold, block, self.geometry, REPETITION_TIME)
             else:  # laid out by the writes themselves, each piece checked as it goes
                 pieces = self._checked_pieces(layers, run)
-                write_run_pieces(bold, pieces, self.geometry, n, REPETITION_TIME)
+                write_run_pieces(bold, pieces, self.geometry, len(run), REPETITION_TIME)
         except NumericalError:
-            events.unlink(missing_ok=True)
+            Path(paths[1]).unlink(missing_ok=True)  # nothing of the run stays
             raise
+
+    def _fail(self, layers, run, paths) -> None:
+        Path(paths[1]).unlink(missing_ok=True)
+        _raise_nonfinite(layers, run, self.layers)
 
     def _checked_pieces(self, layers: list[np.ndarray], run: RunStimulus):
         """The run's data block piece by piece, each checked finite just before it is written.
