@@ -36,6 +36,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno is None or (err.filename is not None and TMP_MARK not in str(err.filename)):
+            raise
+        # a write() that failed names no file, a temporary means nothing to the user: say
+        # which file could not be written
+        raise OSError(err.errno, err.strerror, str(path)) from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

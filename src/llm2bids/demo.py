@@ -33,7 +33,7 @@ from .evaluation import (
     run_prune,
     top_neurons,
 )
-from .evaluation.lesion import summarize
+from .evaluation.lesion import controls_text, summarize
 from .exceptions import Llm2BidsError
 from .glm import run_localize
 from .models import load_model
@@ -296,7 +296,7 @@ def _summary_text(lesions: dict, keep: pd.DataFrame, pruning: pd.DataFrame) -> s
         rows = table.set_index("condition")
         lines.append(
             f"  {name:9s}: perplexity {ppl['baseline']:.2f} -> {ppl['target']:.2f} "
-            f"(controls {ppl['control_mean']:.2f} ± {ppl['control_sd']:.2f}); minimal pairs "
+            f"({controls_text(ppl, '.2f')}); minimal pairs "
             f"{accuracy_text(rows.loc['baseline'])} -> {accuracy_text(rows.loc['target'])} "
             f"(controls {acc['control_mean']:.3f})"
         )

@@ -11,7 +11,7 @@ from .. import _io
 from .._version import __version__
 from ..exceptions import DatasetError, ParameterClashError
 from .events import events_sidecar
-from .path import BIDSPath
+from .path import BIDSPath, sessions_path
 
 BIDS_VERSION = "1.10.0"
 REPETITION_TIME = 1.0
@@ -189,14 +189,93 @@ def read_participants(root: str | Path) -> pd.DataFrame:
 def add_participant(root: str | Path, row: dict) -> None:
     """Add or update the row of ``row['participant_id']`` in ``participants.tsv`` (locked)."""
     with _io.dataset_lock(root):
-        frame = read_participants(root)
-        row = {k: ("n/a" if v is None else str(v)) for k, v in row.items()}
-        frame = frame[frame["participant_id"] != row["participant_id"]]
-        frame = pd.concat([frame, pd.DataFrame([row])], ignore_index=True)
-        for col in frame.columns:
-            frame[col] = frame[col].fillna("n/a")
-        frame = frame.sort_values("participant_id", kind="stable")
-        _io.write_tsv(Path(root) / "participants.tsv", frame)
+        _upsert_row(Path(root) / "participants.tsv", read_participants(root), row)
+
+
+#: participants.tsv columns that name the model itself: one subject holds one model.
+MODEL_COLUMNS = ("model_id", "architecture", "n_layers", "mlp_neurons_per_layer")
+#: ... and the columns that name its weights, for a subject recorded without sessions.
+WEIGHTS_COLUMNS = ("model_spec", "revision")
+
+SESSIONS_SIDECAR = {
+    "session_id": {"Description": "One checkpoint or revision of the subject's model."},
+    "model_spec": PARTICIPANTS_SIDECAR["model_spec"],
+    "revision": PARTICIPANTS_SIDECAR["revision"],
+}
+
+
+def row_conflicts(table: pd.DataFrame, row: dict, columns) -> list[str]:
+    """How the existing row with ``row``'s key (its first field) differs in ``columns``.
+
+    Parameters
+    ----------
+    table : DataFrame
+        ``participants.tsv`` or a ``sessions.tsv``, as read (text cells).
+    row : dict
+        The row about to be written; its first field is the key column.
+    columns : sequence of str
+        The columns that must agree.
+
+    Returns
+    -------
+    list of str
+        ``"column: 'old' (recorded) != 'new'"`` for each disagreeing column; empty when the
+        key is new.
+    """
+    key = next(iter(row))
+    existing = table[table[key] == row[key]] if key in table.columns else table.iloc[:0]
+    if existing.empty:
+        return []
+    old = existing.iloc[0]
+    return [
+        f"{col}: {old[col]!r} (recorded) != {_text(row[col])!r}"
+        for col in columns
+        if col in old.index and old[col] != _text(row[col])
+    ]
+
+
+def read_sessions(root: str | Path, subject: str) -> pd.DataFrame:
+    """Read ``sub-<subject>/sub-<subject>_sessions.tsv`` (empty with its columns if absent)."""
+    path = sessions_path(root, subject)
+    if not path.exists():
+        return pd.DataFrame(columns=list(SESSIONS_SIDECAR))
+    try:
+        return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path} cannot be parsed as a TSV ({err}); fix or remove it.") from err
+
+
+def add_session(root: str | Path, subject: str, row: dict) -> None:
+    """Add or update a session's row in the subject's ``sessions.tsv`` (locked).
+
+    Parameters
+    ----------
+    root : str or Path
+    subject : str
+    row : dict
+        ``session_id`` (``ses-<label>``), ``model_spec`` and ``revision``.
+    """
+    path = sessions_path(root, subject)
+    with _io.dataset_lock(root):
+        _upsert_row(path, read_sessions(root, subject), row)
+        sidecar = path.with_suffix(".json")
+        if not sidecar.exists():
+            _io.write_json(sidecar, SESSIONS_SIDECAR)
+
+
+def _text(value) -> str:
+    return "n/a" if value is None else str(value)
+
+
+def _upsert_row(path: Path, table: pd.DataFrame, row: dict) -> None:
+    """Write ``table`` with ``row`` replacing the row of the same key (its first field)."""
+    key = next(iter(row))
+    row = {k: _text(v) for k, v in row.items()}
+    table = table[table[key] != row[key]] if key in table.columns else table
+    table = pd.concat([table, pd.DataFrame([row])], ignore_index=True)
+    for col in table.columns:
+        table[col] = table[col].fillna("n/a")
+    _io.write_tsv(path, table.sort_values(key, kind="stable"))
 
 
 def register_task(
@@ -231,16 +310,8 @@ def register_task(
         "StimulusSet": {**metadata["StimulusSet"], "Folder": folder.as_posix()},
         **({"Conditions": metadata["Conditions"]} if "Conditions" in metadata else {}),
     }
-    sha = meta["StimulusSet"]["SHA256"]
     with _io.dataset_lock(root):
-        if path.exists() and not overwrite:
-            old_sha = _io.read_json(path).get("StimulusSet", {}).get("SHA256")
-            if old_sha != sha:
-                raise ParameterClashError(
-                    f"task {task!r} already exists in {root} with other stimuli "
-                    f"(stimulus SHA-256 {str(old_sha)[:12]}… vs {sha[:12]}…)"
-                    "; choose another --task name, or pass --overwrite to replace it."
-                )
+        if not check_task(root, task, meta["StimulusSet"]["SHA256"], overwrite):
             return path
         _io.write_json(path, meta)
         _io.write_json(
@@ -253,6 +324,40 @@ def register_task(
             else:
                 _io.write_text(root / folder / name, content)
     return path
+
+
+def check_task(root: str | Path, task: str, sha256: str, overwrite: bool = False) -> bool:
+    """Whether task ``task`` must be written: it is new, or replaced (``overwrite``).
+
+    Returns False when the dataset already holds the task with the same stimuli (SHA-256).
+
+    Parameters
+    ----------
+    root : str or Path
+        The dataset.
+    task : str
+        The task label.
+    sha256 : str
+        The stimulus set's fingerprint (:meth:`~llm2bids.stimuli.StimulusSet.fingerprint`).
+    overwrite : bool, default=False
+        Replace a task of the same name with other stimuli instead of raising.
+
+    Raises
+    ------
+    ParameterClashError
+        The dataset holds the task with other stimuli and ``overwrite`` is False.
+    """
+    path = BIDSPath(task=task, suffix="bold", extension=".json", root=Path(root)).fpath
+    if overwrite or not path.exists():
+        return True
+    old_sha = _io.read_json(path).get("StimulusSet", {}).get("SHA256")
+    if old_sha != sha256:
+        raise ParameterClashError(
+            f"task {task!r} already exists in {root} with other stimuli "
+            f"(stimulus SHA-256 {str(old_sha)[:12]}… vs {sha256[:12]}…)"
+            "; choose another --task name, or pass --overwrite to replace it."
+        )
+    return False
 
 
 def check_recording_params(path: Path, params: dict, overwrite: bool) -> bool:

@@ -283,3 +283,9 @@ def figures_dir(root: str | os.PathLike, subject: str) -> Path:
 def pruned_dir(root: str | os.PathLike, subject: str) -> Path:
     """``root/pruned/sub-<subject>``: where a derivatives folder keeps a pruned model."""
     return Path(root) / "pruned" / participant_id(subject)
+
+
+def sessions_path(root: str | os.PathLike, subject: str) -> Path:
+    """``root/sub-<subject>/sub-<subject>_sessions.tsv``: the revisions recorded for a model."""
+    sub = participant_id(subject)
+    return Path(root) / sub / f"{sub}_sessions.tsv"

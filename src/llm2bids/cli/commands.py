@@ -19,6 +19,7 @@ from ..bids.path import participant_id, subjects
 from ..decomposition import METHODS
 from ..decomposition.networks import SCOPES, SIDES
 from ..evaluation import MODES
+from ..evaluation.lesion import controls_text
 from ..evaluation.masking import FILLS
 from ..exceptions import DatasetError, InputError
 from ..models import DEFAULT_MODEL, HOOK_POINTS
@@ -400,8 +401,8 @@ def _lesion(args) -> int:
     for sub, (_, summary) in results.items():
         for metric, s in summary.items():
             print(
-                f"{participant_id(sub)} {metric}: baseline {s['baseline']:.4g}, target {s['target']:.4g}, "
-                f"controls {s['control_mean']:.4g} ± {s['control_sd']:.2g}"
+                f"{participant_id(sub)} {metric}: baseline {s['baseline']:.4g}, target "
+                f"{s['target']:.4g}, " + controls_text(s)
             )
     return 0
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .._version import __version__
-from ..exceptions import Llm2BidsError
+from ..exceptions import Llm2BidsError, os_error_text
 from .registry import COMMANDS
 
 logger = logging.getLogger("llm2bids")
@@ -97,10 +97,20 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     args.verbose = verbose
+    if verbose == 0:  # quiet means quiet: no loading bars from transformers either
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return int(args.func(args) or 0)
     except Llm2BidsError as err:
         print(f"llm2bids {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a read-only folder, a full disk: the user's to fix, in one line
+        text = os_error_text(err)
+        if text is None:
+            raise
+        print(f"llm2bids {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(

@@ -15,15 +15,18 @@ from .._docs import fill_doc
 from ..bids.dataset import read_participants, require_dataset
 from ..bids.names import strip_prefix
 from ..bids.path import BIDSPath, participant_id
+from ..bids.reader import find_runs, run_metadata
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_table
 from ..exceptions import DatasetError, InputError
 from ..models import LoadedModel, load_model
 from ..models.hooks import hook_point_of, layer_count, neurons_per_layer
+from ..models.identity import check_same_model
 from ..stimuli import heldout_text
 from .masking import mask_neurons, neuron_means, protect_layers
 from .metrics import PERPLEXITY_STRIDE, PERPLEXITY_WINDOW, minimal_pair_accuracy, perplexity
 from .minimal_pairs import minimal_pairs
 from .neuronsets import (
+    check_set_file,
     random_controls,
     read_neuron_set,
     set_entities,
@@ -175,12 +178,29 @@ def summarize(table: pd.DataFrame) -> dict:
         out[metric] = {
             "baseline": float(baseline[metric]),
             "target": float(target[metric]),
+            "n_controls": len(c),
             "control_mean": float(c.mean()),
             "control_sd": float(sd),
             "target_z": float((target[metric] - c.mean()) / sd) if sd and sd > 0 else None,
             "p_controls_as_extreme": float((1 + worse.sum()) / (1 + len(c))),
         }
     return out
+
+
+def controls_text(metric: dict, spec: str = ".4g") -> str:
+    """``"controls m ± sd"`` of one metric of :func:`summarize`; one control has no spread.
+
+    Parameters
+    ----------
+    metric : dict
+        One metric's entry of :func:`summarize`.
+    spec : str, default=".4g"
+        The format of the numbers.
+    """
+    mean = format(metric["control_mean"], spec)
+    if metric["n_controls"] < 2:
+        return f"1 control {mean} (no spread from one control; pass --controls 2 or more)"
+    return f"controls {mean} ± {format(metric['control_sd'], spec)}"
 
 
 @fill_doc
@@ -277,6 +297,21 @@ def _participant_model(bids_dir: Path, sub: str) -> str:
     return row.iloc[0]["model_spec"]
 
 
+def _check_recorded_model(bids_dir: Path, sub: str, source: BIDSPath, hook_point, lm) -> None:
+    """Refuse ``lm`` unless it is the model the subject's recording (of the set) was made with."""
+    runs = find_runs(
+        bids_dir, subject=sub, task=source.task, hook_point=hook_point, session=source.session
+    )
+    if not runs:
+        raise DatasetError(
+            f"{bids_dir} holds no {hook_point} recording of {participant_id(sub)}"
+            + (f" for task {source.task!r}" if source.task else "")
+            + ": the neuron set must come from a recording of that subject (check "
+            "--participant-label)."
+        )
+    check_same_model(run_metadata(runs[0]), lm, runs[0].name)
+
+
 @fill_doc
 def run_lesion(
     bids_dir: str | Path,
@@ -340,9 +375,7 @@ def run_lesion(
     """
     bids_dir = require_dataset(bids_dir)
     check_output_dir(bids_dir, output_dir)
-    networks = Path(networks)
-    if not networks.exists():
-        raise InputError(f"--networks {str(networks)!r} does not exist.")
+    networks = check_set_file(networks, "--networks")
     source = set_entities(networks)
     if participant_label:
         subjects = [strip_prefix(p) for p in participant_label]
@@ -365,6 +398,7 @@ def run_lesion(
             if isinstance(model, LoadedModel)
             else load_model(model or _participant_model(bids_dir, sub), device=device, dtype=dtype)
         )
+        _check_recorded_model(bids_dir, sub, source, hook_point, lm)
         target = read_neuron_set(
             networks,
             layer_count(lm.model),

@@ -25,6 +25,37 @@ def set_entities(path: str | Path) -> BIDSPath:
         return BIDSPath()
 
 
+#: The names of the files a neuron set is read from.
+SET_FILES = ("_keyneurons.tsv", "_dseg.nii.gz", "_statmap.nii.gz", "_components.nii.gz")
+
+
+def check_set_file(source: str | Path, name: str = "neuron set") -> Path:
+    """``source`` as a Path, if it is a file; else an error that says what to pass.
+
+    Parameters
+    ----------
+    source : str or Path
+    name : str, default="neuron set"
+        What the caller calls it (a parameter or flag), for the message.
+
+    Raises
+    ------
+    InputError
+        If ``source`` does not exist or is a folder (naming neuron-set files inside it).
+    """
+    source = Path(source)
+    if source.is_dir():
+        inside = sorted(str(p) for p in source.rglob("*") if p.name.endswith(SET_FILES))
+        example = f" (it holds {len(inside)}, for example {inside[0]!r})" if inside else ""
+        raise InputError(
+            f"{name} {str(source)!r} is a folder; pass one file: a *_keyneurons.tsv table, a "
+            f"*_dseg.nii.gz atlas or a *_statmap.nii.gz map{example}."
+        )
+    if not source.exists():
+        raise InputError(f"{name} {str(source)!r} does not exist.")
+    return source
+
+
 def read_neuron_set(
     source: str | Path,
     n_layers: int,
@@ -55,9 +86,7 @@ def read_neuron_set(
     -------
     ndarray of bool, shape (n_layers, n_neurons)
     """
-    source = Path(source)
-    if not source.exists():
-        raise InputError(f"neuron set {str(source)!r} does not exist.")
+    source = check_set_file(source)
     if source.name.endswith((".nii", ".nii.gz")):
         layer, neuron = _from_image(source, n_neurons, component, threshold)
     else:

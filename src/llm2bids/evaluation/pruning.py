@@ -346,12 +346,13 @@ def run_prune(
     from ..models import load_model
     from ..models.hooks import layer_count, neurons_per_layer
     from .masking import neuron_means, protect_layers, resolve_layers
-    from .neuronsets import read_neuron_set, set_entities
+    from .neuronsets import check_set_file, read_neuron_set, set_entities
     from .texts import calibration_label, read_text_file, resolve_texts
 
     _check_pruned_folder(Path(output_dir), overwrite)  # before loading anything
     keep_source = "a mask given in Python" if isinstance(keep, np.ndarray) else keep
     if not isinstance(keep, np.ndarray):
+        check_set_file(keep, "keep")
         if set_entities(keep).acquisition == "mlpout":
             raise InputError(
                 f"{Path(keep).name} is a set of MLP output dimensions (acq-mlpout): those are "

@@ -236,6 +236,7 @@ def load_model(
                 from ..evaluation.pruning import load_pruned  # the one reader of that file
 
                 return load_pruned(path, device=str(target or "cpu"))
+            _check_tokenizer_files(path)
             folder, load_kwargs = path, {}
             model_id, source = path.name, "folder"
         elif spec.startswith((".", "/", "~")) or path.exists():
@@ -279,6 +280,20 @@ def load_model(
     )
     logger.info("loaded %s (%s, %s) on %s", model_id, loaded.architecture, dtype, loaded.device)
     return loaded
+
+
+#: Files one of which a saved tokenizer has (fast, sentencepiece, BPE, WordPiece, tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """Refuse a model folder that holds no tokenizer, before transformers guesses at one."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"folder {str(folder)!r} holds a model but no tokenizer (none of "
+            f"{', '.join(TOKENIZER_FILES)}): save the tokenizer beside it "
+            "(tokenizer.save_pretrained(folder)) or copy its files from the model's source."
+        )
 
 
 def wrap_model(model: torch.nn.Module, tokenizer, model_id: str | None = None) -> LoadedModel:
