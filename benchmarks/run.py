@@ -26,52 +26,8 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _batches(runs, batch_size):
-    """Consecutive batches of ``batch_size`` runs."""
-    return [runs[i : i + batch_size] for i in range(0, len(runs), batch_size)]
-
-
-def _batch_inputs(batch, device):
-    """Right-padded ``input_ids`` and ``attention_mask`` of a batch of runs, on ``device``."""
-    longest = max(len(r) for r in batch)
-    ids = torch.zeros((len(batch), longest), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(batch):
-        ids[i, : len(r)] = torch.from_numpy(r.token_ids)
-        mask[i, : len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def _median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
-def _texts(n_tokens, run_tokens, tokenizer):
-    """A stimulus set of ``n_tokens`` in runs of ``run_tokens`` (built-in prose, repeated)."""
-    from llm2bids.stimuli import Document, Segment, StimulusSet, heldout_text
-
-    base = tokenizer(heldout_text(), add_special_tokens=False)["input_ids"]
-    n_runs = max(1, n_tokens // run_tokens)
-    docs = []
-    for i in range(n_runs):
-        ids = [base[(i * 7 + j) % len(base)] for j in range(run_tokens - 1)]
-        docs.append(Document(f"d{i}", [Segment(tokenizer.decode(ids), "text")]))
-    return StimulusSet(f"bench{n_tokens}", "benchmark", docs, "CC0")
+sys.path.insert(0, str(HERE))
+from common import batch_inputs, batches, median_time, texts  # noqa: E402
 
 
 def bench_recording(lm, name, sizes, run_tokens, batch_size, repeats, rows):
@@ -79,15 +35,15 @@ def bench_recording(lm, name, sizes, run_tokens, batch_size, repeats, rows):
     from llm2bids.stimuli import tokenize_runs
 
     for n in sizes:
-        stim = _texts(n, run_tokens, lm.tokenizer)
+        stim = texts(n, run_tokens, lm.tokenizer)
         runs = tokenize_runs(stim, lm.tokenizer, max_tokens=run_tokens + 8)
         total = sum(len(r) for r in runs)
-        batches = _batches(runs, batch_size)
+        planned = batches(runs, batch_size)
 
-        def forward(full, batches=batches):
+        def forward(full, planned=planned):
             with torch.inference_mode():
-                for b in batches:
-                    ids, mask = _batch_inputs(b, lm.device)
+                for b in planned:
+                    ids, mask = batch_inputs(b, lm.device)
                     (lm.model if full else lm.model.base_model)(
                         input_ids=ids, attention_mask=mask, use_cache=False
                     )
@@ -108,9 +64,9 @@ def bench_recording(lm, name, sizes, run_tokens, batch_size, repeats, rows):
         # 10-30% over minutes, which sequential blocks of repeats would attribute to one side.
         times: dict[str, list[float]] = {"full": [], "base": [], "rec": []}
         for _ in range(repeats):
-            times["full"].append(_median_time(lambda: forward(True), 1))
-            times["base"].append(_median_time(lambda: forward(False), 1))
-            times["rec"].append(_median_time(rec, 1))
+            times["full"].append(median_time(lambda: forward(True), 1))
+            times["base"].append(median_time(lambda: forward(False), 1))
+            times["rec"].append(median_time(rec, 1))
         t_full, t_base, t_rec = (float(np.median(times[k])) for k in ("full", "base", "rec"))
         rows.append(
             {
@@ -144,7 +100,7 @@ def bench_memory(model_spec, run_counts, run_tokens, repeats):
         code = f"""
 import json, shutil, sys, tempfile, torch
 sys.path.insert(0, {str(HERE)!r})
-from run import _texts
+from common import texts
 from llm2bids import load_model, record
 def status(key):
     for line in open("/proc/self/status"):
@@ -152,7 +108,7 @@ def status(key):
             return int(line.split()[1]) / 1024
 torch.set_num_threads(2)
 lm = load_model({model_spec!r}, device="cpu")
-stim = _texts({n_runs * run_tokens}, {run_tokens}, lm.tokenizer)
+stim = texts({n_runs * run_tokens}, {run_tokens}, lm.tokenizer)
 d = tempfile.mkdtemp(dir={str(WORK)!r})
 after_load = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS mark
@@ -181,10 +137,10 @@ def bench_formats(n_tokens=512):
     block[:, :, :1536] = rng.standard_normal((n_tokens, 30, 1536)).astype(np.float32)
     rows = []
     raw = WORK / "plain.bin"
-    t_plain = _median_time(lambda: raw.write_bytes(block.tobytes()), 3)
+    t_plain = median_time(lambda: raw.write_bytes(block.tobytes()), 3)
     for ext in (".nii", ".nii.gz"):
         path = WORK / f"x_bold{ext}"
-        t = _median_time(lambda p=path: write_run(p, block, geom), 1 if ext == ".nii.gz" else 3)
+        t = median_time(lambda p=path: write_run(p, block, geom), 1 if ext == ".nii.gz" else 3)
         size = path.stat().st_size
         rows.append(
             {
@@ -241,14 +197,14 @@ def bench_masking(lm, n_tokens, repeats):
             model(ids)
 
     fwd(lm.model)
-    t_plain = _median_time(lambda: fwd(lm.model), repeats)
+    t_plain = median_time(lambda: fwd(lm.model), repeats)
     with mask_neurons(lm.model, target):
-        t_mask = _median_time(lambda: fwd(lm.model), repeats)
+        t_mask = median_time(lambda: fwd(lm.model), repeats)
     rows = [{"what": "masked (5% ablated) / unmasked throughput", "value": t_plain / t_mask}]
     for removed in (0.1, 0.3, 0.5):
         pruned = prune(lm.model, rng.random(shape) >= removed)
         fwd(pruned)
-        t_pruned = _median_time(lambda p=pruned: fwd(p), repeats)
+        t_pruned = median_time(lambda p=pruned: fwd(p), repeats)
         rows.append(
             {
                 "what": f"pruned ({removed:.0%} of MLP neurons removed) / dense latency",
@@ -261,155 +217,44 @@ def bench_masking(lm, n_tokens, repeats):
     return rows
 
 
-def _plain_write(folder: Path, block: np.ndarray, n_files: int, threads: int, sync: bool):
-    """Write ``n_files`` copies of ``block`` with ``threads`` threads; return seconds taken."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from llm2bids.bids.nifti import _write_all
-
-    folder.mkdir(parents=True, exist_ok=True)
-    view = memoryview(block).cast("B")
-    os.sync()  # start from a clean page cache, as the pipeline does
-
-    def one(i):
-        with open(folder / f"plain{i}.bin", "wb", buffering=0) as f:
-            _write_all(f, view)
-            if sync:
-                os.fsync(f.fileno())
-
-    start = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(one, range(n_files)))
-    seconds = time.perf_counter() - start
-    shutil.rmtree(folder)
-    return seconds
-
-
-def _pipeline_write(folder, tensors, geometry, runs, batch_size, threads, device):
-    """Feed ready per-layer tensors through record's own capture and writer; return seconds.
-
-    The model is left out: each batch's layers are handed to the capture as fast as it takes
-    them, so what is timed is the host side that limits recording on a GPU (layout into the
-    NIfTI block, finiteness check, copy to the host, events, header and raw write).
-    """
-    from llm2bids.recording.buffers import SLOTS, ActivationBuffers
-    from llm2bids.recording.capture import BatchCapture
-    from llm2bids.recording.writer import BackgroundWriter, RunWriter
-    from tiny import tiny_tokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    os.sync()  # start from a clean page cache, as the plain write does
-    n_tokens = len(runs[0])
-    batches = _batches(runs, batch_size)
-    layers = list(range(geometry.n_layers))
-    start = time.perf_counter()
-    with ActivationBuffers(batch_size * n_tokens, geometry, device) as buffers:
-        capture = BatchCapture(buffers, layers)
-        run_writer = RunWriter(tiny_tokenizer(), geometry, layers)
-        writer = BackgroundWriter(threads)
-        try:
-            for k, batch in enumerate(batches):
-                capture.start(k % SLOTS, len(batch), n_tokens)
-                for z in layers:
-                    capture(z, tensors[z][: len(batch)])
-                captured = capture.finish([len(r) for r in batch])
-                writer.submit(
-                    [
-                        run_writer.task(
-                            captured,
-                            row,
-                            run,
-                            (folder / f"r{run.index}_bold.nii", folder / f"r{run.index}.tsv"),
-                        )
-                        for row, run in enumerate(batch)
-                    ]
-                )
-        finally:
-            writer.close()
-    seconds = time.perf_counter() - start
-    shutil.rmtree(folder)
-    return seconds
-
-
-def bench_pipeline(shape=(16, 8192), n_runs=32, n_tokens=256, batch_size=4, repeats=3):
-    """The host pipeline alone (no model) against plain writes of the same bytes and files.
-
-    ``shape`` is (layers, neurons per layer): 16 x 8192 is Llama-3.2-1B. Plain writes use the
-    same number of threads as the pipeline's writers and write the same bytes (header and
-    events aside) into the same number of files; the two alternate in the same run.
-    """
-    from llm2bids.bids.geometry import VoxelGeometry
-    from llm2bids.recording.writer import default_writers
-    from llm2bids.stimuli.runs import RunStimulus
-
-    geometry = VoxelGeometry(*shape)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gen = torch.Generator(device=device).manual_seed(0)
-    tensors = [
-        torch.randn(batch_size, n_tokens, shape[1], generator=gen, device=device)
-        for _ in range(shape[0])
-    ]
-    runs = [
-        RunStimulus(
-            i + 1,
-            f"d{i}",
-            np.arange(n_tokens, dtype=np.int64) % 500,
-            ["text"] * n_tokens,
-            np.zeros(n_tokens, bool),
+def bench_gpu(quick: bool) -> dict | None:
+    """The GPU section: ``benchmarks/gpu.py``, one process per shape (``None`` without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    rows, result = [], {}
+    for shape in ("Llama-3.2-1B", "SmolLM2-135M", "Llama-3-8B"):
+        out = WORK / f"gpu-{shape}.json"
+        tokens = ["--tokens", "8192"] if quick else []
+        subprocess.run(
+            [sys.executable, str(HERE / "gpu.py"), "--shape", shape, "--out", str(out), *tokens],
+            check=True,
         )
-        for i in range(n_runs)
-    ]
-    block = geometry.empty_block(n_tokens)
-    block[:, :, : shape[1]] = 1.0
-    total = block.nbytes * n_runs
-    rows = []
-    for threads in sorted({1, 2, default_writers()}):
-        pipe, plain = [], []
-        for _ in range(repeats):
-            pipe.append(
-                _pipeline_write(WORK / "pipe", tensors, geometry, runs, batch_size, threads, device)
-            )
-            plain.append(_plain_write(WORK / "plain", block, n_runs, threads, sync=False))
-        t_pipe, t_plain = float(np.median(pipe)), float(np.median(plain))
-        rows.append(
-            {
-                "geometry": f"{shape[0]} x {shape[1]}",
-                "device": device.type,
-                "writers": threads,
-                "GB": total / 1e9,
-                "pipeline_GB_s": total / t_pipe / 1e9,
-                "plain_write_GB_s": total / t_plain / 1e9,
-                "pipeline_vs_plain": t_plain / t_pipe,
-            }
-        )
-        print(rows[-1], flush=True)
-    synced = _plain_write(WORK / "plain", block, n_runs, default_writers(), sync=True)
-    rows.append(
-        {
-            "geometry": f"{shape[0]} x {shape[1]}",
-            "device": "disk floor",
-            "writers": default_writers(),
-            "GB": total / 1e9,
-            "pipeline_GB_s": float("nan"),
-            "plain_write_GB_s": total / synced / 1e9,
-            "pipeline_vs_plain": float("nan"),
-        }
-    )
-    print(rows[-1], flush=True)
-    return rows
+        result = json.loads(out.read_text())
+        rows.append(result.pop("row"))
+    return result | {"rows": rows}
 
 
 def _gpu_section(gpu) -> str:
     if gpu is None:
         return (
             "Not run: no CUDA device in this run (this task was not lent a GPU machine). On one, "
-            "`python benchmarks/run.py --only gpu` fills this section (see `benchmarks/gpu.py`): "
+            "`python benchmarks/run.py --only gpu` fills this section, running "
+            "`benchmarks/gpu.py --shape SHAPE` once per shape in its own process (the script "
+            "runs standalone on a box with torch, transformers, numpy, pandas and nibabel): "
             "random-weight SmolLM2-135M, Llama-3.2-1B and Llama-3-8B shapes in bfloat16, batch "
-            "16, runs of 512 tokens; bare forward, `record`, the reference pipeline, the papers' "
-            "extractor style, plain writes of the same bytes, peak memory, masked / unmasked."
+            "16, runs of 512 tokens; buffer setup, bare forward, `record` (first and later), the "
+            "reference pipeline, the papers' extractor style, plain writes of the same bytes, "
+            "host and device memory after return, masked / unmasked."
         )
-    return f"Device: {gpu['device']}, {gpu['dtype']}, batch 16, runs of 512 tokens.\n\n" + _table(
-        gpu["rows"]
+    from gpu import __doc__ as method
+
+    rows = [{"what": key} | {r["shape"]: r[key] for r in gpu["rows"]} for key in gpu["rows"][0]]
+    return (
+        f"Device: {gpu['device']}, {gpu['dtype']}, batch {gpu['batch_size']}, runs of "
+        f"{gpu['run_tokens']} tokens; {gpu['stack']}.\n\n"
+        + method.split("\n\n", 2)[2].strip()
+        + "\n\n"
+        + _table(rows[1:])
     )
 
 
@@ -523,18 +368,23 @@ def measure(quick: bool, sections=SECTIONS) -> dict:
     torch.set_num_threads(2)
     WORK = Path(tempfile.mkdtemp(prefix="llm2bids-bench-"))
     start = time.time()
+    import functools
+
     import llm2bids
     from llm2bids import load_model, record
     from tiny import save_tiny
 
-    smol = load_model(None, device="cpu")
+    @functools.cache
+    def embedded():  # loaded only by the sections that need it (not by `--only gpu`)
+        return load_model(None, device="cpu")
+
     repeats = 3 if quick else 5
     out = {}
     if "recording" in sections:
         tiny = load_model(str(save_tiny("llama", WORK / "tiny-llama")), device="cpu")
         rec_rows: list[dict] = []
         sizes = [1024, 4096] if quick else [1024, 4096, 16384, 65536]
-        bench_recording(smol, "SmolLM2-135M", sizes, 512, 4, 5 if quick else 3, rec_rows)
+        bench_recording(embedded(), "SmolLM2-135M", sizes, 512, 4, 5 if quick else 3, rec_rows)
         bench_recording(tiny, "tiny llama (3x40)", sizes, 512, 4, repeats, rec_rows)
         out["recording"] = rec_rows
     if "memory" in sections:
@@ -544,15 +394,18 @@ def measure(quick: bool, sections=SECTIONS) -> dict:
     if "formats" in sections:
         out["formats"] = bench_formats(256 if quick else 1024)
     if "pipeline" in sections:
-        out["pipeline"] = bench_pipeline(repeats=3)
+        from hostpipe import bench_pipeline
+
+        out["pipeline"] = bench_pipeline(WORK, repeats=3)
     if "decomposition" in sections:
+        smol = embedded()
         deco_paths = {}
         # (1024 tokens x 16 runs, 20 components) is the measurement the networks issue asks for.
         for n_tok, n_runs in [(256, 4), (1024, 16)] if quick else [(256, 16), (1024, 16)]:
             deco_paths[n_tok] = record(
                 WORK / f"deco{n_tok}",
                 model=smol,
-                stimuli=_texts(n_tok * n_runs, n_tok, smol.tokenizer),
+                stimuli=texts(n_tok * n_runs, n_tok, smol.tokenizer),
                 max_tokens=n_tok + 8,
                 verbose=0,
             )
@@ -562,10 +415,8 @@ def measure(quick: bool, sections=SECTIONS) -> dict:
             ["canica"] if quick else ["canica", "dictlearning"],
         )
     if "masking" in sections:
-        out["masking"] = bench_masking(smol, 256 if quick else 512, repeats)
+        out["masking"] = bench_masking(embedded(), 256 if quick else 512, repeats)
     if "gpu" in sections:
-        from gpu import bench_gpu
-
         out["gpu"] = bench_gpu(quick)
     if "atsize" in sections:
         from atsize import GEOMETRIES, QUICK_SIZE, SIZE, bench_atsize
@@ -611,14 +462,9 @@ Peak resident memory during `record` (the mark is reset after loading the model)
 ## 3. Bytes on disk per neuron per token, and write throughput (SmolLM2 geometry)
 
 {_table(r["formats"])}
-## 3b. The host pipeline alone versus plain writes (no model; Llama-3.2-1B geometry)
+## 3b. The host pipeline alone: `record()` on ready tensors versus plain writes (no model)
 
-Ready per-layer tensors (16 layers x 8192 neurons, batches of 4 runs x 256 tokens) go through
-`record`'s own capture (layout into the NIfTI block, finiteness check) and writer threads
-(events, header, raw block) into closed files; `plain_write` writes the same bytes into the
-same number of files with as many threads, alternating with the pipeline in the same run, each
-after a `sync`. The last row is the disk's synced speed (the floor for recordings larger than
-the page cache).
+{_pipeline_method()}
 
 {_table(r.get("pipeline", []))}
 ## 4. Decomposition time and peak memory (SmolLM2 runs, 46,080 neurons, fresh process each)
@@ -641,6 +487,12 @@ is a latency ratio (< 1 is faster).
 
 {_targets(r["recording"], r["memory"], r["masking"])}
 {_notes(r.get("notes", []))}"""
+
+
+def _pipeline_method() -> str:
+    from hostpipe import __doc__ as method
+
+    return method.split("\n\n", 1)[1].strip()
 
 
 def _atsize_section(rows) -> str:
