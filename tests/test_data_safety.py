@@ -227,3 +227,17 @@ def test_a_disk_that_fills_during_recording_keeps_finished_runs_and_resumes(
     assert not list(root.rglob(".llm2bids-tmp-*"))
     assert main(args) == 0
     assert _snapshot(root) == expected
+
+
+def test_the_fingerprint_samples_any_tensor_size_and_sees_one_changed_sample():
+    import torch
+
+    from llm2bids.models.identity import FINGERPRINT_SAMPLES, weights_fingerprint
+
+    big = torch.nn.Embedding(2**24 + 3, 1)  # float positions would round past its end
+    before = weights_fingerprint(big)
+    with torch.no_grad():
+        big.weight[-1] += 1  # the last element is always sampled
+    assert weights_fingerprint(big) != before
+    small = torch.nn.Linear(3, 1, bias=False)
+    assert small.weight.numel() < FINGERPRINT_SAMPLES and len(weights_fingerprint(small)) == 64

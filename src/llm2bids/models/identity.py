@@ -42,8 +42,10 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         if param.device.type == "meta":
             return "n/a"
         flat = param.detach().reshape(-1)
-        index = torch.linspace(0, flat.numel() - 1, min(FINGERPRINT_SAMPLES, flat.numel()))
-        sample = flat[index.long().to(flat.device)].float().cpu().numpy()
+        k, n = min(FINGERPRINT_SAMPLES, flat.numel()), flat.numel()
+        # integer steps: float positions round past the end above 2**24 elements
+        index = torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)
+        sample = flat[index.to(flat.device)].float().cpu().numpy()
         digest.update(f"{name}:{tuple(param.shape)}:{param.dtype}:".encode())
         digest.update(np.ascontiguousarray(sample, dtype="<f4").tobytes())
     return digest.hexdigest()
