@@ -19,6 +19,7 @@ from llm2bids.bids import find_runs
 from llm2bids.exceptions import NumericalError
 from llm2bids.models import arch_spec, load_model
 from llm2bids.recording import buffers, pipeline, recorder
+from tiny import poisoned
 
 
 def _stage_on_cpu(monkeypatch) -> list:
@@ -104,22 +105,11 @@ def test_one_batch_recording_holds_no_more_buffers_than_runs(tmp_path, tiny_dir,
 
 def test_staged_nan_is_located_and_nothing_of_the_run_is_left(tmp_path, tiny_dir, staged):
     lm = load_model(str(tiny_dir("llama")), device="cpu")
-    down = arch_spec(lm.model).down_module(lm.model, 1)
-
-    def poison(module, args):
-        x = args[0].clone()
-        if x.shape[1] > 3:
-            x[0, 3, 5] = float("inf")
-        return (x,)
-
-    handle = down.register_forward_pre_hook(poison)
-    try:
-        with pytest.raises(NumericalError, match="layer 1, token 3"):
-            llm2bids.record(
-                tmp_path / "bids", model=lm, task="narrative", max_tokens=48, batch_size=1
-            )
-    finally:
-        handle.remove()
+    with (
+        poisoned(lm, 1, float("inf")),
+        pytest.raises(NumericalError, match="layer 1, token 3"),
+    ):
+        llm2bids.record(tmp_path / "bids", model=lm, task="narrative", max_tokens=48, batch_size=1)
     assert find_runs(tmp_path / "bids") == []
     assert not list((tmp_path / "bids").rglob("*_events.tsv"))
     assert staged[0]._regions == []  # unmapped on the error path too

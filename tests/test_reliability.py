@@ -15,7 +15,8 @@ import llm2bids
 from llm2bids.bids import find_runs, load_run
 from llm2bids.decomposition import FunctionalNetworks
 from llm2bids.exceptions import DatasetError, NumericalError
-from llm2bids.models import arch_spec, load_model
+from llm2bids.models import load_model
+from tiny import poisoned
 
 CHILD = textwrap.dedent("""
     import sys, time
@@ -169,27 +170,18 @@ def test_hand_edited_participants_is_refused_and_untouched(copy_of, tiny_dir):
 
 def test_nan_activation_names_layer_and_token(tmp_path, tiny_dir):
     lm = load_model(str(tiny_dir("llama")), device="cpu")
-    down = arch_spec(lm.model).down_module(lm.model, 1)
-
-    def poison(module, args):
-        x = args[0].clone()
-        if x.shape[1] > 3:
-            x[0, 3, 5] = float("nan")
-        return (x,)
-
-    handle = down.register_forward_pre_hook(poison)
-    try:
-        with pytest.raises(NumericalError, match="layer 1, token 3"):
-            llm2bids.record(
-                tmp_path / "bids",
-                model=lm,
-                task="narrative",
-                max_tokens=48,
-                batch_size=1,
-                verbose=0,
-            )
-    finally:
-        handle.remove()
+    with (
+        poisoned(lm, 1, float("nan")),
+        pytest.raises(NumericalError, match="layer 1, token 3"),
+    ):
+        llm2bids.record(
+            tmp_path / "bids",
+            model=lm,
+            task="narrative",
+            max_tokens=48,
+            batch_size=1,
+            verbose=0,
+        )
     assert find_runs(tmp_path / "bids") == []
     assert not list((tmp_path / "bids").rglob("*_events.tsv"))  # nothing of the run is left
 

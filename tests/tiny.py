@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -234,3 +235,22 @@ def direct_activations(model, token_ids, output=False):
         for h in handles:
             h.remove()
     return np.stack([seen[i].reshape(len(token_ids), -1).numpy() for i in sorted(seen)], axis=1)
+
+
+@contextlib.contextmanager
+def poisoned(lm, layer: int, value: float, token: int = 3, neuron: int = 5):
+    """``value`` (NaN or Inf) at one token and neuron of ``layer``'s MLP activations, first
+    row of every batch long enough, while the context lasts."""
+    from llm2bids.models import arch_spec
+
+    def poison(module, args):
+        x = args[0].clone()
+        if x.shape[1] > token:
+            x[0, token, neuron] = value
+        return (x,)
+
+    handle = arch_spec(lm.model).down_module(lm.model, layer).register_forward_pre_hook(poison)
+    try:
+        yield
+    finally:
+        handle.remove()
