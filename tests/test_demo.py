@@ -187,3 +187,7 @@ def test_a_second_demo_in_a_fresh_process_writes_byte_identical_tables(demo, tin
             pd.testing.assert_frame_equal(first.drop(columns=timed), second.drop(columns=timed))
             continue
         assert (out / table).read_bytes() == (again / table).read_bytes(), table
+    sidecars = list(out.rglob("*_components.json"))
+    assert sidecars and all(
+        json.loads(p.read_text())["SolverCallsNotConverged"] == 0 for p in sidecars
+    )

@@ -14,7 +14,7 @@ import pytest
 import llm2bids
 from llm2bids.bids import find_runs, load_run
 from llm2bids.decomposition import FunctionalNetworks
-from llm2bids.exceptions import DatasetError, NumericalError
+from llm2bids.exceptions import DatasetError, InputError, NumericalError
 from llm2bids.models import load_model
 from tiny import poisoned
 
@@ -199,17 +199,23 @@ def test_constant_neurons_are_handled(tmp_path):
 
 
 def test_ica_non_convergence_is_reported_not_dropped(tmp_path, caplog):
-    """Gaussian noise gives FastICA nothing to converge on: it must say so, and keep going."""
+    """Gaussian noise gives FastICA nothing to converge on: it must say so, and keep going;
+    Picard-O (the default) converges on the same data."""
     from synthetic import write_synthetic
 
     rng = np.random.default_rng(0)
     noise = [rng.standard_normal((200, 4, 100)).astype(np.float32) for _ in range(2)]
     runs = write_synthetic(tmp_path / "noise", noise, special_first=False)
     with caplog.at_level("WARNING", logger="llm2bids.decomposition"):
-        fit = FunctionalNetworks(n_components=10).fit(runs)
+        fit = FunctionalNetworks(n_components=10, ica_solver="fastica").fit(runs)
     assert fit.convergence_warnings_ > 0
     assert any("did not converge in" in r.getMessage() for r in caplog.records)
     assert fit.components_.shape[0] == 10  # results kept
+    assert FunctionalNetworks(n_components=10).fit(runs).convergence_warnings_ == 0
+    with pytest.raises(InputError, match="ica_solver"):
+        FunctionalNetworks(ica_solver="infomax").fit(runs)
+    with pytest.raises(InputError, match="ica_max_iter"):
+        FunctionalNetworks(ica_max_iter=0).fit(runs)
 
 
 HOSTILE = [

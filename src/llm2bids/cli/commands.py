@@ -17,7 +17,7 @@ import llm2bids
 from ..bids.names import strip_prefix
 from ..bids.path import participant_id, subjects
 from ..decomposition import METHODS
-from ..decomposition.networks import SCOPES, SIDES
+from ..decomposition.networks import SCOPES, SIDES, SOLVERS
 from ..evaluation import MODES
 from ..evaluation.lesion import controls_text
 from ..evaluation.masking import FILLS
@@ -198,6 +198,19 @@ def _networks_args(p):
         choices=SIDES,
         help="two: |z| >= threshold; one: z >= threshold on the heavy tail (arXiv 2502.20408)",
     )
+    g.add_argument(
+        "--ica-solver",
+        default=default(fn, "ica_solver"),
+        choices=SOLVERS,
+        help="CanICA's ICA solver: picard (converges on LLM data) or fastica (nilearn's)",
+    )
+    g.add_argument(
+        "--ica-max-iter",
+        type=int,
+        default=default(fn, "ica_max_iter"),
+        metavar="N",
+        help="iterations of one ICA restart (default: the solver's, 500 / 200)",
+    )
     g.add_argument("--seed", type=int, default=default(fn, "seed"))
     _parallel_arguments(g, fn)
     g = p.add_argument_group("recurrence")
@@ -231,6 +244,8 @@ def _networks(args) -> int:
         threshold=args.threshold,
         scope=args.scope,
         sided=args.sided,
+        ica_solver=args.ica_solver,
+        ica_max_iter=args.ica_max_iter,
         dask_scheduler=args.dask_scheduler,
         seed=args.seed,
         n_jobs=args.n_jobs,

@@ -55,6 +55,8 @@ def run_networks(
     *,
     scope: str = "model",
     sided: str = "two",
+    ica_solver: str = "picard",
+    ica_max_iter: int | None = None,
     dask_scheduler: str | None = None,
 ) -> dict[str, list[Path]]:
     """Find functional networks per model and task, across tasks, and test their recurrence.
@@ -92,6 +94,11 @@ def run_networks(
         :class:`~llm2bids.decomposition.FunctionalNetworks`).
     sided : {"two", "one"}, default="two"
         ``|z| >= threshold``, or ``z >= threshold`` on each map's heavy tail.
+    ica_solver : {"picard", "fastica"}, default="picard"
+        Solver of CanICA's ICA restarts; ``"fastica"`` is nilearn's own (see
+        :class:`~llm2bids.decomposition.FunctionalNetworks`).
+    ica_max_iter : int or None, default=None
+        Iterations of one ICA restart; ``None``: the solver's default.
     dask_scheduler : str or None, default=None
         Address of a running Dask scheduler (``tcp://HOST:PORT``): the parallel work runs on
         its workers (joblib's ``dask`` backend; ``n_jobs`` 1 then means all of them).
@@ -111,6 +118,8 @@ def run_networks(
         n_jobs=n_jobs,
         scope=scope,
         sided=sided,
+        ica_solver=ica_solver,
+        ica_max_iter=ica_max_iter,
     )
     template.check_params()  # before anything is read or written
     check_output_dir(bids_dir, output_dir)
@@ -274,6 +283,7 @@ def write_networks(
                 "ComponentDecomposition": [
                     f"{n} components" for n in fit.component_info_.n_components
                 ],
+                "SolverCallsNotConverged": fit.convergence_warnings_,
             },
         ),
         write_table(

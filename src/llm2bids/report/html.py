@@ -508,6 +508,12 @@ def _summary(ctx: _Context, subject: str) -> str:
     return f'<div class="card summary"><h2>Summary</h2><dl>{rows}</dl></div>'
 
 
+_SOLVER_NAMES = {
+    "picard": "Picard-O (python-picard; Ablin, Cardoso & Gramfort 2018)",
+    "fastica": "scikit-learn's FastICA (cube contrast)",
+}
+
+
 def _methods(params: dict) -> str:
     import nilearn
     import torch
@@ -525,7 +531,14 @@ def _methods(params: dict) -> str:
         "1 s by convention). Special tokens (BOS) were recorded and left out of all analyses.\n\n"
         f"Functional networks were estimated with nilearn {nilearn.__version__} "
         f"{str(net.get('method', 'canica')).upper()} (n_components = {net.get('n_components')}, "
-        f"random_state = {net.get('random_state')}, explicit neuron mask, smoothing_fwhm = "
+        f"random_state = {net.get('random_state')}"
+        + (
+            f", ICA restarts solved by {_SOLVER_NAMES.get(estimator['ica_solver'])} with at "
+            f"most {estimator.get('ica_max_iter')} iterations"
+            if "ica_solver" in estimator
+            else ""
+        )
+        + f", explicit neuron mask, smoothing_fwhm = "
         f"{estimator.get('smoothing_fwhm')}, standardize = {estimator.get('standardize')!r}"
         + (
             ", special tokens regressed out with spike regressors"
