@@ -220,8 +220,9 @@ def run_demo(
         say(f"[7/8] prune to the top {cfg['prune_fraction']:.0%} key neurons, save, reload")
         write_table(
             prune_path,
-            _prune_and_reload(lm, ranking, cfg["prune_fraction"], pruned_dir(deriv, sub)),
-            provenance(fraction=cfg["prune_fraction"]),
+            _prune_and_reload(lm, ranking, cfg["prune_fraction"], deriv, sub),
+            provenance(fraction=cfg["prune_fraction"])
+            | {"folder": "The pruned model's folder, relative to the derivatives root."},
         )
         stages.finish("prune", p)
     else:
@@ -247,8 +248,13 @@ def run_demo(
     return {"bids": bids, "derivatives": deriv, "report": report, "summaries": summaries}
 
 
-def _prune_and_reload(lm, ranking: pd.DataFrame, fraction: float, folder: Path) -> pd.DataFrame:
-    """Prune to the top ``fraction`` of neurons, reload, and compare with the masked model."""
+def _prune_and_reload(lm, ranking: pd.DataFrame, fraction: float, deriv: Path, sub: str):
+    """Prune to the top ``fraction`` of neurons, reload, and compare with the masked model.
+
+    Returns the pruning table's row as a DataFrame; its ``folder`` is relative to the
+    derivatives root ``deriv``, so that the table does not depend on where the demo ran.
+    """
+    folder = pruned_dir(deriv, sub)
     n_layers, n_neurons = layer_count(lm.model), neurons_per_layer(lm.model)[0]
     keep = top_neurons(ranking, fraction, n_layers, n_neurons)
     result = run_prune(lm, keep, folder, overwrite=True)  # the demo's own folder
@@ -278,7 +284,7 @@ def _prune_and_reload(lm, ranking: pd.DataFrame, fraction: float, folder: Path) 
                 "max_abs_logit_diff_vs_keep_mask": diff,
                 "latency_dense_ms": round(timings["dense"], 2),
                 "latency_pruned_ms": round(timings["pruned"], 2),
-                "folder": str(folder),
+                "folder": folder.relative_to(deriv).as_posix(),
             }
         ]
     )
