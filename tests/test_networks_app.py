@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from bids import BIDSLayout
@@ -89,3 +91,37 @@ def test_validator_checks_every_derivative_the_schema_names(derivatives):
     result = llm2bids.validate(derivatives)
     assert result.valid, result.summary()
     assert result.n_files_checked == len(visible), sorted(p.name for p in visible)
+
+
+def test_a_one_sided_fit_is_drawn_and_described_as_its_atlas(recorded, tmp_path, monkeypatch):
+    """After ``sided="one"``, the report draws exactly the atlas's members (no negative tail)
+    and every text states ``z >= threshold``: the sidecar, the captions, the Methods."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    from llm2bids.report import figures
+
+    out = tmp_path / "llm2bids"
+    run_networks(
+        recorded, out, n_components=3, sided="one", threshold=1.5, per_run=False, verbose=0
+    )
+    func = out / "sub-tinyllama" / "func"
+    stem = func / "sub-tinyllama_acq-mlp"
+    maps = np.asarray(nib.load(f"{stem}_desc-canica_components.nii.gz").dataobj)
+    members = np.asarray(nib.load(f"{stem}_atlas-canica_probseg.nii.gz").dataobj) > 0
+    assert (maps[members] >= 1.5).all() and (maps <= -1.5).any()  # a negative tail exists
+    drawn = []
+    real = figures.layer_mosaic
+    monkeypatch.setattr(
+        figures, "layer_mosaic", lambda data, *a, **k: drawn.append(data) or real(data, *a, **k)
+    )
+    page = llm2bids.build_report(out, "tinyllama").read_text()
+    assert len(drawn) == 3
+    for k, data in enumerate(drawn):
+        np.testing.assert_array_equal(data, np.where(members[..., k], maps[..., k], 0))
+    sidecar = json.loads(Path(f"{stem}_desc-canica_keyneurons.json").read_text())
+    assert "z >= 1.5" in sidecar["Description"] and "|z|" not in sidecar["Description"]
+    assert "z &gt;= 1.5" in page or "z >= 1.5" in page
+    assert "|z| &gt;=" not in page and "|z| >=" not in page

@@ -32,7 +32,7 @@ from ..derivatives import (
     write_table,
 )
 from ..overlap import compare_fits, recurrence_frequency
-from .networks import FunctionalNetworks, check_n_components
+from .networks import FunctionalNetworks, check_n_components, membership_rule
 
 logger = logging.getLogger("llm2bids.decomposition")
 
@@ -296,7 +296,8 @@ def write_networks(
             fit.key_neurons_,
             side
             | {
-                "Description": "Neurons with |z| >= threshold in a component map.",
+                "Description": f"Neurons with {membership_rule(fit.sided, fit.threshold)} "
+                "in a component map.",
                 "layer": "Layer index (z).",
                 "neuron": "Neuron index in the layer.",
                 "component": "Network (component) index, from 1.",

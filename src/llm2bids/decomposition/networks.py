@@ -44,6 +44,24 @@ SOLVERS = ("picard", "fastica")
 DEFAULT_MAX_ITER = {"picard": 500, "fastica": 200}
 
 
+def membership_rule(sided: str, threshold: float | str = "threshold") -> str:
+    """The rule that puts a neuron in a network, as the texts state it: ``|z| >= 3``.
+
+    Parameters
+    ----------
+    sided : {"two", "one"}
+        Two-sided ``|z| >= threshold`` or one-sided ``z >= threshold``.
+    threshold : float or str, default="threshold"
+        The value, or a name for it.
+
+    Returns
+    -------
+    str
+    """
+    value = f"{threshold:g}" if isinstance(threshold, (int, float)) else threshold
+    return f"{'|z|' if sided == 'two' else 'z'} >= {value}"
+
+
 class FunctionalNetworks(BaseEstimator):
     """Group decomposition of recorded runs into functional networks of neurons.
 

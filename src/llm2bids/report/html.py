@@ -20,6 +20,7 @@ from ..bids.dataset import NOT_BRAIN_DATA
 from ..bids.events import read_events
 from ..bids.path import BIDSPath, figures_dir, participant_id, report_path, subjects
 from ..decomposition import METHODS
+from ..decomposition.networks import membership_rule
 from ..exceptions import DatasetError
 from ..models.hooks import HOOK_POINT_DESCRIPTIONS, hook_point_of
 from . import figures as fig
@@ -103,6 +104,11 @@ def _overall(files: list[BIDSPath]) -> BIDSPath | None:
     return overall[0] if overall else None
 
 
+def _rule(params: dict) -> str:
+    """The membership rule of the networks' parameters (``|z| >= 3``)."""
+    return membership_rule(params.get("sided", "two"), float(params.get("threshold", 3.0)))
+
+
 #: Component maps drawn as mosaics (every network has a dashboard).
 N_MOSAICS = 4
 
@@ -113,22 +119,26 @@ def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
         return []
     ctx.params["networks"] = _sidecar(c).get("Parameters", {})
     ctx.params["hook_point"] = hook_point_of(c.acquisition)
-    threshold = float(ctx.params["networks"].get("threshold", 3.0))
+    rule = _rule(ctx.params["networks"])
     maps = fig.load_volume(c.fpath)  # read once: each read decompresses every component
+    # Membership has one owner, the atlas the networks stage wrote (never re-thresholded).
+    members = fig.load_volume(
+        c.update(description=None, atlas=c.description, suffix="probseg").fpath
+    )
     n_maps = maps.shape[3]
     parts = ["<h2>Functional networks</h2>"]
     for k in range(min(n_maps, N_MOSAICS)):
-        network = np.where(np.abs(maps[..., k]) >= threshold, maps[..., k], 0)
+        network = np.where(members[..., k] > 0, maps[..., k], 0)
         path = fig.layer_mosaic(
             network,
             ctx.figures / f"component-{k + 1:02d}.png",
-            f"network {k + 1} (z, |z| >= {threshold:g})",
+            f"network {k + 1} (z, {rule})",
         )
         parts.append(
             ctx.figure(
                 path,
                 f"Network {k + 1} of {n_maps} of the group decomposition over all tasks: the "
-                f"neurons with |z| >= {threshold:g} in its z-scored map, one panel per layer "
+                f"neurons with {rule} in its z-scored map, one panel per layer "
                 + (f"(the first {N_MOSAICS} are drawn; " if n_maps > N_MOSAICS else "(")
                 + "every network has a dashboard below).",
                 voxels=True,
@@ -142,7 +152,7 @@ def _networks(files: list[BIDSPath], ctx: _Context) -> list[str]:
                 fig.layer_counts_plot(
                     table, ctx.figures / "key-neurons-per-layer.png", "key neurons per layer"
                 ),
-                "Key neurons (|z| >= threshold in some network) per layer.",
+                f"Key neurons ({rule} in some network) per layer.",
             )
         )
     keys = c.update(suffix="keyneurons", extension=".tsv").fpath
@@ -547,7 +557,7 @@ def _methods(params: dict) -> str:
         )
         + "). Component maps "
         f"were z-scored over neurons and sign-corrected; a neuron belongs to a network where "
-        f"|z| >= {net.get('threshold')}. Networks were matched across tasks and runs one to one "
+        f"{_rule(net)}. Networks were matched across tasks and runs one to one "
         "(Hungarian assignment on |spatial correlation|) and compared with Dice and Jaccard "
         "against a permutation null.\n\n"
         + (
