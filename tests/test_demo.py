@@ -191,3 +191,32 @@ def test_a_second_demo_in_a_fresh_process_writes_byte_identical_tables(demo, tin
     assert sidecars and all(
         json.loads(p.read_text())["SolverCallsNotConverged"] == 0 for p in sidecars
     )
+
+
+def test_every_bids_uri_of_the_demo_resolves_to_a_file(demo):
+    """The derivatives link the raw dataset (DatasetLinks), and every ``bids:`` URI their
+    sidecars hold (Sources of networks, localizer, lesions) names a file that exists."""
+    from llm2bids.derivatives import resolve_bids_uri
+
+    out, result = demo
+    deriv = result["derivatives"]
+    links = json.loads((deriv / "dataset_description.json").read_text())["DatasetLinks"]
+    assert (deriv / links["raw"].removeprefix("file://")).resolve() == result["bids"].resolve()
+    uris = []
+
+    def collect(value):
+        if isinstance(value, str) and value.startswith("bids:"):
+            uris.append(value)
+        elif isinstance(value, dict):
+            for v in value.values():
+                collect(v)
+        elif isinstance(value, list):
+            for v in value:
+                collect(v)
+
+    for sidecar in deriv.rglob("*.json"):
+        collect(json.loads(sidecar.read_text()))
+    assert any(u.startswith("bids:raw:") for u in uris)
+    assert any(u.startswith("bids::") for u in uris)  # a lesion table's neuron set
+    for uri in uris:
+        assert resolve_bids_uri(uri, deriv).is_file(), uri

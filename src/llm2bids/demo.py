@@ -222,7 +222,11 @@ def run_demo(
             prune_path,
             _prune_and_reload(lm, ranking, cfg["prune_fraction"], deriv, sub),
             provenance(fraction=cfg["prune_fraction"])
-            | {"folder": "The pruned model's folder, relative to the derivatives root."},
+            | {
+                "folder": {
+                    "Description": "The pruned model's folder, relative to the derivatives root."
+                }
+            },
         )
         stages.finish("prune", p)
     else:

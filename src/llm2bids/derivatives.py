@@ -51,14 +51,17 @@ def init_derivatives(output_dir: str | Path, bids_dir: str | Path) -> Path:
     bids_dir = require_dataset(bids_dir)
     check_output_dir(bids_dir, output_dir)
     output_dir = Path(output_dir)
+    description = output_dir / "dataset_description.json"
+    link = {RAW_DATASET: _relative_url(bids_dir, output_dir)}
     with _io.dataset_lock(output_dir):
-        if not (output_dir / "dataset_description.json").exists():
+        if not description.exists():
             _io.write_json(
-                output_dir / "dataset_description.json",
+                description,
                 {
                     "Name": "llm2bids derivatives",
                     "BIDSVersion": BIDS_VERSION,
                     "DatasetType": "derivative",
+                    "DatasetLinks": link,
                     "GeneratedBy": generated_by(),
                     "SourceDatasets": [{"URL": _relative_url(bids_dir, output_dir)}],
                 },
@@ -68,6 +71,11 @@ def init_derivatives(output_dir: str | Path, bids_dir: str | Path) -> Path:
                 f"# llm2bids derivatives\n\n{NOT_BRAIN_DATA}\n\nComputed from "
                 f"`{_relative_url(bids_dir, output_dir)}` by llm2bids {__version__}.\n",
             )
+        else:  # derivatives written before DatasetLinks: the link is added, nothing changed
+            known = _io.read_json(description)
+            if RAW_DATASET not in known.get("DatasetLinks", {}):
+                known["DatasetLinks"] = known.get("DatasetLinks", {}) | link
+                _io.write_json(description, known)
         ignore = output_dir / ".bidsignore"
         # the fixed patterns, then any file names added by ignore_in_derivatives
         added = [
@@ -77,6 +85,78 @@ def init_derivatives(output_dir: str | Path, bids_dir: str | Path) -> Path:
         ]
         _io.write_text(ignore, DERIVATIVES_BIDSIGNORE + "".join(f"{n}\n" for n in added))
     return output_dir
+
+
+#: The name of the raw dataset in the derivatives' ``DatasetLinks`` and ``bids:`` URIs.
+RAW_DATASET = "raw"
+
+
+def bids_uri(path: str | Path, dataset: str | Path, name: str = RAW_DATASET) -> str:
+    """The BIDS URI of a file, ``bids:raw:sub-X/func/...``, as the sidecars' ``Sources``.
+
+    Parameters
+    ----------
+    path : str or Path
+        A file of ``dataset``.
+    dataset : str or Path
+        The root of the dataset that holds it.
+    name : str, default="raw"
+        Its name in the derivatives' ``DatasetLinks``; ``""`` for the derivatives dataset
+        itself (``bids::sub-X/...``).
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    InputError
+        If ``path`` is not inside ``dataset``.
+    """
+    relative = Path(os.path.relpath(Path(path).resolve(), Path(dataset).resolve()))
+    if relative.parts[:1] == ("..",):
+        raise InputError(f"{path} is not a file of the dataset {dataset}.")
+    return f"bids:{name}:{relative.as_posix()}"
+
+
+def resolve_bids_uri(uri: str, dataset: str | Path) -> Path:
+    """The file a ``bids:<name>:<path>`` URI of ``dataset``'s sidecars names.
+
+    ``<name>`` is looked up in ``DatasetLinks`` of ``dataset/dataset_description.json``
+    (``bids::<path>``: ``dataset`` itself); a ``file://`` link may be relative to ``dataset``.
+
+    Parameters
+    ----------
+    uri : str
+    dataset : str or Path
+        The dataset whose sidecar holds the URI.
+
+    Returns
+    -------
+    Path
+
+    Raises
+    ------
+    DatasetError
+        If the URI is not a BIDS URI, or names a dataset ``DatasetLinks`` does not link.
+    """
+    from .exceptions import DatasetError
+
+    scheme, name, path = (uri.split(":", 2) + ["", ""])[:3]
+    if scheme != "bids" or not path:
+        raise DatasetError(f"{uri!r} is not a BIDS URI (bids:<dataset>:<path>).")
+    dataset = Path(dataset)
+    if not name:
+        return dataset / path
+    description = dataset / "dataset_description.json"
+    links = _io.read_json(description).get("DatasetLinks", {}) if description.exists() else {}
+    if name not in links:
+        raise DatasetError(
+            f"{uri} names the dataset {name!r}, which {description} does not link "
+            f"(DatasetLinks: {sorted(links)}); rerun the analysis to write the link."
+        )
+    root = Path(str(links[name]).removeprefix("file://"))
+    return (root if root.is_absolute() else dataset / root) / path
 
 
 def ignore_in_derivatives(output_dir: str | Path, names: list[str]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from ..bids.path import BIDSPath, by_role
 from ..bids.reader import check_same_geometry, run_metadata, select_runs, special_mask
 from ..derivatives import (
     Staging,
+    bids_uri,
     check_output_dir,
     ignore_in_derivatives,
     init_derivatives,
@@ -268,7 +268,7 @@ def write_networks(
     desc = fit.method
     described = base.update(description=desc)
     atlas = base.update(atlas=desc)
-    sources = [f"bids:raw:{os.path.relpath(r, bids_dir)}" for r in fit.runs_]
+    sources = [bids_uri(r, bids_dir) for r in fit.runs_]
     side = provenance(**params) | {"Sources": sources}
     geom = fit.geometry_
     out = [
@@ -289,7 +289,11 @@ def write_networks(
         write_table(
             described.update(suffix="mixing", extension=".tsv").fpath,
             fit.mixing_,
-            side | {"Description": "Component time courses per run; one row per token."},
+            side
+            | {
+                "Description": "Component time courses per run; one row per token.",
+                "run": {"Description": "The run, from 1: its position in Sources."},
+            },
         ),
         write_table(
             described.update(suffix="keyneurons", extension=".tsv").fpath,
@@ -298,11 +302,11 @@ def write_networks(
             | {
                 "Description": f"Neurons with {membership_rule(fit.sided, fit.threshold)} "
                 "in a component map.",
-                "layer": "Layer index (z).",
-                "neuron": "Neuron index in the layer.",
-                "component": "Network (component) index, from 1.",
-                "z": "z-score of the neuron in the component map.",
-                "n_networks": "Number of networks the neuron belongs to.",
+                "layer": {"Description": "Layer index (z)."},
+                "neuron": {"Description": "Neuron index in the layer."},
+                "component": {"Description": "Network (component) index, from 1."},
+                "z": {"Description": "z-score of the neuron in the component map."},
+                "n_networks": {"Description": "Number of networks the neuron belongs to."},
             },
         ),
         write_table(

@@ -458,7 +458,18 @@ def run_lesion(
                     f"{len(pairs)} pairs)"
                 ),
             )
-            | {"Summary": summary},
+            | {"Summary": summary}
+            | _sources(networks, output_dir),
         )
         results[sub] = LesionResult(table, summary, {"lesion": written})
     return results
+
+
+def _sources(networks, output_dir) -> dict:
+    """``Sources`` of a lesion table: the neuron set, where it is a file of the derivatives."""
+    from ..derivatives import bids_uri
+
+    if isinstance(networks, np.ndarray):
+        return {}
+    inside = Path(output_dir).resolve() in Path(networks).resolve().parents
+    return {"Sources": [bids_uri(networks, output_dir, name="")]} if inside else {}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +13,14 @@ from .._parallel import cluster_n_jobs, dask_cluster
 from ..bids.names import acquisition_label
 from ..bids.path import BIDSPath
 from ..bids.reader import run_metadata, select_runs
-from ..derivatives import check_output_dir, init_derivatives, provenance, write_img, write_table
+from ..derivatives import (
+    bids_uri,
+    check_output_dir,
+    init_derivatives,
+    provenance,
+    write_img,
+    write_table,
+)
 from ..exceptions import InputError
 from .localize import FIRST_LEVEL_OPTIONS, contrast_label, localize
 
@@ -104,7 +110,7 @@ def run_localize(
             second_level=second_level,
             first_level=FIRST_LEVEL_OPTIONS,
             model_id=run_metadata(runs[0]).get("ModelID", "n/a"),
-        ) | {"Sources": [f"bids:raw:{os.path.relpath(r, bids_dir)}" for r in runs]}
+        ) | {"Sources": [bids_uri(r, bids_dir) for r in runs]}
         for stat, img in res.maps.items():
             res.files[f"statmap-{stat}"] = write_img(
                 base.update(contrast=label, stat=stat, suffix="statmap", extension=".nii.gz").fpath,

@@ -16,6 +16,7 @@ import pandas as pd
 from .._io import read_json
 from ..bids.events import read_events
 from ..bids.reader import events_path
+from ..derivatives import resolve_bids_uri
 
 #: Tokens shown before and after a driving token.
 CONTEXT_BEFORE, CONTEXT_AFTER = 10, 4
@@ -45,7 +46,7 @@ def source_dataset(derivatives: Path) -> Path | None:
 def driving_tokens(
     mixing: pd.DataFrame,
     sources: list[str],
-    raw: Path,
+    derivatives: Path,
     component: str,
     n: int = 5,
     read: Callable[[Path], pd.DataFrame] = read_events,
@@ -58,8 +59,8 @@ def driving_tokens(
         A ``_mixing.tsv`` table (``run`` from 1, ``volume``, ``special``, ``comp-XX``).
     sources : list of str
         The decomposition's ``Sources`` (``bids:raw:<path>`` of each run, in ``run`` order).
-    raw : Path
-        The raw dataset.
+    derivatives : Path
+        The derivatives dataset, whose ``DatasetLinks`` resolve the sources.
     component : str
         The column, for example ``"comp-01"``.
     n : int, default=5
@@ -75,7 +76,7 @@ def driving_tokens(
     ordinary = mixing[mixing.special == 0]
     rows, events = [], {}
     for _, peak in ordinary.nlargest(n, component).iterrows():
-        bold = raw / sources[int(peak.run) - 1].removeprefix("bids:raw:")
+        bold = resolve_bids_uri(sources[int(peak.run) - 1], derivatives)
         if bold not in events:
             events[bold] = read(events_path(bold))
         tokens = events[bold].token.tolist()

@@ -231,7 +231,7 @@ def _dashboards(files: list[BIDSPath], ctx: _Context) -> list[str]:
         ]
         if mixing is not None and raw is not None:
             drivers = driving_tokens(
-                mixing, sources, raw, column, read=partial(ctx.table, read=read_events)
+                mixing, sources, ctx.root, column, read=partial(ctx.table, read=read_events)
             )
             items = "".join(
                 f"<li>{context_html(row)} <small>({html.escape(row.run)}, token "
