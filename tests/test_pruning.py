@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -73,6 +75,45 @@ def test_pruned_equals_masked_keep_and_reloads(arch, tmp_path):
             llm2bids.load_model(str(tmp_path / "p"), device="cpu")(IDS).logits.numpy(),
             logits.numpy(),
         )
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "phi3", "gpt_neox"])
+def test_uniformly_pruned_models_load_with_plain_transformers(arch, tmp_path):
+    """Every layer keeping as many neurons: ``AutoModelForCausalLM.from_pretrained`` alone
+    rebuilds the pruned model (logits equal to the masked model's); unequal layers say so in
+    the pruning file and load through llm2bids; both honour ``dtype``."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model(arch)
+    rng = np.random.default_rng(1)
+    keep = np.zeros((3, 40), dtype=bool)
+    for row in keep:
+        row[rng.permutation(40)[:24]] = True
+    with torch.inference_mode():
+        with mask_neurons(model, keep, mode="keep"):
+            masked = model(IDS).logits
+        uniform = save_pruned(prune(model, keep), tiny_tokenizer(), tmp_path / "uniform")
+        plain = AutoModelForCausalLM.from_pretrained(uniform).eval()
+        np.testing.assert_allclose(plain(IDS).logits.numpy(), masked.numpy(), atol=1e-5)
+        np.testing.assert_array_equal(
+            plain(IDS).logits.numpy(), load_pruned(uniform).model(IDS).logits.numpy()
+        )
+        through = llm2bids.load_model(str(uniform), device="cpu", dtype="bfloat16")
+        assert through.model.dtype == torch.bfloat16
+        assert through.model.llm2bids_kept_neurons == prune(model, keep).llm2bids_kept_neurons
+        unequal = save_pruned(prune(model, _keep()), tiny_tokenizer(), tmp_path / "unequal")
+    assert (
+        json.loads((unequal / "llm2bids_pruning.json").read_text())["LoadsWithTransformers"]
+        is False
+    )
+    with pytest.raises((RuntimeError, ValueError), match="size"):
+        AutoModelForCausalLM.from_pretrained(unequal)
+    assert load_pruned(unequal, dtype="bfloat16").model.dtype == torch.bfloat16
+    assert llm2bids.load_model(str(unequal), device="cpu", dtype="float16").model.dtype == (
+        torch.float16
+    )
+    with pytest.raises(InputError, match="device_map"):
+        llm2bids.load_model(str(unequal), device_map="auto")
 
 
 def test_bias_compensation_equals_mean_masking(tmp_path):

@@ -21,7 +21,7 @@ from .. import _io
 from ..bids.dataset import generated_by
 from ..exceptions import InputError, ModelLoadError
 from ..models import LoadedModel, arch_spec
-from ..models.loading import PRUNED_MODEL_FILE
+from ..models.loading import PRUNED_MODEL_FILE, resolve_dtype
 from .masking import check_mask
 
 
@@ -171,6 +171,10 @@ def save_pruned(
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     spec = arch_spec(model)
+    down_bias = [
+        getattr(spec.mlp_module(model, i), spec.down).bias is not None for i in range(len(kept))
+    ]
+    plain = _declare_uniform_width(path, model, [len(k) for k in kept], down_bias)
     _io.write_json(
         path / PRUNED_MODEL_FILE,
         {
@@ -179,14 +183,49 @@ def save_pruned(
             "Parameters": parameters or {},
             "Architecture": model.config.model_type,
             "NeuronsPerLayer": [len(k) for k in kept],
-            "DownBias": [
-                getattr(spec.mlp_module(model, i), spec.down).bias is not None
-                for i in range(len(kept))
-            ],
+            "DownBias": down_bias,
+            "LoadsWithTransformers": plain,
             "KeptNeurons": kept,
         },
     )
     return path
+
+
+#: Config attributes that hold the MLP width, by what transformers' configs call it.
+WIDTH_ATTRIBUTES = ("intermediate_size", "n_inner", "ffn_dim")
+
+
+def _declare_uniform_width(path: Path, model, sizes: list[int], down_bias: list[bool]) -> bool:
+    """Write the kept width into a saved ``config.json`` when plain transformers can build it.
+
+    When every layer keeps as many neurons, the config attribute of the MLP width (one of
+    :data:`WIDTH_ATTRIBUTES`) set to that count makes ``AutoModelForCausalLM.from_pretrained``
+    build the pruned shapes, provided the model it builds (checked on the meta device) has
+    that width in every layer and the same down-projection biases (a compensated bias on an
+    architecture without one cannot be declared). Returns whether the config was changed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if len(set(sizes)) != 1:
+        return False
+    spec = arch_spec(model)
+    for attribute in WIDTH_ATTRIBUTES:
+        if attribute not in model.config.to_dict():
+            continue
+        config = copy.deepcopy(model.config)
+        setattr(config, attribute, sizes[0])
+        with torch.device("meta"):
+            built = AutoModelForCausalLM.from_config(config)
+        fits = all(
+            spec.n_neurons(built, layer) == size
+            and (getattr(spec.mlp_module(built, layer), spec.down).bias is not None) == bias
+            for layer, (size, bias) in enumerate(zip(sizes, down_bias))
+        )
+        if fits:
+            saved = _io.read_json(path / "config.json")
+            _io.write_json(path / "config.json", saved | {attribute: sizes[0]})
+            return True
+    return False
 
 
 def _check_pruned_folder(path: Path, overwrite: bool) -> None:
@@ -237,8 +276,22 @@ def _legacy_renamed(model: torch.nn.Module, state: dict) -> dict:
     return out
 
 
-def load_pruned(path: str | Path, device: str = "cpu") -> LoadedModel:
+def load_pruned(
+    path: str | Path, device: str = "cpu", dtype: str | torch.dtype | None = None
+) -> LoadedModel:
     """Load a model saved by :func:`save_pruned`.
+
+    Parameters
+    ----------
+    path : str or Path
+        The folder :func:`save_pruned` wrote.
+    device : str, default="cpu"
+    dtype : {"float32", "bfloat16", "float16"} or torch.dtype or None, default=None
+        ``None``: the dtype the model was saved in.
+
+    Returns
+    -------
+    LoadedModel
 
     Raises
     ------
@@ -283,10 +336,10 @@ def load_pruned(path: str | Path, device: str = "cpu") -> LoadedModel:
         )
     if tied:
         model.tie_weights()
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    model.to(device=device, dtype=dtype or torch.float32).eval()
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model.to(device=device, dtype=resolve_dtype(dtype or torch.float32)).eval()
     model.llm2bids_kept_neurons = info["KeptNeurons"]
     tokenizer = (
         AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None

@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .._io import read_json
 from ..exceptions import InputError, ModelLoadError
 from .registry import arch_spec
 
@@ -231,11 +232,18 @@ def load_model(
                     f"folder {spec!r} holds no config.json; pass a folder written by "
                     "save_pretrained, a .gguf file, or a hub id."
                 )
-            if (path / PRUNED_MODEL_FILE).is_file():  # a model saved by llm2bids.save_pruned
-                # its config.json still has the dense widths; the pruning file has each layer's
+            pruned = _pruned_info(path)
+            if pruned is not None and not pruned.get("LoadsWithTransformers"):
+                # its config.json has the dense widths; the pruning file has each layer's
+                if device_map or offload_folder is not None:
+                    raise InputError(
+                        f"{spec} is a pruned model whose layers keep different numbers of "
+                        "neurons: it loads whole on one device. Pass device= instead of "
+                        "device_map / offload_folder."
+                    )
                 from ..evaluation.pruning import load_pruned  # the one reader of that file
 
-                return load_pruned(path, device=str(target or "cpu"))
+                return load_pruned(path, device=str(target or "cpu"), dtype=torch_dtype)
             _check_tokenizer_files(path)
             folder, load_kwargs = path, {}
             model_id, source = path.name, "folder"
@@ -267,6 +275,8 @@ def load_model(
     if target is not None:
         model.to(target)
     model.eval()
+    if source == "folder" and (pruned := _pruned_info(Path(folder))) is not None:
+        model.llm2bids_kept_neurons = pruned["KeptNeurons"]  # a uniformly pruned model
     arch_spec(model)  # fail early, with the list of supported architectures
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -280,6 +290,12 @@ def load_model(
     )
     logger.info("loaded %s (%s, %s) on %s", model_id, loaded.architecture, dtype, loaded.device)
     return loaded
+
+
+def _pruned_info(folder: Path) -> dict | None:
+    """What ``llm2bids_pruning.json`` says of a pruned model's folder; ``None`` if dense."""
+    path = folder / PRUNED_MODEL_FILE
+    return read_json(path) if path.is_file() else None
 
 
 #: Files one of which a saved tokenizer has (fast, sentencepiece, BPE, WordPiece, tiktoken).
