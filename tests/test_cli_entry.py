@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import llm2bids
 from llm2bids.cli.registry import COMMANDS
 
 
@@ -22,3 +23,33 @@ def test_python_dash_m_lists_every_command(module):
         [sys.executable, "-m", module, "record", "--help"], capture_output=True, text=True
     )
     assert record.returncode == 0 and "--batch-size" in record.stdout
+
+
+def test_every_option_is_named_after_the_parameter_it_sets():
+    """A flag's ``dest`` is a parameter of the function its command calls (old spellings stay
+    as aliases), so that the docs of one are the docs of the other."""
+    import argparse
+    import inspect
+
+    from llm2bids.cli.main import build_parser
+    from llm2bids.demo import run_demo
+
+    calls = {
+        "record": llm2bids.record,
+        "networks": llm2bids.run_networks,
+        "localize": llm2bids.run_localize,
+        "lesion": llm2bids.run_lesion,
+        "prune": llm2bids.run_prune,
+        "replicate": llm2bids.replicate,
+        "demo": run_demo,
+    }
+    cli_only = {"help", "analysis_level"}  # argparse's, and the BIDS-Apps positional
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(calls) <= set(commands.choices)
+    for name, fn in calls.items():
+        params = set(inspect.signature(fn).parameters)
+        stray = {a.dest for a in commands.choices[name]._actions} - params - cli_only
+        assert not stray, f"{name}: {sorted(stray)} set no parameter of {fn.__name__}"
+    parser = build_parser()
+    old = parser.parse_args(["prune", "--keep", "k.tsv", "--out", "p", "--protect-layers", "0"])
+    assert (str(old.output_dir), old.protected_layers) == ("p", [0])

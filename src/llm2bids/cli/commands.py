@@ -168,7 +168,9 @@ def _networks_args(p):
     add_bids_app_arguments(p)
     g = p.add_argument_group("decomposition")
     fn = llm2bids.run_networks
-    g.add_argument("--task", nargs="+", default=None, help="tasks to analyse; default all")
+    g.add_argument(
+        "--tasks", "--task", nargs="+", default=None, help="tasks to analyse; default all"
+    )
     _hook_point_argument(g, fn)
     g.add_argument("--method", default=default(fn, "method"), choices=METHODS)
     g.add_argument(
@@ -216,7 +218,8 @@ def _networks_args(p):
     g = p.add_argument_group("recurrence")
     g.add_argument(
         "--no-per-run",
-        action="store_true",
+        dest="per_run",
+        action="store_false",
         help="skip the single-run decompositions (recurrence across runs)",
     )
     g.add_argument(
@@ -234,7 +237,7 @@ def _networks(args) -> int:
         args.bids_dir,
         args.output_dir,
         participant_label=args.participant_label,
-        tasks=args.task,
+        tasks=args.tasks,
         method=args.method,
         n_components=(
             args.n_components[0]
@@ -249,7 +252,7 @@ def _networks(args) -> int:
         dask_scheduler=args.dask_scheduler,
         seed=args.seed,
         n_jobs=args.n_jobs,
-        per_run=not args.no_per_run,
+        per_run=args.per_run,
         n_permutations=args.n_permutations,
         hook_point=args.hook_point,
         verbose=args.verbose,
@@ -328,8 +331,10 @@ def _parallel_arguments(group, fn) -> None:
 
 
 def _controls_arguments(group, fn, help_text: str) -> None:
-    """--controls and --seed, as ``fn`` takes them (``n_controls``, ``seed``)."""
-    group.add_argument("--controls", type=int, default=default(fn, "n_controls"), help=help_text)
+    """--n-controls (alias --controls) and --seed, as ``fn`` takes them."""
+    group.add_argument(
+        "--n-controls", "--controls", type=int, default=default(fn, "n_controls"), help=help_text
+    )
     group.add_argument("--seed", type=int, default=default(fn, "seed"))
 
 
@@ -343,6 +348,7 @@ def _masking_arguments(group, fn) -> None:
             help="replace masked neurons by zero, or by their mean over the calibration text",
         )
     group.add_argument(
+        "--calibration-file",
         "--calibration-text",
         type=Path,
         default=None,
@@ -350,6 +356,7 @@ def _masking_arguments(group, fn) -> None:
         "default: the built-in recording stimuli. Must not overlap the evaluation text",
     )
     group.add_argument(
+        "--protected-layers",
         "--protect-layers",
         type=int,
         nargs="+",
@@ -380,6 +387,7 @@ def _lesion_args(p):
     g.add_argument("--mode", default=default(fn, "mode"), choices=MODES)
     _controls_arguments(g, fn, "random size-matched control sets")
     g.add_argument(
+        "--text-file",
         "--eval-text",
         type=Path,
         default=None,
@@ -400,17 +408,17 @@ def _lesion(args) -> int:
         args.networks,
         participant_label=args.participant_label,
         mode=args.mode,
-        n_controls=args.controls,
+        n_controls=args.n_controls,
         component=args.component,
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
         model=args.model,
-        text_file=args.eval_text,
+        text_file=args.text_file,
         verbose=args.verbose,
         fill=args.fill,
-        calibration_file=args.calibration_text,
-        protected_layers=args.protect_layers,
+        calibration_file=args.calibration_file,
+        protected_layers=args.protected_layers,
         threshold=args.threshold,
     )
     for sub, (_, summary) in results.items():
@@ -426,7 +434,9 @@ def _prune_args(p):
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub id, folder or .gguf file")
     p.add_argument("--keep", type=Path, required=True, help="key-neuron TSV of neurons to keep")
     p.add_argument("--component", type=int, default=None)
-    p.add_argument("--out", type=Path, required=True, help="folder for the pruned model")
+    p.add_argument(
+        "--output-dir", "--out", type=Path, required=True, help="folder for the pruned model"
+    )
     p.add_argument(
         "--bias-compensation",
         action="store_true",
@@ -435,7 +445,7 @@ def _prune_args(p):
     _masking_arguments(p, llm2bids.run_prune)
     p.add_argument("--device", default=default(llm2bids.run_prune, "device"), choices=DEVICES)
     p.add_argument(
-        "--overwrite", action="store_true", help="replace a pruned model already in --out"
+        "--overwrite", action="store_true", help="replace a pruned model already in --output-dir"
     )
 
 
@@ -446,13 +456,13 @@ def _prune(args) -> int:
     result = llm2bids.run_prune(
         args.model,
         args.keep,
-        args.out,
+        args.output_dir,
         component=args.component,
         bias_compensation=args.bias_compensation,
         device=args.device,
         overwrite=args.overwrite,
-        calibration_file=args.calibration_text,
-        protected_layers=args.protect_layers,
+        calibration_file=args.calibration_file,
+        protected_layers=args.protected_layers,
     )
     print(
         f"kept {result['kept_neurons']} of {result['total_neurons']} MLP neurons; parameters "
@@ -533,7 +543,7 @@ def _replicate(args) -> int:
     result = llm2bids.replicate(
         args.output_dir,
         model=args.model,
-        n_controls=args.controls,
+        n_controls=args.n_controls,
         seed=args.seed,
         fractions=args.fractions,
         max_tokens=args.max_tokens,

@@ -87,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _with_flag(parser: argparse.ArgumentParser, args, message: str) -> str:
+    """Errors name the library's parameter (``n_controls must ...``); add the flag that sets it."""
+    name = message.split(" ", 1)[0]
+    commands = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    sub = commands[0].choices.get(args.command) if commands else None
+    for action in sub._actions if sub is not None else []:
+        if (
+            action.dest == name
+            and action.option_strings
+            and f"({action.option_strings[0]}" not in message
+        ):
+            return f"{name} ({action.option_strings[0]}){message[len(name) :]}"
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``llm2bids`` console script."""
     parser = build_parser()
@@ -104,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except Llm2BidsError as err:
-        print(f"llm2bids {args.command}: error: {err}", file=sys.stderr)
+        print(
+            f"llm2bids {args.command}: error: {_with_flag(parser, args, str(err))}", file=sys.stderr
+        )
         return 2
     except OSError as err:  # a read-only folder, a full disk: the user's to fix, in one line
         text = os_error_text(err)

@@ -27,7 +27,7 @@ from .._parallel import parallel_map
 from ..bids.geometry import VoxelGeometry
 from ..bids.nifti import read_volume
 from ..bids.reader import check_same_geometry, load_img, special_mask
-from ..exceptions import InputError, NumericalError
+from ..exceptions import InputError, NumericalError, check_choice
 
 logger = logging.getLogger("llm2bids.decomposition")
 
@@ -196,8 +196,7 @@ class FunctionalNetworks(BaseEstimator):
         InputError
             Naming the first parameter that is not valid and what it accepts.
         """
-        if self.method not in METHODS:
-            raise InputError(f"method must be one of {METHODS}, got {self.method!r}.")
+        check_choice("method", self.method, METHODS)
         counts = self.component_counts
         if not counts or not all(
             isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n >= 1 for n in counts
@@ -208,12 +207,9 @@ class FunctionalNetworks(BaseEstimator):
             )
         if not (np.isfinite(self.threshold) and self.threshold > 0):
             raise InputError(f"threshold must be a positive z value, got {self.threshold!r}.")
-        if self.scope not in SCOPES:
-            raise InputError(f"scope must be one of {SCOPES}, got {self.scope!r}.")
-        if self.sided not in SIDES:
-            raise InputError(f"sided must be one of {SIDES}, got {self.sided!r}.")
-        if self.ica_solver not in SOLVERS:
-            raise InputError(f"ica_solver must be one of {SOLVERS}, got {self.ica_solver!r}.")
+        check_choice("scope", self.scope, SCOPES)
+        check_choice("sided", self.sided, SIDES)
+        check_choice("ica_solver", self.ica_solver, SOLVERS)
         if self.ica_max_iter is not None and not (
             isinstance(self.ica_max_iter, (int, np.integer)) and self.ica_max_iter >= 1
         ):

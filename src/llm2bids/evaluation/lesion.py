@@ -17,12 +17,12 @@ from ..bids.names import strip_prefix
 from ..bids.path import BIDSPath, participant_id
 from ..bids.reader import find_runs, run_metadata
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_table
-from ..exceptions import DatasetError, InputError
+from ..exceptions import DatasetError, InputError, check_choice
 from ..models import LoadedModel, load_model
 from ..models.hooks import hook_point_of, layer_count, neurons_per_layer
 from ..models.identity import check_same_model
 from ..stimuli import heldout_text
-from .masking import mask_neurons, neuron_means, protect_layers
+from .masking import MODES, mask_neurons, neuron_means, protect_layers
 from .metrics import PERPLEXITY_STRIDE, PERPLEXITY_WINDOW, minimal_pair_accuracy, perplexity
 from .minimal_pairs import minimal_pairs
 from .neuronsets import (
@@ -94,6 +94,28 @@ def evaluate(
 
 
 @fill_doc
+def check_lesion_params(mode: str, n_controls: int) -> None:
+    """Refuse a lesion mode or control count that cannot work, naming the parameter.
+
+    Parameters
+    ----------
+    mode : {"ablate", "keep"}
+    n_controls : int
+        Random control sets; at least 1.
+
+    Raises
+    ------
+    InputError
+    """
+    check_choice("mode", mode, MODES)
+    if (
+        isinstance(n_controls, bool)
+        or not isinstance(n_controls, (int, np.integer))
+        or n_controls < 1
+    ):
+        raise InputError(f"n_controls must be an integer of at least 1, got {n_controls!r}.")
+
+
 def lesion_study(
     lm: LoadedModel,
     target: np.ndarray,
@@ -147,8 +169,7 @@ def lesion_study(
         ``seed``, ``mode``, ``n_neurons`` (in the set, that is in the masked model for
         ``keep``) and the metrics.
     """
-    if n_controls < 1:
-        raise InputError(f"n_controls must be at least 1, got {n_controls}.")
+    check_lesion_params(mode, n_controls)
     text, calibration = resolve_texts(text, calibration_text, fill)
     target = protect_layers(target, protected_layers, mode)
     means = neuron_means(lm, calibration, hook_point=hook_point) if fill == "mean" else None
@@ -199,7 +220,7 @@ def controls_text(metric: dict, spec: str = ".4g") -> str:
     """
     mean = format(metric["control_mean"], spec)
     if metric["n_controls"] < 2:
-        return f"1 control {mean} (no spread from one control; pass --controls 2 or more)"
+        return f"1 control {mean} (no spread from one control; pass n_controls (--n-controls) of 2 or more)"
     return f"controls {mean} ± {format(metric['control_sd'], spec)}"
 
 
@@ -373,9 +394,10 @@ def run_lesion(
     dict
         Subject label -> :class:`LesionResult` (which unpacks as ``table, summary``).
     """
+    check_lesion_params(mode, n_controls)  # before any file is read or model loaded
     bids_dir = require_dataset(bids_dir)
     check_output_dir(bids_dir, output_dir)
-    networks = check_set_file(networks, "--networks")
+    networks = check_set_file(networks, "networks")
     source = set_entities(networks)
     if participant_label:
         subjects = [strip_prefix(p) for p in participant_label]

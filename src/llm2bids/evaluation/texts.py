@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..exceptions import InputError
+from ..exceptions import InputError, check_choice
 from ..stimuli import calibration_text, heldout_text
 from .masking import FILLS
 
@@ -73,8 +73,7 @@ def resolve_texts(
     InputError
         For a fill that does not exist, an empty calibration text, or overlapping texts.
     """
-    if fill not in FILLS:
-        raise InputError(f"fill must be one of {FILLS}, got {fill!r}.")
+    check_choice("fill", fill, FILLS)
     evaluation = heldout_text() if evaluation is None else evaluation
     if fill != "mean":
         return evaluation, None

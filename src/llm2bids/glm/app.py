@@ -76,7 +76,10 @@ def run_localize(
         are the derivatives written for it, by role.
     """
     if not task:
-        raise InputError("--task is required: the task whose conditions the contrast compares.")
+        raise InputError(
+            "task is required (--task on the command line): the task whose conditions the "
+            "contrast compares."
+        )
     check_output_dir(bids_dir, output_dir)
     selected = select_runs(bids_dir, participant_label, [task], hook_point)
     label = contrast_label(contrast)

@@ -22,7 +22,7 @@ from scipy import stats
 from .._gc import frozen_gc
 from ..bids.geometry import VoxelGeometry
 from ..bids.reader import check_same_geometry, load_img, load_run, read_run_events
-from ..exceptions import InputError
+from ..exceptions import InputError, check_choice
 from ..stimuli.runs import SPECIAL_CONDITION
 
 logger = logging.getLogger("llm2bids.glm")
@@ -200,10 +200,7 @@ def localize(
         raise InputError(f"threshold must be a positive z value, got {threshold}.")
     if alpha is not None and not 0 < alpha < 1:
         raise InputError(f"alpha must lie in (0, 1), got {alpha}.")
-    if height_control not in HEIGHT_CONTROLS:
-        raise InputError(
-            f"height_control must be one of {HEIGHT_CONTROLS}, got {height_control!r}."
-        )
+    check_choice("height_control", height_control, HEIGHT_CONTROLS)
     runs = [Path(r) for r in runs]
     if not runs:
         raise InputError("no runs to localize in: check the subject and task filters.")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ..bids.names import acquisition_label
-from ..exceptions import InputError
+from ..exceptions import check_choice
 from .registry import arch_spec
 
 HOOK_POINTS = ("mlp", "mlp_out", "resid")
@@ -35,8 +35,7 @@ def hook_point_of(acquisition: str | None) -> str | None:
 
 def check_hook_point(hook_point: str) -> None:
     """Refuse a hook point that does not exist, naming those that do."""
-    if hook_point not in HOOK_POINTS:
-        raise InputError(f"hook_point must be one of {HOOK_POINTS}, got {hook_point!r}.")
+    check_choice("hook_point", hook_point, HOOK_POINTS)
 
 
 @contextlib.contextmanager
