@@ -79,6 +79,15 @@ def test_analysis_stages_do_not_import_each_other(stage):
         assert not others, f"{path.relative_to(PACKAGE)} imports the stage(s) {sorted(others)}"
 
 
+@pytest.mark.parametrize("base", ["models", "bids"])
+def test_the_base_packages_import_no_stage(base):
+    """models/ and bids/ sit under every stage: none of their modules imports one, even
+    lazily inside a function (the pruned-model reader lives in models/)."""
+    for path in sorted((PACKAGE / base).rglob("*.py")):
+        stages = _imported_packages(path) & set(ANALYSIS_STAGES)
+        assert not stages, f"{path.relative_to(PACKAGE)} imports the stage(s) {sorted(stages)}"
+
+
 def test_bids_does_not_import_the_stimuli():
     for path in sorted((PACKAGE / "bids").rglob("*.py")):
         assert "stimuli" not in _imported_packages(path), path.name

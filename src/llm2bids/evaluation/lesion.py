@@ -93,7 +93,6 @@ def evaluate(
     return perplexity(lm, text, window, stride) | minimal_pair_accuracy(lm, pairs)
 
 
-@fill_doc
 def check_lesion_params(mode: str, n_controls: int) -> None:
     """Refuse a lesion mode or control count that cannot work, naming the parameter.
 
@@ -116,6 +115,7 @@ def check_lesion_params(mode: str, n_controls: int) -> None:
         raise InputError(f"n_controls must be an integer of at least 1, got {n_controls!r}.")
 
 
+@fill_doc
 def lesion_study(
     lm: LoadedModel,
     target: np.ndarray,

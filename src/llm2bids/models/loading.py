@@ -241,7 +241,7 @@ def load_model(
                         "neurons: it loads whole on one device. Pass device= instead of "
                         "device_map / offload_folder."
                     )
-                from ..evaluation.pruning import load_pruned  # the one reader of that file
+                from .pruned import load_pruned  # the one reader of that file
 
                 return load_pruned(path, device=str(target or "cpu"), dtype=torch_dtype)
             _check_tokenizer_files(path)
