@@ -33,7 +33,7 @@ README = f"""# Language-model activations as BIDS (llm2bids)
 | subject (`sub-`) | one language model (see `participants.tsv`) |
 | session (`ses-`) | a checkpoint or revision of that model (optional) |
 | task (`task-`) | one stimulus set (texts under `stimuli/`) |
-| acquisition (`acq-`) | the hook point: `mlp` = MLP neurons (input of the down projection), `resid` = residual stream |
+| acquisition (`acq-`) | the hook point: `mlp` = MLP neurons (input of the down projection), `mlpout` = MLP output (output of the down projection, hidden-size dimensions), `resid` = residual stream (each block's output; the last layer's is before the final norm, so it differs from transformers' last `hidden_states`) |
 | run (`run-`) | one document or chunk of text |
 | voxel | one neuron |
 | volume (time point) | one token; `RepetitionTime` is 1 s per token by convention |

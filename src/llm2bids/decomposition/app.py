@@ -352,11 +352,17 @@ def write_networks(
             connectivity(fit),
             side
             | {
-                "Description": "Correlation between network time courses (nilearn ConnectivityMeasure, mean over runs, special tokens dropped)."
+                "Description": "Correlation between network time courses (nilearn ConnectivityMeasure, mean over runs, special tokens dropped).",
+                "ConnectivityMeasure": CONNECTIVITY,
             },
         )
     )
     return out
+
+
+#: The nilearn ConnectivityMeasure of the connectivity tables (stated in their sidecars:
+#: nilearn's default standardize gives other values).
+CONNECTIVITY = {"kind": "correlation", "standardize": "zscore_sample"}
 
 
 def connectivity(fit: FunctionalNetworks) -> pd.DataFrame:
@@ -365,7 +371,7 @@ def connectivity(fit: FunctionalNetworks) -> pd.DataFrame:
 
     comps = [c for c in fit.mixing_.columns if c.startswith("comp-")]
     series = [g.loc[g.special == 0, comps].to_numpy() for _, g in fit.mixing_.groupby("run")]
-    measure = ConnectivityMeasure(kind="correlation", standardize="zscore_sample").fit(series)
+    measure = ConnectivityMeasure(**CONNECTIVITY).fit(series)
     mean = np.asarray(measure.mean_)
     frame = pd.DataFrame(np.round(mean, 4), columns=comps)
     frame.insert(0, "component", comps)

@@ -24,7 +24,8 @@ HOOK_POINT_DESCRIPTIONS = {
     "mlp": "MLP neurons: input of the down projection (after the activation and gate product)",
     "mlp_out": "MLP output: output of the down projection (hidden-size dimensions), the hook "
     "point of arXiv 2502.20408",
-    "resid": "residual stream: output of each transformer block",
+    "resid": "residual stream: output of each transformer block (the last one before the "
+    "final norm, unlike transformers' last hidden_states)",
 }
 
 
