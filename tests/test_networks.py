@@ -312,3 +312,20 @@ def test_frozen_gc_hides_existing_objects_only_inside_the_block():
     assert gc.get_freeze_count() == 0
     gc.collect()
     assert alive() is None  # collected once the block is over, even after an error
+
+
+def test_functional_networks_passes_scikit_learns_parameter_checks():
+    """The estimator checks that apply to an estimator fitted on file paths."""
+    from sklearn.utils.estimator_checks import (
+        check_get_params_invariance,
+        check_no_attributes_set_in_init,
+        check_parameters_default_constructible,
+    )
+
+    estimator = FunctionalNetworks(ica_solver="fastica", n_components=[3, 5])
+    for check in (
+        check_no_attributes_set_in_init,
+        check_get_params_invariance,
+        check_parameters_default_constructible,
+    ):
+        check("FunctionalNetworks", estimator)

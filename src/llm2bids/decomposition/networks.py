@@ -151,7 +151,7 @@ class FunctionalNetworks(BaseEstimator):
     def __init__(
         self,
         method: str = "canica",
-        n_components: int = 20,
+        n_components: int | Sequence[int] = 20,
         threshold: float = DEFAULT_THRESHOLD,
         random_state: int = 0,
         drop_special: bool = True,
