@@ -272,7 +272,7 @@ def test_report_dashboards_show_the_tokens_that_drive_each_network(tmp_path):
     mixing = pd.read_csv(func / f"{stem}_mixing.tsv", sep="\t")
     sources = llm2bids._io.read_json(func / f"{stem}_mixing.json")["Sources"]
     assert source_dataset(out) == bids.resolve()
-    top = driving_tokens(mixing, sources, bids, f"comp-{k:02d}").iloc[0]
+    top = driving_tokens(mixing, sources, out, f"comp-{k:02d}").iloc[0]
     assert (top.run.endswith("run-02"), top.position, top.token) == (True, 57, "tok57")
     assert top.before.endswith("tok56") and top.after.startswith("tok58")
     reads = []
