@@ -52,7 +52,8 @@ def init_derivatives(output_dir: str | Path, bids_dir: str | Path) -> Path:
     check_output_dir(bids_dir, output_dir)
     output_dir = Path(output_dir)
     description = output_dir / "dataset_description.json"
-    link = {RAW_DATASET: _relative_url(bids_dir, output_dir)}
+    source = _relative_url(bids_dir, output_dir)
+    link = {RAW_DATASET: source}
     with _io.dataset_lock(output_dir):
         if not description.exists():
             _io.write_json(
@@ -63,13 +64,13 @@ def init_derivatives(output_dir: str | Path, bids_dir: str | Path) -> Path:
                     "DatasetType": "derivative",
                     "DatasetLinks": link,
                     "GeneratedBy": generated_by(),
-                    "SourceDatasets": [{"URL": _relative_url(bids_dir, output_dir)}],
+                    "SourceDatasets": [{"URL": source}],
                 },
             )
             _io.write_text(
                 output_dir / "README.md",
                 f"# llm2bids derivatives\n\n{NOT_BRAIN_DATA}\n\nComputed from "
-                f"`{_relative_url(bids_dir, output_dir)}` by llm2bids {__version__}.\n",
+                f"`{source}` by llm2bids {__version__}.\n",
             )
         else:  # derivatives written before DatasetLinks: the link is added, nothing changed
             known = _io.read_json(description)

@@ -76,6 +76,32 @@ def check_choice(name: str, value, allowed) -> None:
         raise InputError(f"{name} must be one of {allowed}, got {value!r}.")
 
 
+def check_positive_int(name: str, value, allow_none: bool = False) -> None:
+    """Refuse anything but an integer of at least 1 (``bool`` is not one).
+
+    Parameters
+    ----------
+    name : str
+        The parameter's name, as the caller's signature spells it.
+    value : object
+        What was given.
+    allow_none : bool, default=False
+        Also accept ``None`` (a parameter whose ``None`` means a default).
+
+    Raises
+    ------
+    InputError
+        Naming the parameter and what was given.
+    """
+    import numbers
+
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        accepted = "a positive integer" + (" or None" if allow_none else "")
+        raise InputError(f"{name} must be {accepted}, got {value!r}.")
+
+
 #: What to do about the operating-system errors a user can cause, by errno.
 _OS_ADVICE = {
     errno.EROFS: "the file system is read-only: pass a writable folder (or copy the dataset to one)",

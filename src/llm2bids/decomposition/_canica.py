@@ -60,8 +60,9 @@ class RestartedCanICA(CanICA):
     """:class:`nilearn.decomposition.CanICA`, with the ICA solver of each restart chosen.
 
     Takes CanICA's parameters. Set ``solver`` (``"picard"``, the default, or ``"fastica"``)
-    and ``max_iter`` (iterations of one restart) as attributes after construction; ``threshold`` other than ``None`` falls back to nilearn's own unmixing
-    unchanged (llm2bids thresholds z-scored maps itself).
+    and ``max_iter`` (iterations of one restart) as attributes after construction;
+    ``threshold`` other than ``None`` falls back to nilearn's own unmixing unchanged
+    (llm2bids thresholds z-scored maps itself).
     """
 
     solver = "picard"

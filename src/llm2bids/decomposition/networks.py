@@ -27,7 +27,7 @@ from .._parallel import parallel_map
 from ..bids.geometry import VoxelGeometry
 from ..bids.nifti import read_volume
 from ..bids.reader import check_same_geometry, load_img, special_mask
-from ..exceptions import InputError, NumericalError, check_choice
+from ..exceptions import InputError, NumericalError, check_choice, check_positive_int
 
 logger = logging.getLogger("llm2bids.decomposition")
 
@@ -210,12 +210,7 @@ class FunctionalNetworks(BaseEstimator):
         check_choice("scope", self.scope, SCOPES)
         check_choice("sided", self.sided, SIDES)
         check_choice("ica_solver", self.ica_solver, SOLVERS)
-        if self.ica_max_iter is not None and not (
-            isinstance(self.ica_max_iter, (int, np.integer)) and self.ica_max_iter >= 1
-        ):
-            raise InputError(
-                f"ica_max_iter must be a positive integer or None, got {self.ica_max_iter!r}."
-            )
+        check_positive_int("ica_max_iter", self.ica_max_iter, allow_none=True)
 
     def fit(self, runs: Sequence[str | Path], y=None) -> FunctionalNetworks:
         """Decompose the runs (paths of ``_bold`` files written by llm2bids).

@@ -17,7 +17,7 @@ from ..bids.names import strip_prefix
 from ..bids.path import BIDSPath, participant_id
 from ..bids.reader import find_runs, run_metadata
 from ..derivatives import check_output_dir, init_derivatives, provenance, write_table
-from ..exceptions import DatasetError, InputError, check_choice
+from ..exceptions import DatasetError, InputError, check_choice, check_positive_int
 from ..models import LoadedModel, load_model
 from ..models.hooks import hook_point_of, layer_count, neurons_per_layer
 from ..models.identity import check_same_model
@@ -107,12 +107,7 @@ def check_lesion_params(mode: str, n_controls: int) -> None:
     InputError
     """
     check_choice("mode", mode, MODES)
-    if (
-        isinstance(n_controls, bool)
-        or not isinstance(n_controls, (int, np.integer))
-        or n_controls < 1
-    ):
-        raise InputError(f"n_controls must be an integer of at least 1, got {n_controls!r}.")
+    check_positive_int("n_controls", n_controls)
 
 
 @fill_doc
@@ -493,5 +488,7 @@ def _sources(networks, output_dir) -> dict:
 
     if isinstance(networks, np.ndarray):
         return {}
-    inside = Path(output_dir).resolve() in Path(networks).resolve().parents
-    return {"Sources": [bids_uri(networks, output_dir, name="")]} if inside else {}
+    try:
+        return {"Sources": [bids_uri(networks, output_dir, name="")]}
+    except InputError:  # a set outside the derivatives has no BIDS URI
+        return {}

@@ -215,6 +215,7 @@ def load_model(
         kwargs["offload_folder"] = str(offload_folder)
 
     spec = DEFAULT_MODEL if spec in (None, "", DEFAULT_MODEL) else str(spec)
+    pruned = None  # what llm2bids_pruning.json says, for a pruned folder
     if spec == DEFAULT_MODEL:
         gguf = embedded_model_path()
         folder, load_kwargs = gguf.parent, {"gguf_file": gguf.name}
@@ -275,8 +276,8 @@ def load_model(
     if target is not None:
         model.to(target)
     model.eval()
-    if source == "folder" and (pruned := _pruned_info(Path(folder))) is not None:
-        model.llm2bids_kept_neurons = pruned["KeptNeurons"]  # a uniformly pruned model
+    if pruned is not None:  # a uniformly pruned model, built by transformers itself
+        model.llm2bids_kept_neurons = pruned["KeptNeurons"]
     arch_spec(model)  # fail early, with the list of supported architectures
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

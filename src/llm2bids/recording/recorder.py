@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -19,7 +18,13 @@ from ..bids.geometry import VoxelGeometry
 from ..bids.names import acquisition_label, check_label, strip_prefix
 from ..bids.path import BIDSPath, participant_id
 from ..bids.reader import find_runs
-from ..exceptions import DiskSpaceError, InputError, ParameterClashError, ResourceError
+from ..exceptions import (
+    DiskSpaceError,
+    InputError,
+    ParameterClashError,
+    ResourceError,
+    check_positive_int,
+)
 from ..models import LoadedModel, arch_spec, clean_label, load_model, neuron_hooks
 from ..models.hooks import (
     HOOK_POINT_DESCRIPTIONS,
@@ -120,8 +125,7 @@ def record(
         The ``_bold`` files of all runs (written now or before).
     """
     check_hook_point(hook_point)
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    check_positive_int("batch_size", batch_size)
     stimulus_sets = _stimulus_sets(task, stimuli)
     if subject is not None:
         check_label(clean_label(strip_prefix(subject)), "subject")
