@@ -129,16 +129,78 @@ def test_prune_cli_and_reload(tiny_dir, key_table, tmp_path):
     assert np.isfinite(lm.model(ids).logits.detach().numpy()).all()
 
 
-def test_lm_eval_is_optional_with_a_clear_error(tiny_dir):
-    import importlib.util
+def test_lm_eval_is_optional_with_a_clear_error(tiny_dir, monkeypatch):
+    """Without lm-eval (hidden here when it is installed), the error says how to install it."""
+    import sys
 
     from llm2bids.evaluation.lmeval import run_lm_eval
     from llm2bids.exceptions import InputError
 
-    if importlib.util.find_spec("lm_eval") is not None:
-        pytest.skip("lm-eval is installed here; this test checks the message without it")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
     with pytest.raises(InputError, match=r"pip install 'llm2bids\[lmeval\]'"):
         run_lm_eval(llm2bids.load_model(str(tiny_dir("llama")), device="cpu"), ["hellaswag"])
+
+
+def test_lm_eval_local_task_scores_the_masked_model(tiny_dir, tmp_path, monkeypatch):
+    """A local lm-eval task (a dict config over a JSON file, no hub) runs offline, and inside
+    mask_neurons it scores the masked model: its accuracy is the one the masked model's own
+    log-likelihoods give."""
+    pytest.importorskip("lm_eval", reason="needs the lmeval extra: pip install 'llm2bids[lmeval]'")
+    import torch
+
+    from llm2bids.evaluation.lmeval import run_lm_eval
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    lm = llm2bids.load_model(str(tiny_dir("llama")), device="cpu")
+    rng = np.random.default_rng(0)
+    items = [
+        {
+            "context": f"The cat {w}",
+            "choices": [" sat", " ran", " is"],
+            "label": int(rng.integers(3)),
+        }
+        for w in ("is", "was", "and", "the", "a", "of", "to", "in", "on", "it", "he", "we")
+    ]
+    data = tmp_path / "items.jsonl"
+    data.write_text("\n".join(json.dumps(item) for item in items))
+    task = {
+        "task": "llm2bids_local_cloze",
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{label}}",
+        "metric_list": [{"metric": "acc"}],
+    }
+
+    def own_accuracy():
+        right = 0
+        for item in items:
+            scores = []
+            for choice in item["choices"]:
+                context = lm.tokenizer(item["context"], add_special_tokens=False).input_ids
+                whole = lm.tokenizer(item["context"] + choice, add_special_tokens=False).input_ids
+                ids = torch.tensor([whole])
+                with torch.no_grad():
+                    logp = torch.log_softmax(lm.model(ids).logits[0].double(), -1)
+                scores.append(
+                    sum(logp[t - 1, whole[t]].item() for t in range(len(context), len(whole)))
+                )
+            right += int(np.argmax(scores) == item["label"])
+        return right / len(items)
+
+    from llm2bids.models.hooks import layer_count, neurons_per_layer
+
+    neurons = np.zeros((layer_count(lm.model), neurons_per_layer(lm.model)[0]), dtype=bool)
+    neurons[:, ::2] = True
+    plain = run_lm_eval(lm, [task])["llm2bids_local_cloze"]["acc,none"]
+    with llm2bids.mask_neurons(lm, neurons):
+        masked = run_lm_eval(lm, [task])["llm2bids_local_cloze"]["acc,none"]
+        assert masked == pytest.approx(own_accuracy())
+    assert plain == pytest.approx(own_accuracy())
 
 
 def test_lesion_of_a_stat_map_needs_and_records_a_threshold(recorded, tmp_path, capsys):

@@ -1,5 +1,6 @@
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
@@ -219,8 +220,9 @@ def test_canica_with_fastica_is_nilearns_canica_and_picard_finds_its_maps(plante
     assert _best_dice(fit.networks_, truth, fit.geometry_).min() == 1.0
 
 
-def test_nilearn_recipes_in_the_docs_run_on_our_derivatives(planted, tmp_path, monkeypatch):
-    """docs/nilearn.md runs as written (every python block, in order) and draws the networks."""
+def test_nilearn_recipes_in_the_docs_run_on_our_derivatives(tmp_path, monkeypatch):
+    """docs/nilearn.md runs as written (every python block, in order): nilearn's maskers,
+    connectome and first-level GLM reproduce our tables and maps, and the figures draw."""
     import re
     from pathlib import Path
 
@@ -229,21 +231,41 @@ def test_nilearn_recipes_in_the_docs_run_on_our_derivatives(planted, tmp_path, m
     matplotlib.use("Agg")
     from matplotlib.image import imread
 
-    paths, _ = planted
-    bids_dir = paths[0].parents[2]
+    runs, _ = planted_networks()
+    conditions = [["sentence" if (t // 10) % 2 else "nonword" for t in range(len(r))] for r in runs]
+    paths = write_synthetic(tmp_path / "bids", runs, conditions)
+    bids_dir = tmp_path / "bids"
     derivatives = tmp_path / "derivatives"
     llm2bids.run_networks(bids_dir, derivatives, n_components=4, per_run=False, verbose=0)
+    llm2bids.run_localize(bids_dir, derivatives, task="synth", contrast="sentence - nonword")
     page = (Path(__file__).parents[1] / "docs" / "nilearn.md").read_text()
     code = "\n".join(re.findall(r"```python\n(.*?)```", page, flags=re.S))
-    for line in ('bids_dir = "ds"', 'derivatives = "ds/derivatives/llm2bids"'):
-        assert line in code, line  # the paths a reader edits; pointed at the test's data
-    code = code.replace('"ds/derivatives/llm2bids"', repr(str(derivatives)))
-    code = code.replace('"ds"', repr(str(bids_dir)))
+    edits = {  # the values a reader edits, pointed at the test's data
+        'bids_dir = "ds"': f"bids_dir = {str(bids_dir)!r}",
+        'derivatives = "ds/derivatives/llm2bids"': f"derivatives = {str(derivatives)!r}",
+        'task = "langloc"': 'task = "synth"',
+    }
+    for line, replacement in edits.items():
+        assert line in code, line
+        code = code.replace(line, replacement)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "docs/nilearn.md", "exec"), namespace)
-    assert namespace["X"].shape == llm2bids.load_run(paths[0]).data.shape
-    for figure in ("component-01-nilearn.png", "networks-atlas.png", "connectivity.png"):
+    ns = namespace
+    assert ns["X"].shape == llm2bids.load_run(paths[0]).data.shape
+    np.testing.assert_allclose(ns["time_courses"], ns["ours"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ns["measure"].mean_, ns["matrix"].to_numpy(), atol=1e-4)
+    # the labels masker: each network's members averaged, token by token
+    run = llm2bids.load_run(paths[0])
+    labels = np.asarray(nib.load(ns["atlas"][0]).dataobj)[run.geometry.mask]
+    present = [k for k in np.unique(labels) if k > 0]
+    expected = np.stack([run.data[:, labels == k].mean(1) for k in present], axis=1)
+    np.testing.assert_allclose(ns["network_means"], expected, rtol=1e-4, atol=1e-6)
+    ours_z = nib.load(ns["localizer_z"]).get_fdata()
+    np.testing.assert_allclose(ns["z_map"].get_fdata(), ours_z, atol=1e-4)
+    assert np.abs(ours_z).max() > 0  # a real map, not two empty ones
+    figures = ("component-01-nilearn.png", "networks-atlas.png", "networks-probseg.png")
+    for figure in (*figures, "connectivity.png"):
         rgb = imread(tmp_path / figure)[..., :3]
         coloured = (rgb.max(axis=-1) - rgb.min(axis=-1)) > 0.2  # not white, grey or black
         assert coloured.sum() > 200, f"{figure} draws (almost) nothing"

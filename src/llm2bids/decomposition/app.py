@@ -291,7 +291,16 @@ def write_networks(
             fit.mixing_,
             side
             | {
-                "Description": "Component time courses per run; one row per token.",
+                "Description": "Component time courses per run; one row per token: each "
+                "token's activations fitted on the component maps by least squares"
+                + (
+                    ", the special tokens regressed out. nilearn's NiftiMapsMasker on the "
+                    "components image gives the same values with one indicator column per "
+                    "special token as confounds."
+                    if fit.drop_special
+                    else ". nilearn's NiftiMapsMasker on the components image gives the same "
+                    "values."
+                ),
                 "run": {"Description": "The run, from 1: its position in Sources."},
             },
         ),
