@@ -80,8 +80,9 @@ def test_pruned_equals_masked_keep_and_reloads(arch, tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "phi3", "gpt_neox"])
 def test_uniformly_pruned_models_load_with_plain_transformers(arch, tmp_path):
     """Every layer keeping as many neurons: ``AutoModelForCausalLM.from_pretrained`` alone
-    rebuilds the pruned model (logits equal to the masked model's); unequal layers say so in
-    the pruning file and load through llm2bids; both honour ``dtype``."""
+    rebuilds the pruned model (logits equal to the masked model's); unequal layers load with
+    ``trust_remote_code=True`` (the modeling file saved beside them) and through llm2bids,
+    with the same logits; both honour ``dtype``."""
     from transformers import AutoModelForCausalLM
 
     model = tiny_model(arch)
@@ -102,18 +103,30 @@ def test_uniformly_pruned_models_load_with_plain_transformers(arch, tmp_path):
         assert through.model.dtype == torch.bfloat16
         assert through.model.llm2bids_kept_neurons == prune(model, keep).llm2bids_kept_neurons
         unequal = save_pruned(prune(model, _keep()), tiny_tokenizer(), tmp_path / "unequal")
-    assert (
-        json.loads((unequal / "llm2bids_pruning.json").read_text())["LoadsWithTransformers"]
-        is False
-    )
+    info = json.loads((unequal / "llm2bids_pruning.json").read_text())
+    assert info["LoadsWithTransformers"] is False and info["LoadsWithTrustRemoteCode"] is True
     with pytest.raises((RuntimeError, ValueError), match="size"):
-        AutoModelForCausalLM.from_pretrained(unequal)
+        AutoModelForCausalLM.from_pretrained(unequal)  # the dense widths of config.json
+    # the documented route: the modeling file saved beside the weights, named by auto_map
+    remote = AutoModelForCausalLM.from_pretrained(unequal, trust_remote_code=True).eval()
+    with torch.inference_mode():
+        with mask_neurons(model, _keep(), mode="keep"):
+            masked_unequal = model(IDS).logits
+        np.testing.assert_allclose(remote(IDS).logits.numpy(), masked_unequal.numpy(), atol=1e-5)
+        np.testing.assert_array_equal(
+            remote(IDS).logits.numpy(), load_pruned(unequal).model(IDS).logits.numpy()
+        )
     assert load_pruned(unequal, dtype="bfloat16").model.dtype == torch.bfloat16
     assert llm2bids.load_model(str(unequal), device="cpu", dtype="float16").model.dtype == (
         torch.float16
     )
     with pytest.raises(InputError, match="device_map"):
         llm2bids.load_model(str(unequal), device_map="auto")
+    # replaced by a uniform model, the folder keeps no modeling file of the unequal one
+    assert (unequal / "llm2bids_pruned.py").exists()
+    save_pruned(prune(model, keep), tiny_tokenizer(), unequal, overwrite=True)
+    assert not (unequal / "llm2bids_pruned.py").exists()
+    assert "auto_map" not in json.loads((unequal / "config.json").read_text())
 
 
 def test_bias_compensation_equals_mean_masking(tmp_path):

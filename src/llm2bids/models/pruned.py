@@ -3,8 +3,10 @@
 A pruned model is a transformers folder plus ``llm2bids_pruning.json``: which neurons each
 layer kept, the per-layer sizes and the biases. When every layer keeps as many neurons,
 ``config.json`` declares the kept width and plain ``AutoModelForCausalLM.from_pretrained``
-loads it; otherwise :func:`load_pruned` (or :func:`llm2bids.load_model`) rebuilds the
-per-layer shapes. Pruning itself (choosing and cutting the neurons) is in
+loads it. Otherwise a modeling file saved beside the weights (``llm2bids_pruned.py``, from
+:mod:`._pruned_modeling`, named by ``config.json``'s ``auto_map``) builds each layer at its
+width for ``from_pretrained(folder, trust_remote_code=True)``, and :func:`load_pruned` (or
+:func:`llm2bids.load_model`) rebuilds the per-layer shapes without running it. Pruning itself (choosing and cutting the neurons) is in
 :mod:`llm2bids.evaluation.pruning`.
 """
 
@@ -99,6 +101,7 @@ def save_pruned(
         raise InputError("this model was not made by llm2bids.prune(); nothing records its sizes.")
     path = Path(path)
     _check_pruned_folder(path, overwrite)
+    (path / MODELING_FILE).unlink(missing_ok=True)  # a replaced model's, if any
     model.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
@@ -106,7 +109,9 @@ def save_pruned(
     down_bias = [
         getattr(spec.mlp_module(model, i), spec.down).bias is not None for i in range(len(kept))
     ]
-    plain = _declare_uniform_width(path, model, [len(k) for k in kept], down_bias)
+    sizes = [len(k) for k in kept]
+    plain = _declare_uniform_width(path, model, sizes, down_bias)
+    remote = not plain and _declare_remote_code(path, model, sizes, down_bias)
     _io.write_json(
         path / PRUNED_MODEL_FILE,
         {
@@ -117,6 +122,7 @@ def save_pruned(
             "NeuronsPerLayer": [len(k) for k in kept],
             "DownBias": down_bias,
             "LoadsWithTransformers": plain,
+            "LoadsWithTrustRemoteCode": remote,
             "KeptNeurons": kept,
         },
     )
@@ -158,6 +164,83 @@ def _declare_uniform_width(path: Path, model, sizes: list[int], down_bias: list[
             _io.write_json(path / "config.json", saved | {attribute: sizes[0]})
             return True
     return False
+
+
+#: The modeling file saved beside a pruned model whose layers keep different widths.
+MODELING_FILE = "llm2bids_pruned.py"
+_MODELING_TEMPLATE = Path(__file__).with_name("_pruned_modeling.py")
+
+
+def _modeling_source(model) -> str | None:
+    """The modeling file of ``model``'s architecture (None for a class transformers lacks)."""
+    import re
+
+    import transformers
+
+    base = type(model).__name__
+    if not isinstance(getattr(transformers, base, None), type):
+        return None
+    spec = arch_spec(model)
+    values = {
+        "BASE": base,
+        "LAYERS": spec.layers,
+        "MLP": spec.mlp,
+        "UP": tuple(spec.up),
+        "DOWN": spec.down,
+        "FUSED_GATE_UP": bool(spec.fused_gate_up),
+        "CONV1D": bool(spec.conv1d),
+    }
+    source = _MODELING_TEMPLATE.read_text()
+    for name, value in values.items():
+        source, n = re.subn(rf"^{name} = .*$", f"{name} = {value!r}", source, flags=re.M)
+        assert n == 1, name
+    return source
+
+
+def _declare_remote_code(path: Path, model, sizes: list[int], down_bias: list[bool]) -> bool:
+    """Save the modeling file that lets plain transformers build unequal layers.
+
+    ``config.json`` gains the per-layer widths and an ``auto_map`` entry naming the file, so
+    ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`` builds them; the
+    file is first checked by building the model it defines on the meta device. Returns
+    whether it was saved (not for an architecture it cannot build).
+    """
+    source = _modeling_source(model)
+    if source is None:
+        return False
+    config = copy.deepcopy(model.config)
+    config.llm2bids_neurons_per_layer = sizes
+    config.llm2bids_down_bias = down_bias
+    namespace: dict = {}
+    exec(compile(source, MODELING_FILE, "exec"), namespace)  # noqa: S102 (our own template)
+    spec = arch_spec(model)
+    try:
+        with torch.device("meta"):
+            built = namespace["PrunedForCausalLM"](config)
+    except Exception:  # noqa: BLE001 (an architecture the file does not fit: not declared)
+        return False
+    fits = all(
+        spec.n_neurons(built, layer) == size
+        and (getattr(spec.mlp_module(built, layer), spec.down).bias is not None) == bias
+        for layer, (size, bias) in enumerate(zip(sizes, down_bias))
+    )
+    if not fits:
+        return False
+    (path / MODELING_FILE).write_text(source)
+    saved = _io.read_json(path / "config.json")
+    auto_map = saved.get("auto_map", {}) | {
+        "AutoModelForCausalLM": f"{MODELING_FILE.removesuffix('.py')}.PrunedForCausalLM"
+    }
+    _io.write_json(
+        path / "config.json",
+        saved
+        | {
+            "auto_map": auto_map,
+            "llm2bids_neurons_per_layer": sizes,
+            "llm2bids_down_bias": down_bias,
+        },
+    )
+    return True
 
 
 def _check_pruned_folder(path: Path, overwrite: bool) -> None:
