@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -36,7 +37,7 @@ from .evaluation import (
 from .evaluation.lesion import controls_text, summarize
 from .exceptions import Llm2BidsError
 from .glm import run_localize
-from .models import load_model
+from .models import LoadedModel, load_model
 from .models.hooks import layer_count, neurons_per_layer
 from .recording import record
 from .report import build_report
@@ -68,18 +69,71 @@ QUICK = {
 
 
 class _Stages:
-    """Remember which stages finished with which parameters."""
+    """Which stages finished, with which parameters, and the files each returned.
+
+    ``<out>/stages.json`` maps a stage's name to its parameters and files (relative to the
+    demo's folder); a stage is reused when its parameters are unchanged and its files exist.
+    """
 
     def __init__(self, out: Path, overwrite: bool):
+        self.out = out
         self.path = out / "stages.json"
-        self.done = {} if overwrite or not self.path.exists() else json.loads(self.path.read_text())
+        self.done = {} if overwrite or not self.path.exists() else _io.read_json(self.path)
 
-    def fresh(self, name: str, params: dict) -> bool:
-        return self.done.get(name) == json.loads(json.dumps(params, default=str))
+    def reused(self, name: str, params: dict) -> dict[str, Path] | None:
+        """The files of stage ``name`` if it finished with ``params`` (None otherwise)."""
+        done = self.done.get(name)
+        if not isinstance(done, dict) or done.get("params") != _plain(params):
+            return None
+        files = {role: self.out / rel for role, rel in done.get("files", {}).items()}
+        return files if all(f.exists() for f in files.values()) else None
 
-    def finish(self, name: str, params: dict) -> None:
-        self.done[name] = json.loads(json.dumps(params, default=str))
+    def finish(self, name: str, params: dict, files: dict[str, Path]) -> dict[str, Path]:
+        """Record that stage ``name`` finished with ``params``, writing ``files``."""
+        self.done[name] = {
+            "params": _plain(params),
+            "files": {role: Path(f).relative_to(self.out).as_posix() for role, f in files.items()},
+        }
         _io.write_json(self.path, self.done)
+        return files
+
+
+def _plain(params: dict) -> dict:
+    """``params`` as JSON gives it back (lists, strings), for comparison with a stored copy."""
+    return json.loads(json.dumps(params, default=str))
+
+
+@dataclass
+class _Demo:
+    """What every step of one demo shares."""
+
+    bids: Path
+    deriv: Path
+    cfg: dict
+    stages: _Stages
+    lm: LoadedModel
+    overwrite: bool
+    verbose: int
+    params: dict = field(default_factory=dict)  # grows step by step: a step's and all before
+
+    @property
+    def sub(self) -> str:
+        return self.lm.label
+
+    def say(self, text: str) -> None:
+        if self.verbose:
+            print(text)
+
+    def step(self, name: str, title: str, added: dict, work) -> dict[str, Path]:
+        """Run step ``name`` (``work()`` returns its files) unless it finished with the same
+        parameters (its own and those of every step before) and its files exist."""
+        self.params = self.params | added
+        files = self.stages.reused(name, self.params)
+        if files is not None:
+            self.say(f"{title.partition(':')[0]}: reused")
+            return files
+        self.say(title)
+        return self.stages.finish(name, self.params, work())
 
 
 @fill_doc
@@ -106,150 +160,185 @@ def run_demo(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    bids, deriv = out / "bids", out / "bids" / "derivatives" / "llm2bids"
-    cfg = QUICK if quick else FULL
-    stages = _Stages(out, overwrite)
     t0 = time.time()
-    say = print if verbose else (lambda *a, **k: None)
-
-    lm = load_model(model, device="cpu")
-    sub = lm.label
-    p = {"model": lm.spec, "max_tokens": cfg["max_tokens"]}
-    say(f"[1/8] record {lm.model_id} on every built-in task -> {bids}")
-    record(
-        bids,
-        model=lm,
-        max_tokens=cfg["max_tokens"],
-        batch_size=4,
+    demo = _Demo(
+        bids=out / "bids",
+        deriv=out / "bids" / "derivatives" / "llm2bids",
+        cfg=QUICK if quick else FULL,
+        stages=_Stages(out, overwrite),
+        lm=load_model(model, device="cpu"),
         overwrite=overwrite,
         verbose=verbose,
-    )  # resumes (skips) finished runs by itself
-    stages.finish("record", p)
+    )
+    _record_step(demo)
+    networks = _networks_step(demo)
+    localizer = _localize_step(demo)
+    lesions, summaries = _lesion_steps(demo, networks["keyneurons"], localizer["keyneurons"])
+    ranking = rank_neurons(
+        networks["components"], run_geometry(find_runs(demo.bids, subject=demo.sub)[0])
+    )
+    keep = _keep_only_step(demo, ranking, networks["keyneurons"])
+    pruning = _prune_step(demo, ranking, networks["keyneurons"])
+    report = _report_step(demo)
+    demo.say(
+        _summary_text(
+            {name: pd.read_csv(path, sep="\t") for name, path in lesions.items()},
+            pd.read_csv(keep, sep="\t"),
+            pd.read_csv(pruning, sep="\t"),
+        )
+    )
+    demo.say(
+        f"done in {time.time() - t0:.0f} s. Raw dataset: {demo.bids} (valid); derivatives: "
+        f"{demo.deriv} (valid); report: {report}"
+    )
+    return {"bids": demo.bids, "derivatives": demo.deriv, "report": report, "summaries": summaries}
 
-    say("[2/8] validate the raw dataset (bids-validator-deno)")
-    raw_valid = validate(bids)
+
+def _record_step(demo: _Demo) -> None:
+    """Record every built-in task (finished runs are resumed by ``record`` itself), validate."""
+    demo.params = {"model": demo.lm.spec, "max_tokens": demo.cfg["max_tokens"]}
+    demo.say(f"[1/8] record {demo.lm.model_id} on every built-in task -> {demo.bids}")
+    record(
+        demo.bids,
+        model=demo.lm,
+        max_tokens=demo.cfg["max_tokens"],
+        batch_size=4,
+        overwrite=demo.overwrite,
+        verbose=demo.verbose,
+    )
+    demo.say("[2/8] validate the raw dataset (bids-validator-deno)")
+    raw_valid = validate(demo.bids)
     if not raw_valid.valid:
         raise Llm2BidsError("the raw dataset does not validate:\n" + raw_valid.summary())
 
-    p = p | {k: cfg[k] for k in ("n_components", "threshold", "n_permutations")}
-    if not stages.fresh("networks", p):
-        say(
-            f"[3/8] networks: CanICA ({cfg['n_components']} components) per task and over all tasks, recurrence"
-        )
-        run_networks(
-            bids,
-            deriv,
-            participant_label=[sub],
+
+def _networks_step(demo: _Demo) -> dict[str, Path]:
+    """CanICA per task and over all tasks, recurrence; the all-task fit's files."""
+    cfg = demo.cfg
+
+    def work():
+        written = run_networks(
+            demo.bids,
+            demo.deriv,
+            participant_label=[demo.sub],
             n_components=cfg["n_components"],
             threshold=cfg["threshold"],
             n_permutations=cfg["n_permutations"],
-            verbose=verbose,
+            verbose=demo.verbose,
         )
-        stages.finish("networks", p)
-    else:
-        say("[3/8] networks: reused")
+        return {role: _all_tasks(written[role]) for role in ("keyneurons", "components")}
 
-    if not stages.fresh("localize", p):
-        say("[4/8] language localizer: sentence - nonword, top 1% of units")
-        run_localize(
-            bids,
-            deriv,
+    return demo.step(
+        "networks",
+        f"[3/8] networks: CanICA ({cfg['n_components']} components) per task and over all "
+        "tasks, recurrence",
+        {k: cfg[k] for k in ("n_components", "threshold", "n_permutations")},
+        work,
+    )
+
+
+def _all_tasks(paths: list[Path]) -> Path:
+    """The one file of the fit over all tasks (no ``task-`` entity) among ``paths``."""
+    (path,) = [p for p in paths if BIDSPath.from_path(p).task is None]
+    return path
+
+
+def _localize_step(demo: _Demo) -> dict[str, Path]:
+    """The language localizer (sentences - nonwords, top 1% of units)."""
+
+    def work():
+        results = run_localize(
+            demo.bids,
+            demo.deriv,
             task="langloc",
             contrast="sentence - nonword",
-            participant_label=[sub],
+            participant_label=[demo.sub],
             top_percent=1.0,
         )
-        stages.finish("localize", p)
-    else:
-        say("[4/8] localizer: reused")
+        return {"keyneurons": results[demo.sub].files["keyneurons"]}
 
-    networks = BIDSPath(subject=sub, acquisition="mlp", description="canica", root=deriv)
-    localizer = networks.update(task="langloc", description="sentenceMinusNonword")
-    tables = {
-        "networks": networks.update(suffix="keyneurons", extension=".tsv"),
-        "localizer": localizer.update(suffix="keyneurons", extension=".tsv"),
-    }
-    p = p | {"n_controls": cfg["n_controls"]}
-    summaries, lesions = {}, {}
-    for name, table in tables.items():
-        lesions[name] = table.update(
-            description=f"{table.description}Ablate", suffix="lesion", extension=".tsv"
-        ).fpath
-        if not stages.fresh(f"lesion-{name}", p):
-            say(f"[5/8] lesion the {name} units versus {cfg['n_controls']} random controls")
+    return demo.step(
+        "localize", "[4/8] language localizer: sentence - nonword, top 1% of units", {}, work
+    )
+
+
+def _lesion_steps(demo: _Demo, networks: Path, localizer: Path):
+    """Lesion each neuron set versus random controls: the tables and their summaries."""
+    lesions, summaries = {}, {}
+    for name, table in {"networks": networks, "localizer": localizer}.items():
+
+        def work(table=table):
             results = run_lesion(
-                bids,
-                deriv,
-                table.fpath,
-                participant_label=[sub],
-                n_controls=cfg["n_controls"],
-                model=lm,
-                verbose=verbose,
+                demo.bids,
+                demo.deriv,
+                table,
+                participant_label=[demo.sub],
+                n_controls=demo.cfg["n_controls"],
+                model=demo.lm,
+                verbose=demo.verbose,
             )
-            summaries[name] = results[sub].summary
-            stages.finish(f"lesion-{name}", p)
-        else:
-            say(f"[5/8] lesion {name}: reused")
-            summaries[name] = json.loads(lesions[name].with_suffix(".json").read_text())["Summary"]
+            return {"lesion": results[demo.sub].files["lesion"]}
 
-    components = networks.update(suffix="components", extension=".nii.gz")
-    ranking = rank_neurons(components.fpath, run_geometry(find_runs(bids, subject=sub)[0]))
-    p = p | {"keep_fractions": cfg["keep_fractions"], "keep_controls": cfg["keep_controls"]}
-    keep_path = networks.update(suffix="keeponly", extension=".tsv").fpath
-    if not stages.fresh("keep-only", p):
-        say(f"[6/8] keep only the top key neurons at {cfg['keep_fractions']} versus random sets")
+        files = demo.step(
+            f"lesion-{name}",
+            f"[5/8] lesion {name}: the {name} units versus {demo.cfg['n_controls']} random "
+            "controls",
+            {"n_controls": demo.cfg["n_controls"]},
+            work,
+        )
+        lesions[name] = files["lesion"]
+        summaries[name] = _io.read_json(files["lesion"].with_suffix(".json"))["Summary"]
+    return lesions, summaries
+
+
+def _keep_only_step(demo: _Demo, ranking: pd.DataFrame, networks: Path) -> Path:
+    """Keep only the top key neurons at each fraction versus random sets: the table."""
+    cfg = demo.cfg
+    path = BIDSPath.from_path(networks, root=demo.deriv).update(suffix="keeponly").fpath
+
+    def work():
         curve = keep_only_curve(
-            lm, ranking, cfg["keep_fractions"], cfg["keep_controls"], verbose=verbose
+            demo.lm, ranking, cfg["keep_fractions"], cfg["keep_controls"], verbose=demo.verbose
         )
-        write_table(
-            keep_path,
-            curve,
-            provenance(
-                fractions=cfg["keep_fractions"],
-                n_controls=cfg["keep_controls"],
-                ranking="max |z| over the all-task components",
-            ),
+        side = provenance(
+            fractions=cfg["keep_fractions"],
+            n_controls=cfg["keep_controls"],
+            ranking="max |z| over the all-task components",
         )
-        stages.finish("keep-only", p)
-    else:
-        say("[6/8] keep-only: reused")
+        return {"keeponly": write_table(path, curve, side)}
 
-    p = p | {"prune_fraction": cfg["prune_fraction"]}
-    prune_path = networks.update(suffix="pruning", extension=".tsv").fpath
-    if not stages.fresh("prune", p):
-        say(f"[7/8] prune to the top {cfg['prune_fraction']:.0%} key neurons, save, reload")
-        write_table(
-            prune_path,
-            _prune_and_reload(lm, ranking, cfg["prune_fraction"], deriv, sub),
-            provenance(fraction=cfg["prune_fraction"])
-            | {
-                "folder": {
-                    "Description": "The pruned model's folder, relative to the derivatives root."
-                }
-            },
-        )
-        stages.finish("prune", p)
-    else:
-        say("[7/8] prune: reused")
+    title = f"[6/8] keep-only: the top key neurons at {cfg['keep_fractions']} versus random sets"
+    added = {"keep_fractions": cfg["keep_fractions"], "keep_controls": cfg["keep_controls"]}
+    return demo.step("keep-only", title, added, work)["keeponly"]
 
-    say("[8/8] report")
-    init_derivatives(deriv, bids)  # refresh dataset-level files (.bidsignore) of a reused run
-    report = build_report(deriv, sub)
-    deriv_valid = validate(deriv)
+
+def _prune_step(demo: _Demo, ranking: pd.DataFrame, networks: Path) -> Path:
+    """Prune to the top key neurons, save, reload and compare: the table."""
+    fraction = demo.cfg["prune_fraction"]
+    path = BIDSPath.from_path(networks, root=demo.deriv).update(suffix="pruning").fpath
+
+    def work():
+        table = _prune_and_reload(demo.lm, ranking, fraction, demo.deriv, demo.sub)
+        side = provenance(fraction=fraction) | {
+            "folder": {
+                "Description": "The pruned model's folder, relative to the derivatives root."
+            }
+        }
+        return {"pruning": write_table(path, table, side)}
+
+    title = f"[7/8] prune: to the top {fraction:.0%} key neurons, save, reload"
+    return demo.step("prune", title, {"prune_fraction": fraction}, work)["pruning"]
+
+
+def _report_step(demo: _Demo) -> Path:
+    """The report, then the derivatives validated."""
+    demo.say("[8/8] report")
+    init_derivatives(demo.deriv, demo.bids)  # refresh dataset-level files of a reused run
+    report = build_report(demo.deriv, demo.sub)
+    deriv_valid = validate(demo.deriv)
     if not deriv_valid.valid:
         raise Llm2BidsError("the derivatives do not validate:\n" + deriv_valid.summary())
-    say(
-        _summary_text(
-            {name: pd.read_csv(path, sep="\t") for name, path in lesions.items()},
-            pd.read_csv(keep_path, sep="\t"),
-            pd.read_csv(prune_path, sep="\t"),
-        )
-    )
-    say(
-        f"done in {time.time() - t0:.0f} s. Raw dataset: {bids} (valid); derivatives: {deriv} "
-        f"(valid); report: {report}"
-    )
-    return {"bids": bids, "derivatives": deriv, "report": report, "summaries": summaries}
+    return report
 
 
 def _prune_and_reload(lm, ranking: pd.DataFrame, fraction: float, deriv: Path, sub: str):

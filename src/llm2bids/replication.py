@@ -21,7 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +218,7 @@ def key_set(fit: FunctionalNetworks) -> np.ndarray:
 
 
 @fill_doc
-def replicate(
+def replicate(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     output_dir: str | Path,
     model: str | LoadedModel | None = None,
     n_controls: int = 5,
@@ -271,6 +271,55 @@ def replicate(
         ``conditions`` and ``summary`` (the two TSVs), ``report`` (the HTML report with the
         replication section) and ``bids`` (the raw dataset).
     """
+    _check_replication(n_controls, fractions, protocols)
+    t0 = time.time()
+    say = print if verbose else (lambda *a, **k: None)
+    bids = Path(output_dir) / "bids"
+    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+    for protocol in protocols:
+        resolve_layers(protocol.protected_layers, layer_count(lm.model))
+    _record_protocols(lm, bids, protocols, max_tokens, verbose, say)
+    deriv = init_derivatives(bids / "derivatives" / "llm2bids", bids)
+    study = _Study(lm, n_controls, seed, minimal_pairs(), verbose)
+    say("evaluate the intact model")
+    rows = [
+        pd.DataFrame([BASELINE | evaluate(lm, study.text, study.pairs, WINDOW, WINDOW)]).assign(
+            study="baseline", protocol="none", masking="none", hook_point="none"
+        )
+    ]
+    fits = {}
+    for protocol in protocols:
+        fits[protocol.name], protocol_rows = _protocol_rows(study, protocol, bids, deriv, say)
+        rows += protocol_rows
+    ranked_by = [p for p in protocols if p.hook_point == "mlp"][-1]
+    curve_fit = fits[ranked_by.name]
+    ranking = rank_neurons(curve_fit.components_img_, curve_fit.geometry_)
+    for per_layer in (False, True) if per_layer_curves else (False,):
+        rows += _curve_rows(study, ranking, fractions, per_layer, say)
+    table = pd.concat(rows, ignore_index=True)
+    first = ["study", "protocol", "masking", "hook_point", "fraction", "condition", "seed"]
+    table = table[first + [c for c in table.columns if c not in first]]
+    params = provenance(
+        model_id=lm.model_id,
+        protocols=[asdict(p) for p in protocols],
+        curves_ranked_by=ranked_by.name,
+        n_controls=n_controls,
+        seed=seed,
+        fractions=list(fractions),
+        tasks=list(TASKS),
+        max_tokens=max_tokens,
+        evaluation_text=f"built-in held-out text ({int(table.n_tokens.iloc[0])} scored tokens, "
+        f"{WINDOW}-token windows)",
+        minimal_pairs=f"built-in templated minimal pairs ({len(study.pairs)} distinct items)",
+    )
+    files = _write_replication(table, params, BIDSPath(subject=lm.label, root=deriv))
+    report = build_report(deriv, lm.label)
+    say(f"done in {(time.time() - t0) / 60:.1f} min: {files['summary']}, {report}")
+    return files | {"report": report, "bids": bids}
+
+
+def _check_replication(n_controls: int, fractions, protocols) -> None:
+    """Refuse parameters a replication cannot use, before anything is loaded."""
     if n_controls < 5:
         raise InputError(
             f"n_controls must be at least 5 for a replication (the issue's bar), got {n_controls}."
@@ -278,20 +327,13 @@ def replicate(
     for fraction in fractions:
         if not 0 < fraction <= 1:
             raise InputError(f"fractions must lie in (0, 1], got {fraction!r}.")
-    t0 = time.time()
-    say = print if verbose else (lambda *a, **k: None)
-    out = Path(output_dir)
-    bids = out / "bids"
-    lm = model if isinstance(model, LoadedModel) else load_model(model, device=device)
-    sub = lm.label
-    n_layers = layer_count(lm.model)
-    ranked_by = [p for p in protocols if p.hook_point == "mlp"]
-    if not ranked_by:
+    if not any(p.hook_point == "mlp" for p in protocols):
         raise InputError("the keep-only curves need a protocol on MLP neurons (hook_point='mlp').")
-    for protocol in protocols:
-        resolve_layers(protocol.protected_layers, n_layers)
-    hook_points = sorted({p.hook_point for p in protocols})
-    for hook_point in hook_points:
+
+
+def _record_protocols(lm, bids: Path, protocols, max_tokens: int, verbose: int, say) -> None:
+    """Record the analysis tasks at every hook point a protocol reads."""
+    for hook_point in sorted({p.hook_point for p in protocols}):
         say(f"record {lm.model_id} ({hook_point}) on {', '.join(TASKS)} -> {bids}")
         record(
             bids,
@@ -302,106 +344,105 @@ def replicate(
             batch_size=4,
             verbose=verbose,
         )
-    deriv = init_derivatives(bids / "derivatives" / "llm2bids", bids)
-    text, pairs = heldout_text(), minimal_pairs()
-    evaluation = dict(text=text, pairs=pairs, verbose=verbose, window=WINDOW, stride=WINDOW)
 
-    def study(target, mode, masking, hook_point, protected=()):
+
+@dataclass
+class _Study:
+    """One lesion study (a target next to its controls) of the replication's model."""
+
+    lm: LoadedModel
+    n_controls: int
+    seed: int
+    pairs: list
+    verbose: int
+    text: str = field(default_factory=heldout_text)
+
+    def __call__(self, target, mode, masking, hook_point, protected=()) -> pd.DataFrame:
+        """The study's rows, with the share of units each condition leaves unmasked."""
         return lesion_study(
-            lm,
+            self.lm,
             target,
             mode,
-            n_controls,
-            seed,
-            **evaluation,
+            self.n_controls,
+            self.seed,
+            text=self.text,
+            pairs=self.pairs,
+            verbose=self.verbose,
+            window=WINDOW,
+            stride=WINDOW,
             protected_layers=protected,
             hook_point=hook_point,
             masker=MASKINGS[masking],
             baseline=False,
-        )
+        ).pipe(_with_unmasked_share, self.lm, hook_point)
 
-    say("evaluate the intact model")
-    rows = [
-        pd.DataFrame([BASELINE | evaluate(lm, text, pairs, WINDOW, WINDOW)]).assign(
-            study="baseline", protocol="none", masking="none", hook_point="none"
-        )
-    ]
-    fits = {}
-    for protocol in protocols:
-        say(f"{protocol.name}: {protocol.reference}")
-        runs = find_runs(bids, subject=sub, hook_point=protocol.hook_point)
-        fit = fits[protocol.name] = protocol.estimator(seed).fit(runs)
-        target = key_set(fit)
-        base = BIDSPath(
-            subject=sub,
-            acquisition=acquisition_label(protocol.hook_point),
-            description=protocol.name,
-            root=deriv,
-        )
-        write_table(
-            base.update(suffix="keyneurons", extension=".tsv").fpath,
-            fit.key_neurons_,
-            provenance(**asdict(protocol), seed=seed, model_id=lm.model_id),
-        )
-        for mode in protocol.modes:
-            for masking in MASKINGS:
-                say(f"  {mode} the key set ({int(target.sum())} units), {masking} masking")
-                rows.append(
-                    study(target, mode, masking, protocol.hook_point, protocol.protected_layers)
-                    .pipe(_with_unmasked_share, lm, protocol.hook_point)
-                    .assign(
-                        study="key set",
-                        protocol=protocol.name,
-                        masking=masking,
-                        hook_point=protocol.hook_point,
-                    )
-                )
-    curve_fit = fits[ranked_by[-1].name]
-    ranking = rank_neurons(curve_fit.components_img_, curve_fit.geometry_)
-    width = neurons_per_layer(lm.model)[0]
-    for per_layer in (False, True) if per_layer_curves else (False,):
-        for fraction in fractions:
-            target = top_neurons(ranking, fraction, n_layers, width, per_layer=per_layer)
-            for masking in MASKINGS:
-                selection = "per-layer" if per_layer else "global"
-                say(f"  keep the {selection} top {fraction:.0%} of MLP neurons, {masking} masking")
-                rows.append(
-                    study(target, "keep", masking, "mlp")
-                    .pipe(_with_unmasked_share, lm, "mlp")
-                    .assign(
-                        study=f"keep-only curve ({selection} top-k)",
-                        protocol="none",
-                        masking=masking,
-                        hook_point="mlp",
-                        fraction=fraction,
-                    )
-                )
-    table = pd.concat(rows, ignore_index=True)
-    first = ["study", "protocol", "masking", "hook_point", "fraction", "condition", "seed"]
-    table = table[first + [c for c in table.columns if c not in first]]
-    summary = summarize_replication(table)
-    params = provenance(
-        model_id=lm.model_id,
-        protocols=[asdict(p) for p in protocols],
-        curves_ranked_by=ranked_by[-1].name,
-        n_controls=n_controls,
-        seed=seed,
-        fractions=list(fractions),
-        tasks=list(TASKS),
-        max_tokens=max_tokens,
-        evaluation_text=f"built-in held-out text ({int(table.n_tokens.iloc[0])} scored tokens, "
-        f"{WINDOW}-token windows)",
-        minimal_pairs=f"built-in templated minimal pairs ({len(pairs)} distinct items)",
+
+def _protocol_rows(study: _Study, protocol: Protocol, bids: Path, deriv: Path, say):
+    """Fit one protocol, write its key set, and study it in each mode and masking."""
+    lm = study.lm
+    say(f"{protocol.name}: {protocol.reference}")
+    runs = find_runs(bids, subject=lm.label, hook_point=protocol.hook_point)
+    fit = protocol.estimator(study.seed).fit(runs)
+    target = key_set(fit)
+    base = BIDSPath(
+        subject=lm.label,
+        acquisition=acquisition_label(protocol.hook_point),
+        description=protocol.name,
+        root=deriv,
     )
-    base = BIDSPath(subject=sub, suffix="replication", extension=".tsv", root=deriv)
+    write_table(
+        base.update(suffix="keyneurons", extension=".tsv").fpath,
+        fit.key_neurons_,
+        provenance(**asdict(protocol), seed=study.seed, model_id=lm.model_id),
+    )
+    rows = []
+    for mode in protocol.modes:
+        for masking in MASKINGS:
+            say(f"  {mode} the key set ({int(target.sum())} units), {masking} masking")
+            rows.append(
+                study(target, mode, masking, protocol.hook_point, protocol.protected_layers).assign(
+                    study="key set",
+                    protocol=protocol.name,
+                    masking=masking,
+                    hook_point=protocol.hook_point,
+                )
+            )
+    return fit, rows
+
+
+def _curve_rows(study: _Study, ranking, fractions, per_layer: bool, say) -> list[pd.DataFrame]:
+    """Keep-only curves: the top ``fractions`` of MLP neurons (globally or in every layer)."""
+    model = study.lm.model
+    n_layers, width = layer_count(model), neurons_per_layer(model)[0]
+    selection = "per-layer" if per_layer else "global"
+    rows = []
+    for fraction in fractions:
+        target = top_neurons(ranking, fraction, n_layers, width, per_layer=per_layer)
+        for masking in MASKINGS:
+            say(f"  keep the {selection} top {fraction:.0%} of MLP neurons, {masking} masking")
+            rows.append(
+                study(target, "keep", masking, "mlp").assign(
+                    study=f"keep-only curve ({selection} top-k)",
+                    protocol="none",
+                    masking=masking,
+                    hook_point="mlp",
+                    fraction=fraction,
+                )
+            )
+    return rows
+
+
+def _write_replication(table: pd.DataFrame, params: dict, base: BIDSPath) -> dict[str, Path]:
+    """Write the conditions and their summary (target versus controls)."""
+    base = base.update(suffix="replication", extension=".tsv")
     conditions = write_table(
         base.fpath,
         table,
         params | {"Description": "One row per evaluated condition of the replication."},
     )
-    summary_path = write_table(
+    summary = write_table(
         base.update(description="summary").fpath,
-        summary,
+        summarize_replication(table),
         params
         | {
             "Description": "Each target next to its random controls: perplexity and "
@@ -409,9 +450,7 @@ def replicate(
             "controls' median and range, and how many controls have a higher perplexity."
         },
     )
-    report = build_report(deriv, sub)
-    say(f"done in {(time.time() - t0) / 60:.1f} min: {summary_path}, {report}")
-    return {"conditions": conditions, "summary": summary_path, "report": report, "bids": bids}
+    return {"conditions": conditions, "summary": summary}
 
 
 def _with_unmasked_share(table: pd.DataFrame, lm, hook_point) -> pd.DataFrame:

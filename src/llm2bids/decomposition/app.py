@@ -38,7 +38,7 @@ logger = logging.getLogger("llm2bids.decomposition")
 
 
 @fill_doc
-def run_networks(
+def run_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     bids_dir: str | Path,
     output_dir: str | Path,
     participant_label: Sequence[str] | None = None,
@@ -140,9 +140,7 @@ def run_networks(
                 output_dir,
                 bids_dir,
                 hook_point,
-                per_run,
-                n_permutations,
-                verbose,
+                _RecurrenceOptions(per_run, n_permutations, verbose),
             )
     return by_role(written)
 
@@ -175,8 +173,17 @@ def _fit_and_write(template, runs, base, params, bids_dir) -> tuple[_Maps, list[
     return _maps(fit), write_networks(fit, base, params, bids_dir)
 
 
+@dataclass(frozen=True)
+class _RecurrenceOptions:
+    """How recurrence is tested: per run or not, with how many permutations; progress bars."""
+
+    per_run: bool
+    n_permutations: int
+    verbose: int
+
+
 def _networks_of_subject(
-    sub, by_task, template, output_dir, bids_dir, hook_point, per_run, n_permutations, verbose
+    sub, by_task, template, output_dir, bids_dir, hook_point, options: _RecurrenceOptions
 ) -> list[Path]:
     """One subject's decompositions (per task, over all tasks) and their recurrence.
 
@@ -201,12 +208,12 @@ def _networks_of_subject(
         {
             "params": params,
             "runs": {t: input_fingerprint(runs) for t, runs in by_task.items()},
-            "per_run": per_run,
-            "n_permutations": n_permutations,
+            "per_run": options.per_run,
+            "n_permutations": options.n_permutations,
         },
     )
     recording = BIDSPath(subject=sub, acquisition=acq, root=stage.root)
-    bar = tqdm(total=len(by_task) + 1, desc=f"{sub} networks", disable=not verbose)
+    bar = tqdm(total=len(by_task) + 1, desc=f"{sub} networks", disable=not options.verbose)
     for task, runs in by_task.items():
         base = recording.update(task=task)
         fits[task], files = stage.step(
@@ -226,17 +233,7 @@ def _networks_of_subject(
         written += files
     bar.update()
     bar.close()
-    written += _recurrence(
-        stage,
-        recording,
-        by_task,
-        fits,
-        template,
-        per_run,
-        n_permutations,
-        params,
-        verbose,
-    )
+    written += _recurrence(stage, recording, by_task, fits, template, params, options)
     moved = stage.publish()
     # Functional derivatives need a task entity, which the atlas over all tasks cannot have:
     # its dseg/probseg files are hidden from the validator by name (the per-task ones are
@@ -266,11 +263,15 @@ def write_networks(
     %(bids_dir)s
     """
     desc = fit.method
-    described = base.update(description=desc)
-    atlas = base.update(atlas=desc)
     sources = [bids_uri(r, bids_dir) for r in fit.runs_]
     side = provenance(**params) | {"Sources": sources}
-    geom = fit.geometry_
+    return _fit_files(fit, base.update(description=desc), side) + _atlas_files(
+        fit, base.update(atlas=desc), side
+    )
+
+
+def _fit_files(fit: FunctionalNetworks, described: BIDSPath, side: dict) -> list[Path]:
+    """The maps, time courses, key neurons, layer counts and connectivity of a fit."""
     out = [
         write_img(
             described.update(suffix="components", extension=".nii.gz").fpath,
@@ -291,16 +292,7 @@ def write_networks(
             fit.mixing_,
             side
             | {
-                "Description": "Component time courses per run; one row per token: each "
-                "token's activations fitted on the component maps by least squares"
-                + (
-                    ", the special tokens regressed out. nilearn's NiftiMapsMasker on the "
-                    "components image gives the same values with one indicator column per "
-                    "special token as confounds."
-                    if fit.drop_special
-                    else ". nilearn's NiftiMapsMasker on the components image gives the same "
-                    "values."
-                ),
+                "Description": _mixing_description(fit.drop_special),
                 "run": {"Description": "The run, from 1: its position in Sources."},
             },
         ),
@@ -324,7 +316,40 @@ def write_networks(
             side | {"Description": "Key neurons per layer."},
         ),
     ]
-    # Atlas: each neuron labelled with its strongest network (0: none), plus memberships.
+    out.append(
+        write_table(
+            described.update(suffix="connectivity", extension=".tsv").fpath,
+            connectivity(fit),
+            side
+            | {
+                "Description": "Correlation between network time courses (nilearn ConnectivityMeasure, mean over runs, special tokens dropped).",
+                "ConnectivityMeasure": CONNECTIVITY,
+            },
+        )
+    )
+    return out
+
+
+def _mixing_description(drop_special: bool) -> str:
+    """What ``mixing.tsv`` holds, and how nilearn reproduces it."""
+    text = (
+        "Component time courses per run; one row per token: each token's activations fitted "
+        "on the component maps by least squares"
+    )
+    if drop_special:
+        return text + (
+            ", the special tokens regressed out. nilearn's NiftiMapsMasker on the components "
+            "image gives the same values with one indicator column per special token as "
+            "confounds."
+        )
+    return text + ". nilearn's NiftiMapsMasker on the components image gives the same values."
+
+
+def _atlas_files(fit: FunctionalNetworks, atlas: BIDSPath, side: dict) -> list[Path]:
+    """The atlas of a fit: each neuron labelled with its strongest network (0: none), the
+    labels' names and the memberships (one volume per network)."""
+    geom = fit.geometry_
+    out = []
     z = np.where(fit.networks_, np.abs(fit.components_), 0)
     labels = np.where(fit.networks_.any(0), z.argmax(0) + 1, 0)
     dseg = np.zeros(geom.shape, dtype=np.int16)
@@ -353,17 +378,6 @@ def write_networks(
             atlas.update(suffix="probseg", extension=".nii.gz").fpath,
             fit.maps_to_img(fit.networks_.astype(np.float32)),
             side | {"Description": "Network memberships (1 inside), one volume per network."},
-        )
-    )
-    out.append(
-        write_table(
-            described.update(suffix="connectivity", extension=".tsv").fpath,
-            connectivity(fit),
-            side
-            | {
-                "Description": "Correlation between network time courses (nilearn ConnectivityMeasure, mean over runs, special tokens dropped).",
-                "ConnectivityMeasure": CONNECTIVITY,
-            },
         )
     )
     return out
@@ -402,13 +416,73 @@ def _recurrence(
     by_task,
     fits,
     template: FunctionalNetworks,
-    per_run,
-    n_permutations,
-    params,
-    verbose=1,
+    params: dict,
+    options: _RecurrenceOptions,
 ) -> list[Path]:
-    method, seed = template.method, template.random_state
-    # Seeds: refit the largest decomposition with the next seed and match it to the first.
+    """Match networks across seeds, tasks and single runs; write the table and the maps."""
+    n_permutations = options.n_permutations
+    compare = functools.partial(_compare, n_permutations=n_permutations, seed=template.random_state)
+    rows = [_seed_rows(stage, fits, template, compare)]
+    fits = {t: f for t, f in fits.items() if t != "__all__"}
+    tasks = sorted(fits)
+    for i, a in enumerate(tasks):
+        for b in tasks[i + 1 :]:
+            table = compare(fits[a], fits[b])
+            rows.append(table.assign(scope="task", reference=f"task-{a}", other=f"task-{b}"))
+    written = []
+    for task, runs in by_task.items():
+        if options.per_run and len(runs) >= 2:
+            fit_runs = functools.partial(
+                parallel_map,
+                functools.partial(_fit_single_run, template),
+                runs,
+                n_jobs=template.n_jobs,
+                desc=f"{recording.subject} {task} single-run fits",
+                verbose=options.verbose,
+            )
+            run_fits = stage.step(f"single-run fits of {task}", fit_runs)
+            frequency = recording.update(
+                task=task,
+                description=f"{template.method}Recurrence",
+                suffix="map",
+                extension=".nii.gz",
+            )
+            run_rows, frequency_map = _run_recurrence(
+                frequency, runs, run_fits, fits[task], compare, params
+            )
+            rows += run_rows
+            written.append(frequency_map)
+    table = pd.concat(rows, ignore_index=True)
+    first = ["scope", "reference", "other"]
+    written.append(
+        write_table(
+            recording.update(
+                description=template.method, suffix="recurrence", extension=".tsv"
+            ).fpath,
+            table[first + [c for c in table.columns if c not in first]],
+            provenance(**params, n_permutations=n_permutations)
+            | {
+                "Description": "Networks matched one to one (Hungarian on |spatial correlation|) "
+                "between two seeds of the largest decomposition (scope seed), between tasks, and "
+                "between each run's own decomposition and its task's group "
+                "networks; p_value against the best matched Dice of networks with shuffled "
+                "neurons (permutation null)."
+            },
+        )
+    )
+    return written
+
+
+def _compare(a: _Maps, b: _Maps, n_permutations: int, seed: int) -> pd.DataFrame:
+    """Networks of two fits matched one to one (see :func:`compare_fits`)."""
+    return compare_fits(
+        a.components_, b.components_, a.networks_, b.networks_, n_permutations, seed
+    )
+
+
+def _seed_rows(stage: Staging, fits, template: FunctionalNetworks, compare) -> pd.DataFrame:
+    """The largest decomposition refitted with the next seed and matched to the first."""
+    seed = template.random_state
     ref_label, ref_fit = (
         ("all-tasks", fits["__all__"])
         if "__all__" in fits
@@ -417,100 +491,33 @@ def _recurrence(
     reseeded = stage.step(
         f"refit with seed {seed + 1}", functools.partial(_refit, template, ref_fit.runs_, seed + 1)
     )
-    seed_rows = compare_fits(
-        ref_fit.components_,
-        reseeded.components_,
-        ref_fit.networks_,
-        reseeded.networks_,
-        n_permutations,
-        seed,
+    return compare(ref_fit, reseeded).assign(
+        scope="seed", reference=f"{ref_label} seed-{seed}", other=f"{ref_label} seed-{seed + 1}"
     )
-    fits = {t: f for t, f in fits.items() if t != "__all__"}
+
+
+def _run_recurrence(frequency: BIDSPath, runs, run_fits, group: _Maps, compare, params: dict):
+    """Each run's own decomposition matched to its task's group networks, and the map (written
+    to ``frequency``) of how often each neuron belongs to some network across the runs: the
+    rows and the map."""
+    task = frequency.task
     rows = [
-        seed_rows.assign(
-            scope="seed", reference=f"{ref_label} seed-{seed}", other=f"{ref_label} seed-{seed + 1}"
+        compare(group, fit).assign(
+            scope="run", reference=f"task-{task}", other=f"run-{BIDSPath.from_path(run).run:02d}"
         )
+        for run, fit in zip(runs, run_fits)
     ]
-    written = []
-    tasks = sorted(fits)
-    for i, a in enumerate(tasks):
-        for b in tasks[i + 1 :]:
-            table = compare_fits(
-                fits[a].components_,
-                fits[b].components_,
-                fits[a].networks_,
-                fits[b].networks_,
-                n_permutations,
-                seed,
-            )
-            rows.append(table.assign(scope="task", reference=f"task-{a}", other=f"task-{b}"))
-    for task, runs in by_task.items():
-        if not per_run or len(runs) < 2:
-            continue
-        group = fits[task]
-        run_fits = stage.step(
-            f"single-run fits of {task}",
-            functools.partial(
-                parallel_map,
-                functools.partial(_fit_single_run, template),
-                runs,
-                n_jobs=template.n_jobs,
-                desc=f"{recording.subject} {task} single-run fits",
-                verbose=verbose,
-            ),
-        )
-        for run, fit in zip(runs, run_fits):
-            table = compare_fits(
-                group.components_,
-                fit.components_,
-                group.networks_,
-                fit.networks_,
-                n_permutations,
-                seed,
-            )
-            rows.append(
-                table.assign(
-                    scope="run",
-                    reference=f"task-{task}",
-                    other=f"run-{BIDSPath.from_path(run).run:02d}",
-                )
-            )
-        freq = recurrence_frequency([f.networks_ for f in run_fits])
-        geom = group.geometry_
-        data = np.zeros(geom.shape, dtype=np.float32)
-        data[geom.mask] = freq
-        frequency = recording.update(
-            task=task, description=f"{method}Recurrence", suffix="map", extension=".nii.gz"
-        )
-        written.append(
-            write_img(
-                frequency.fpath,
-                nib.Nifti1Image(data, geom.affine),
-                provenance(**params)
-                | {
-                    "Description": "Per neuron, the fraction of single-run "
-                    "decompositions in which it belongs to some network.",
-                    "NRuns": len(runs),
-                },
-            )
-        )
-    if rows:
-        table = pd.concat(rows, ignore_index=True)
-        cols = ["scope", "reference", "other"] + [
-            c for c in table.columns if c not in ("scope", "reference", "other")
-        ]
-        written.append(
-            write_table(
-                recording.update(description=method, suffix="recurrence", extension=".tsv").fpath,
-                table[cols],
-                provenance(**params, n_permutations=n_permutations)
-                | {
-                    "Description": "Networks matched one to one (Hungarian on |spatial correlation|) "
-                    "between two seeds of the largest decomposition (scope seed), between tasks, and "
-                    "between each run's own decomposition and its task's group "
-                    "networks; p_value against the best matched Dice of networks with shuffled "
-                    "neurons (permutation null)."
-                },
-            )
-        )
-    return written
+    geom = group.geometry_
+    data = np.zeros(geom.shape, dtype=np.float32)
+    data[geom.mask] = recurrence_frequency([f.networks_ for f in run_fits])
+    frequency_map = write_img(
+        frequency.fpath,
+        nib.Nifti1Image(data, geom.affine),
+        provenance(**params)
+        | {
+            "Description": "Per neuron, the fraction of single-run "
+            "decompositions in which it belongs to some network.",
+            "NRuns": len(runs),
+        },
+    )
+    return rows, frequency_map

@@ -148,7 +148,7 @@ class FunctionalNetworks(BaseEstimator):
         are kept, never dropped).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 (public: keyword options, as the CLI's)
         self,
         method: str = "canica",
         n_components: int | Sequence[int] = 20,

@@ -111,7 +111,7 @@ def check_lesion_params(mode: str, n_controls: int) -> None:
 
 
 @fill_doc
-def lesion_study(
+def lesion_study(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     lm: LoadedModel,
     target: np.ndarray,
     mode: str = "ablate",
@@ -220,7 +220,7 @@ def controls_text(metric: dict, spec: str = ".4g") -> str:
 
 
 @fill_doc
-def keep_only_curve(
+def keep_only_curve(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     lm: LoadedModel,
     ranking: pd.DataFrame,
     fractions: Sequence[float],
@@ -329,7 +329,7 @@ def _check_recorded_model(bids_dir: Path, sub: str, source: BIDSPath, hook_point
 
 
 @fill_doc
-def run_lesion(
+def run_lesion(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     bids_dir: str | Path,
     output_dir: str | Path,
     networks: str | Path,
@@ -394,27 +394,26 @@ def run_lesion(
     check_output_dir(bids_dir, output_dir)
     networks = check_set_file(networks, "networks")
     source = set_entities(networks)
-    if participant_label:
-        subjects = [strip_prefix(p) for p in participant_label]
-    elif source.subject is not None:
-        subjects = [source.subject]
-    else:
-        subjects = [strip_prefix(p) for p in read_participants(bids_dir).participant_id]
-    text = None if text_file is None else read_text_file(text_file, "evaluation text")
-    calibration = (
-        None if calibration_file is None else read_text_file(calibration_file, "calibration text")
-    )
-    resolve_texts(text, calibration, fill)  # refuse a bad fill or overlapping texts before loading
+    subjects = _lesion_subjects(bids_dir, participant_label, source)
+    text, calibration = _lesion_texts(text_file, calibration_file, fill)
     hook_point = "mlp_out" if hook_point_of(source.acquisition) == "mlp_out" else "mlp"
     pairs = minimal_pairs()
     output_dir = init_derivatives(output_dir, bids_dir)
+    settings = {  # what the sidecars state of every subject's study
+        "networks": str(networks),
+        "component": component,
+        "threshold": threshold,
+        "mode": mode,
+        "n_controls": n_controls,
+        "seed": seed,
+        "hook_point": hook_point,
+        "fill": fill,
+        "calibration": calibration_label(fill == "mean", calibration_file),
+        "protected_layers": list(protected_layers),
+    }
     results = {}
     for sub in subjects:
-        lm = (
-            model
-            if isinstance(model, LoadedModel)
-            else load_model(model or _participant_model(bids_dir, sub), device=device, dtype=dtype)
-        )
+        lm = _subject_model(model, bids_dir, sub, device, dtype)
         _check_recorded_model(bids_dir, sub, source, hook_point, lm)
         target = read_neuron_set(
             networks,
@@ -438,35 +437,12 @@ def run_lesion(
             hook_point=hook_point,
         )
         summary = summarize(table)
-        desc = (
-            (source.description or "set")
-            + (f"Comp{component}" if component else "")
-            + mode.capitalize()
-        )
-        path = BIDSPath(
-            subject=sub,
-            task=source.task,
-            acquisition=source.acquisition,
-            description=desc,
-            suffix="lesion",
-            extension=".tsv",
-            root=output_dir,
-        ).fpath
         written = write_table(
-            path,
+            _lesion_path(source, sub, component, mode, output_dir),
             table,
             provenance(
-                networks=str(networks),
-                component=component,
-                threshold=threshold,
-                mode=mode,
-                n_controls=n_controls,
-                seed=seed,
+                **settings,
                 model_id=lm.model_id,
-                hook_point=hook_point,
-                fill=fill,
-                calibration=calibration_label(fill == "mean", calibration_file),
-                protected_layers=list(protected_layers),
                 perplexity_window=int(table.window.iloc[0]),
                 perplexity_stride=int(table.stride.iloc[0]),
                 text="built-in held-out text" if text is None else str(text_file),
@@ -480,6 +456,47 @@ def run_lesion(
         )
         results[sub] = LesionResult(table, summary, {"lesion": written})
     return results
+
+
+def _lesion_texts(text_file, calibration_file, fill: str) -> tuple[str | None, str | None]:
+    """The evaluation and calibration texts (None: built-in), refused before any model loads
+    when the fill is bad or the texts overlap."""
+    text = None if text_file is None else read_text_file(text_file, "evaluation text")
+    calibration = (
+        None if calibration_file is None else read_text_file(calibration_file, "calibration text")
+    )
+    resolve_texts(text, calibration, fill)
+    return text, calibration
+
+
+def _subject_model(model, bids_dir: Path, sub: str, device: str, dtype: str) -> LoadedModel:
+    """The model given, or the one recorded for ``sub`` (``participants.tsv`` model_spec)."""
+    if isinstance(model, LoadedModel):
+        return model
+    return load_model(model or _participant_model(bids_dir, sub), device=device, dtype=dtype)
+
+
+def _lesion_subjects(bids_dir: Path, participant_label, source: BIDSPath) -> list[str]:
+    """The subjects to lesion: those asked for, else the set's own, else every subject."""
+    if participant_label:
+        return [strip_prefix(p) for p in participant_label]
+    if source.subject is not None:
+        return [source.subject]
+    return [strip_prefix(p) for p in read_participants(bids_dir).participant_id]
+
+
+def _lesion_path(source: BIDSPath, sub: str, component, mode: str, output_dir: Path) -> Path:
+    """``<the set's entities>_desc-<set><Comp k><Mode>_lesion.tsv`` in ``output_dir``."""
+    desc = (source.description or "set") + (f"Comp{component}" if component else "")
+    return BIDSPath(
+        subject=sub,
+        task=source.task,
+        acquisition=source.acquisition,
+        description=desc + mode.capitalize(),
+        suffix="lesion",
+        extension=".tsv",
+        root=output_dir,
+    ).fpath
 
 
 def _sources(networks, output_dir) -> dict:

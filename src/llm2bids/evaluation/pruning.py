@@ -91,7 +91,7 @@ def _drop_dequantized_quantizer(model: torch.nn.Module) -> None:
             del model.config.quantization_config
 
 
-def run_prune(
+def run_prune(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     model: str | LoadedModel,
     keep: str | Path | np.ndarray,
     output_dir: str | Path,

@@ -26,7 +26,7 @@ from .localize import FIRST_LEVEL_OPTIONS, contrast_label, localize
 
 
 @fill_doc
-def run_localize(
+def run_localize(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     bids_dir: str | Path,
     output_dir: str | Path,
     task: str,

@@ -186,21 +186,7 @@ def localize(
     -------
     LocalizerResult
     """
-    from nilearn.glm import threshold_stats_img
-    from nilearn.glm.first_level import FirstLevelModel
-
-    given = [x is not None for x in (top_percent, threshold, alpha)]
-    if sum(given) > 1:
-        raise InputError("give one of top_percent, threshold or alpha, not several.")
-    if not any(given):
-        top_percent = 1.0
-    if top_percent is not None and not 0 < top_percent <= 100:
-        raise InputError(f"top_percent must lie in (0, 100], got {top_percent}.")
-    if threshold is not None and not (np.isfinite(threshold) and threshold > 0):
-        raise InputError(f"threshold must be a positive z value, got {threshold}.")
-    if alpha is not None and not 0 < alpha < 1:
-        raise InputError(f"alpha must lie in (0, 1), got {alpha}.")
-    check_choice("height_control", height_control, HEIGHT_CONTROLS)
+    top_percent = _check_selection(top_percent, threshold, alpha, height_control)
     runs = [Path(r) for r in runs]
     if not runs:
         raise InputError("no runs to localize in: check the subject and task filters.")
@@ -224,6 +210,38 @@ def localize(
     # Paths, not the opened images: nilearn keeps the data it reads on an image it is given,
     # so opened runs would all stay in memory (see decomposition.networks._part_imgs).
     imgs = [str(runs[i]) for i in usable]
+    maps = _fit_contrast(imgs, events, masks, contrast, geometry, second_level, n_jobs)
+    z = np.asarray(maps["z"].get_fdata())[geometry.mask]
+    t = np.asarray(maps["t"].get_fdata())[geometry.mask]
+    selected, selection = _select(
+        maps, z, t, geometry, top_percent, threshold, alpha, height_control
+    )
+    if not selected.any():
+        logger.warning("%s: no unit passes %s.", contrast, selection)
+    return LocalizerResult(contrast, maps, z, t, selected, selection, geometry)
+
+
+def _check_selection(top_percent, threshold, alpha, height_control) -> float | None:
+    """Refuse a bad selection rule; the ``top_percent`` to use (1 when no rule is given)."""
+    given = [x is not None for x in (top_percent, threshold, alpha)]
+    if sum(given) > 1:
+        raise InputError("give one of top_percent, threshold or alpha, not several.")
+    if not any(given):
+        top_percent = 1.0
+    if top_percent is not None and not 0 < top_percent <= 100:
+        raise InputError(f"top_percent must lie in (0, 100], got {top_percent}.")
+    if threshold is not None and not (np.isfinite(threshold) and threshold > 0):
+        raise InputError(f"threshold must be a positive z value, got {threshold}.")
+    if alpha is not None and not 0 < alpha < 1:
+        raise InputError(f"alpha must lie in (0, 1), got {alpha}.")
+    check_choice("height_control", height_control, HEIGHT_CONTROLS)
+    return top_percent
+
+
+def _fit_contrast(imgs, events, masks, contrast, geometry, second_level, n_jobs) -> dict:
+    """nilearn's GLM of the runs and the contrast's ``z``, ``t`` and ``effect`` maps."""
+    from nilearn.glm.first_level import FirstLevelModel
+
     mask_img = geometry.mask_img()
     options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img, "n_jobs": n_jobs}
     with warnings.catch_warnings(), frozen_gc():
@@ -248,32 +266,29 @@ def localize(
                 raise InputError("second_level needs at least two runs.")
             glm = FirstLevelModel(**options).fit(imgs, events=events, sample_masks=masks)
             out = glm.compute_contrast(contrast, output_type="all")
-    maps = {"z": out["z_score"], "t": out["stat"], "effect": out["effect_size"]}
-    z = np.asarray(maps["z"].get_fdata())[geometry.mask]
-    t = np.asarray(maps["t"].get_fdata())[geometry.mask]
+    return {"z": out["z_score"], "t": out["stat"], "effect": out["effect_size"]}
+
+
+def _select(maps, z, t, geometry, top_percent, threshold, alpha, height_control):
+    """The units the rule selects, and the rule in words."""
+    from nilearn.glm import threshold_stats_img
+
     if top_percent is not None:
-        selected = top_percent_mask(t, top_percent)
-        selection = f"top {top_percent:g}% by t"
-    elif threshold is not None:
-        selected = z >= threshold
-        selection = f"z >= {threshold:g}"
-    else:
-        with warnings.catch_warnings():
-            # "must not exceed <max z>": no unit passes, which the empty selection says
-            warnings.filterwarnings("ignore", ".*must not exceed")
-            _, cut = threshold_stats_img(
-                maps["z"],
-                mask_img=mask_img,
-                alpha=alpha,
-                height_control=height_control,
-                cluster_threshold=0,
-                two_sided=False,
-            )
-        selected = z >= cut
-        selection = f"z >= {cut:.3f} ({height_control}-corrected alpha = {alpha:g})"
-    if not selected.any():
-        logger.warning("%s: no unit passes %s.", contrast, selection)
-    return LocalizerResult(contrast, maps, z, t, selected, selection, geometry)
+        return top_percent_mask(t, top_percent), f"top {top_percent:g}% by t"
+    if threshold is not None:
+        return z >= threshold, f"z >= {threshold:g}"
+    with warnings.catch_warnings():
+        # "must not exceed <max z>": no unit passes, which the empty selection says
+        warnings.filterwarnings("ignore", ".*must not exceed")
+        _, cut = threshold_stats_img(
+            maps["z"],
+            mask_img=geometry.mask_img(),
+            alpha=alpha,
+            height_control=height_control,
+            cluster_threshold=0,
+            two_sided=False,
+        )
+    return z >= cut, f"z >= {cut:.3f} ({height_control}-corrected alpha = {alpha:g})"
 
 
 def top_percent_mask(values: np.ndarray, percent: float) -> np.ndarray:

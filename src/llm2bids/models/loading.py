@@ -215,64 +215,28 @@ def load_model(
         kwargs["offload_folder"] = str(offload_folder)
 
     spec = DEFAULT_MODEL if spec in (None, "", DEFAULT_MODEL) else str(spec)
-    pruned = None  # what llm2bids_pruning.json says, for a pruned folder
-    if spec == DEFAULT_MODEL:
-        gguf = embedded_model_path()
-        folder, load_kwargs = gguf.parent, {"gguf_file": gguf.name}
-        model_id, source = DEFAULT_MODEL_ID, "embedded"
-    else:
-        path = Path(spec).expanduser()
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ModelLoadError(f"model file {spec!r} does not exist; check the path.")
-            folder, load_kwargs = path.parent, {"gguf_file": path.name}
-            model_id, source = path.stem, "gguf"
-        elif path.is_dir():
-            if not (path / "config.json").is_file():
-                raise ModelLoadError(
-                    f"folder {spec!r} holds no config.json; pass a folder written by "
-                    "save_pretrained, a .gguf file, or a hub id."
-                )
-            pruned = _pruned_info(path)
-            if pruned is not None and not pruned.get("LoadsWithTransformers"):
-                # its config.json has the dense widths; the pruning file has each layer's
-                if device_map or offload_folder is not None:
-                    raise InputError(
-                        f"{spec} is a pruned model whose layers keep different numbers of "
-                        "neurons: it loads whole on one device. Pass device= instead of "
-                        "device_map / offload_folder."
-                    )
-                from .pruned import load_pruned  # the one reader of that file
-
-                return load_pruned(path, device=str(target or "cpu"), dtype=torch_dtype)
-            _check_tokenizer_files(path)
-            folder, load_kwargs = path, {}
-            model_id, source = path.name, "folder"
-        elif spec.startswith((".", "/", "~")) or path.exists():
-            raise ModelLoadError(
-                f"model path {spec!r} does not exist (or is neither a folder nor a .gguf file)."
+    folder, load_kwargs, model_id, source = _locate(spec, revision)
+    pruned = _pruned_info(folder) if source == "folder" else None  # llm2bids_pruning.json
+    if pruned is not None and not pruned.get("LoadsWithTransformers"):
+        # its config.json has the dense widths; the pruning file has each layer's
+        if device_map or offload_folder is not None:
+            raise InputError(
+                f"{spec} is a pruned model whose layers keep different numbers of "
+                "neurons: it loads whole on one device. Pass device= instead of "
+                "device_map / offload_folder."
             )
-        else:
-            folder, load_kwargs = spec, {"revision": revision} if revision else {}
-            model_id, source = spec, "hub"
-            if not hub_reachable():  # only the local cache can serve it: ask nothing else
-                load_kwargs["local_files_only"] = True
+        from .pruned import load_pruned  # the one reader of that file
+
+        return load_pruned(folder, device=str(target or "cpu"), dtype=torch_dtype)
+    if source == "folder":
+        _check_tokenizer_files(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **load_kwargs)
         model = AutoModelForCausalLM.from_pretrained(folder, **load_kwargs, **kwargs)
     except (OSError, ValueError) as err:
-        hint = ""
-        if source == "hub":
-            hint = (
-                " The model hub is unreachable from this machine and the model is not in its "
-                "local cache"
-                if load_kwargs.get("local_files_only")
-                else " This machine may not reach the model hub"
-            ) + (
-                ": pass a local folder or .gguf file, or omit --model for the embedded "
-                "SmolLM2 default."
-            )
-        raise ModelLoadError(f"could not load model {spec!r}: {err}.{hint}") from err
+        raise ModelLoadError(
+            f"could not load model {spec!r}: {err}.{_load_hint(source, load_kwargs)}"
+        ) from err
     if target is not None:
         model.to(target)
     model.eval()
@@ -291,6 +255,45 @@ def load_model(
     )
     logger.info("loaded %s (%s, %s) on %s", model_id, loaded.architecture, dtype, loaded.device)
     return loaded
+
+
+def _locate(spec: str, revision: str | None) -> tuple:
+    """Where a model spec's files are: ``(folder or hub id, from_pretrained keywords,
+    model id, source)``, source being ``"embedded"``, ``"gguf"``, ``"folder"`` or ``"hub"``."""
+    if spec == DEFAULT_MODEL:
+        gguf = embedded_model_path()
+        return gguf.parent, {"gguf_file": gguf.name}, DEFAULT_MODEL_ID, "embedded"
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model file {spec!r} does not exist; check the path.")
+        return path.parent, {"gguf_file": path.name}, path.stem, "gguf"
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"folder {spec!r} holds no config.json; pass a folder written by "
+                "save_pretrained, a .gguf file, or a hub id."
+            )
+        return path, {}, path.name, "folder"
+    if spec.startswith((".", "/", "~")) or path.exists():
+        raise ModelLoadError(
+            f"model path {spec!r} does not exist (or is neither a folder nor a .gguf file)."
+        )
+    load_kwargs = {"revision": revision} if revision else {}
+    if not hub_reachable():  # only the local cache can serve it: ask nothing else
+        load_kwargs["local_files_only"] = True
+    return spec, load_kwargs, spec, "hub"
+
+
+def _load_hint(source: str, load_kwargs: dict) -> str:
+    """What to try when ``from_pretrained`` fails (for hub ids: the hub may be out of reach)."""
+    if source != "hub":
+        return ""
+    return (
+        " The model hub is unreachable from this machine and the model is not in its local cache"
+        if load_kwargs.get("local_files_only")
+        else " This machine may not reach the model hub"
+    ) + (": pass a local folder or .gguf file, or omit --model for the embedded SmolLM2 default.")
 
 
 def _pruned_info(folder: Path) -> dict | None:

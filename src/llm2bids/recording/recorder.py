@@ -53,7 +53,7 @@ class _StopForward(Exception):
     """Raised by the last recorded layer's hook: nothing after it is needed."""
 
 
-def record(
+def record(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     bids_dir: str | Path,
     model: str | LoadedModel | None = None,
     task: str | Sequence[str] | None = None,
@@ -184,15 +184,7 @@ def record(
     todo = [r for t in tasks for r in t.todo]
     need = _check_disk(bids_dir, todo, geometry)
 
-    bids_dataset.init_dataset(bids_dir)
-    # this subject's folder only
-    _io.remove_stale_temporaries(BIDSPath(subject=sub, session=ses, root=bids_dir).directory)
-    if ses is None or participant_id(sub) not in set(
-        bids_dataset.read_participants(bids_dir).participant_id
-    ):
-        bids_dataset.add_participant(bids_dir, participant)
-    if ses is not None:
-        bids_dataset.add_session(bids_dir, sub, _session_row(lm, ses))
+    _write_subject(setup, participant)
     if todo:
         _announce(bids_dir, need, len(todo), plan)
     written: list[Path] = []
@@ -207,6 +199,22 @@ def record(
         raise
     pipeline.close()
     return written
+
+
+def _write_subject(setup: _Setup, participant: dict) -> None:
+    """Create the dataset if needed and enter the subject (and session) in it.
+
+    Leftovers of an interrupted write are removed from this subject's folder only.
+    """
+    root, sub, ses = setup.root, setup.sub, setup.ses
+    bids_dataset.init_dataset(root)
+    _io.remove_stale_temporaries(BIDSPath(subject=sub, session=ses, root=root).directory)
+    if ses is None or participant_id(sub) not in set(
+        bids_dataset.read_participants(root).participant_id
+    ):
+        bids_dataset.add_participant(root, participant)
+    if ses is not None:
+        bids_dataset.add_session(root, sub, _session_row(setup.lm, ses))
 
 
 def _stimulus_sets(task, stimuli) -> list[StimulusSet]:
