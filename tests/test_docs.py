@@ -95,3 +95,22 @@ def test_docdict_entries_are_numpydoc_shaped():
         first, *rest = text.splitlines()
         assert re.match(r"[\w, ]+ : \S", first) and name.split("_")[0] in first, name
         assert rest and all(line.startswith("    ") for line in rest), name
+
+
+def test_docstring_examples_run():
+    """Every ``>>>`` example in the package's docstrings gives the output it shows."""
+    import doctest
+    import importlib
+    import pkgutil
+
+    import llm2bids
+
+    ran = failed = 0
+    for info in pkgutil.walk_packages(llm2bids.__path__, "llm2bids."):
+        if info.name.endswith("__main__"):  # importing it runs the command line
+            continue
+        module = importlib.import_module(info.name)
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS, verbose=False)
+        ran, failed = ran + result.attempted, failed + result.failed
+    assert failed == 0
+    assert ran >= 6  # the examples exist (BIDSPath, labels, membership rule)

@@ -25,5 +25,9 @@ def strip_prefix(label: str, prefix: str = "sub-") -> str:
 
 
 def acquisition_label(hook_point: str) -> str:
-    """The ``acq-`` label of a hook point: labels are alphanumeric (``mlp_out`` -> ``mlpout``)."""
+    """The ``acq-`` label of a hook point: labels are alphanumeric.
+
+    >>> acquisition_label("mlp_out")
+    'mlpout'
+    """
     return hook_point.replace("_", "")

@@ -57,6 +57,13 @@ def membership_rule(sided: str, threshold: float | str = "threshold") -> str:
     Returns
     -------
     str
+
+    Examples
+    --------
+    >>> membership_rule("two", 3.0)
+    '|z| >= 3'
+    >>> membership_rule("one", 2.5)
+    'z >= 2.5'
     """
     value = f"{threshold:g}" if isinstance(threshold, (int, float)) else threshold
     return f"{'|z|' if sided == 'two' else 'z'} >= {value}"

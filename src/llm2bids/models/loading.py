@@ -89,7 +89,11 @@ class LoadedModel:
 
 
 def clean_label(text: str, entity: str = "subject") -> str:
-    """Reduce ``text`` to a BIDS label (``[a-zA-Z0-9]``); raise if nothing is left."""
+    """Reduce ``text`` to a BIDS label (``[a-zA-Z0-9]``); raise if nothing is left.
+
+    >>> clean_label("HuggingFaceTB/SmolLM2-135M")
+    'HuggingFaceTBSmolLM2135M'
+    """
     label = re.sub(r"[^a-zA-Z0-9]", "", str(text))
     if not label:
         raise InputError(
