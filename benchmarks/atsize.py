@@ -126,7 +126,8 @@ def run_stage(stage: str, work: Path, geometry: str, n_runs: int, n_tokens: int)
             per_run=False,
             verbose=0,
         )
-        (keys,) = [p for p in files["keyneurons"] if "task-" in p.name]
+        ((result,),) = [files.values()]  # one subject
+        (keys,) = [p for p in result.files["keyneurons"] if "task-" in p.name]
         table = pd.read_csv(keys, sep="\t")
         found = [_flat(g, n_neurons) for _, g in table.groupby("component")]
         dice = matched_dice(np.load(work / "truth.npy")[:N_PLANTED], found)

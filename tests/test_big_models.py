@@ -27,16 +27,17 @@ OFFLOAD = {
 
 @pytest.fixture(scope="module")
 def models(tiny_dir, tmp_path_factory):
+    """The tiny llama loaded whole on the CPU, and loaded with layers offloaded to disk."""
     path = str(tiny_dir("llama"))
     offloaded = llm2bids.load_model(
         path, device_map=OFFLOAD, offload_folder=tmp_path_factory.mktemp("offload")
     )
-    assert any(p.is_meta for p in offloaded.model.parameters())  # really offloaded
     return llm2bids.load_model(path, device="cpu"), offloaded
 
 
 def test_offloaded_model_records_the_same_activations(models, tmp_path, valid):
     plain, offloaded = models
+    assert any(p.is_meta for p in offloaded.model.parameters())  # really offloaded
     for name, lm in (("plain", plain), ("offloaded", offloaded)):
         llm2bids.record(
             tmp_path / name, model=lm, task="narrative", subject="tiny", max_tokens=64, verbose=0

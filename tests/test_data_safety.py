@@ -166,8 +166,7 @@ def analysed(tmp_path_factory, one_subject):
         subject="tiny",
     )
     out = root.parent / "derivatives"
-    args = ["networks", str(root), str(out), "participant", "--n-components", "2"]
-    assert main(["--quiet", *args]) == 0
+    llm2bids.run_networks(root, out, n_components=2, verbose=0)  # raises if it fails
     return root, out
 
 

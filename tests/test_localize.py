@@ -28,7 +28,8 @@ def _planted(n_runs=3, t=240, seed=0):
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
+def localizer_dataset(tmp_path_factory):
+    """A synthetic dataset with planted condition-driven units: its root, runs and truth."""
     runs, conds, truth = _planted(n_runs=6, t=150, seed=1)
     root = tmp_path_factory.mktemp("loc") / "bids"
     return root, write_synthetic(root, runs, conds), truth
@@ -38,8 +39,8 @@ def _dice(a, b):
     return 2 * (a & b).sum() / (a.sum() + b.sum())
 
 
-def test_contrast_recovers_planted_group(planted):
-    _, paths, truth = planted
+def test_contrast_recovers_planted_group(localizer_dataset):
+    _, paths, truth = localizer_dataset
     res = localize(paths, "sentence - nonword", top_percent=100 * GROUP / (N_LAYERS * N_NEURONS))
     truth_m = truth[res.geometry.masker_order]
     assert _dice(res.selected, truth_m) >= 0.9
@@ -50,36 +51,36 @@ def test_contrast_recovers_planted_group(planted):
     assert corrected.layer_counts().n_key_neurons.sum() == corrected.selected.sum()
 
 
-def test_null_contrast_selects_nothing_at_corrected_threshold(planted):
+def test_null_contrast_selects_nothing_at_corrected_threshold(localizer_dataset):
     """Under the null the z-map is standard normal, and Bonferroni selects nothing.
 
     Bonferroni at alpha = 0.05 still lets 5% of null datasets select a unit (seed 0 of this
     generator is one such draw, z = 4.05 > 3.66); the calibration check below is what holds
     for every seed, the empty selection is shown on this fixed one.
     """
-    _, paths, _ = planted
+    _, paths, _ = localizer_dataset
     res = localize(paths, "nonword - other", alpha=0.05, height_control="bonferroni")
     assert abs(res.z.mean()) < 0.15 and 0.9 < res.z.std() < 1.1
     assert res.selected.sum() == 0
 
 
-def test_glm_agrees_with_welch_t_test(planted):
-    _, paths, _ = planted
-    # At or below the planted group's size (5%); beyond it both rank pure noise differently.
+def test_glm_agrees_with_welch_t_test(localizer_dataset):
+    _, paths, _ = localizer_dataset
+    # At or below the localizer_dataset group's size (5%); beyond it both rank pure noise differently.
     for percent in (2.5, 5):
         res = localize(paths, "sentence - nonword", top_percent=percent)
         _, welch = welch_selection(paths, "sentence", "nonword", top_percent=percent)
         assert _dice(res.selected, welch) >= 0.9
 
 
-def test_second_level(planted):
-    _, paths, truth = planted
+def test_second_level(localizer_dataset):
+    _, paths, truth = localizer_dataset
     res = localize(paths, "sentence - nonword", top_percent=5, second_level=True)
     assert _dice(res.selected, truth[res.geometry.masker_order]) >= 0.9
 
 
-def test_app_writes_valid_derivatives(planted, tmp_path, valid):
-    root, _, _ = planted
+def test_app_writes_valid_derivatives(localizer_dataset, tmp_path, valid):
+    root, _, _ = localizer_dataset
     out = tmp_path / "deriv"
     results = run_localize(root, out, task="synth", contrast="sentence - nonword", top_percent=5)
     files = results["synth"].files
@@ -98,8 +99,8 @@ def test_app_writes_valid_derivatives(planted, tmp_path, valid):
     valid(out)
 
 
-def test_bad_inputs(planted, tmp_path):
-    root, paths, _ = planted
+def test_bad_inputs(localizer_dataset, tmp_path):
+    root, paths, _ = localizer_dataset
     with pytest.raises(InputError, match="not conditions of these runs.*nonword"):
         localize(paths, "sentence - fixation")
     with pytest.raises(InputError, match="top_percent"):

@@ -21,17 +21,18 @@ def _best_dice(found, truth_flat, geometry):
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
+def planted_runs(tmp_path_factory):
+    """Synthetic runs with planted neuron groups: their paths and the groups (the truth)."""
     runs, truth = planted_networks()
-    paths = write_synthetic(tmp_path_factory.mktemp("planted") / "bids", runs)
+    paths = write_synthetic(tmp_path_factory.mktemp("planted_runs") / "bids", runs)
     return paths, truth
 
 
 @pytest.mark.parametrize(
     "method,n_components,min_dice", [("canica", 4, 0.9), ("dictlearning", 4, 0.8)]
 )
-def test_planted_groups_are_recovered(planted, method, n_components, min_dice):
-    paths, truth = planted
+def test_planted_groups_are_recovered(planted_runs, method, n_components, min_dice):
+    paths, truth = planted_runs
     fit = FunctionalNetworks(method=method, n_components=n_components, random_state=0).fit(paths)
     dice = _best_dice(fit.networks_, truth, fit.geometry_)
     if method == "canica":  # ten ICA restarts: every seed recovers every group
@@ -57,9 +58,9 @@ def test_planted_groups_are_recovered(planted, method, n_components, min_dice):
     assert fit.mixing_.shape[0] == sum(300 for _ in paths)
 
 
-def test_special_tokens_are_regressed_out(planted, tmp_path):
+def test_special_tokens_are_regressed_out(planted_runs, tmp_path):
     """Spike-regressing the BOS volume gives the networks of data that never had it."""
-    paths, truth = planted
+    paths, truth = planted_runs
     fit = FunctionalNetworks(n_components=4).fit(paths)
     assert (fit.mixing_.special == 1).sum() == len(paths)
     runs, _ = planted_networks()
@@ -71,8 +72,8 @@ def test_special_tokens_are_regressed_out(planted, tmp_path):
     assert dice[rows, cols].min() == 1.0
 
 
-def test_bad_inputs(planted, tmp_path):
-    paths, _ = planted
+def test_bad_inputs(planted_runs, tmp_path):
+    paths, _ = planted_runs
     with pytest.raises(InputError, match="n_components=400 exceeds"):
         FunctionalNetworks(n_components=400).fit(paths)
     with pytest.raises(InputError, match="method"):
@@ -165,9 +166,9 @@ def test_time_courses_are_least_squares_on_the_maps(tmp_path, scope):
     np.testing.assert_allclose(np.abs(table), np.abs(np.vstack(ours)), rtol=1e-6)
 
 
-def test_component_sweep_is_the_union_and_one_sided_is_the_heavy_tail(planted):
+def test_component_sweep_is_the_union_and_one_sided_is_the_heavy_tail(planted_runs):
     """n_components=[3, 4] stacks both decompositions; sided="one" keeps z >= threshold."""
-    paths, _ = planted
+    paths, _ = planted_runs
     sweep = FunctionalNetworks(n_components=[3, 4], random_state=0).fit(paths)
     single = [FunctionalNetworks(n_components=k, random_state=0).fit(paths) for k in (3, 4)]
     np.testing.assert_array_equal(sweep.networks_, np.vstack([fit.networks_ for fit in single]))
@@ -184,10 +185,10 @@ def test_component_sweep_is_the_union_and_one_sided_is_the_heavy_tail(planted):
         FunctionalNetworks(n_components=[3, 0]).fit(paths)
 
 
-def test_canica_with_fastica_is_nilearns_canica_and_picard_finds_its_maps(planted):
+def test_canica_with_fastica_is_nilearns_canica_and_picard_finds_its_maps(planted_runs):
     """``ica_solver="fastica"`` is nilearn's CanICA (the multiplied cube changes how the
     contrast is computed, not what it finds); Picard-O finds the same maps where FastICA
-    converges, and recovers the planted networks."""
+    converges, and recovers the planted_runs networks."""
     from nilearn.decomposition import CanICA
     from scipy.optimize import linear_sum_assignment
     from sklearn.decomposition._fastica import _cube
@@ -200,7 +201,7 @@ def test_canica_with_fastica_is_nilearns_canica_and_picard_finds_its_maps(plante
         np.testing.assert_allclose(ours, theirs, rtol=1e-14)
     # The override replaces a method nilearn has (were it renamed, ours would go unused).
     assert callable(getattr(CanICA, "_unmix_components", None))
-    paths, truth = planted
+    paths, truth = planted_runs
     imgs = [load_img(p) for p in paths]
     mask = check_same_geometry(paths).mask_img()
     params = dict(mask=mask, n_components=4, smoothing_fwhm=None, threshold=None, random_state=0)

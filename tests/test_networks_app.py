@@ -10,14 +10,27 @@ from llm2bids.decomposition import run_networks
 
 
 @pytest.fixture(scope="module")
-def derivatives(recorded, tmp_path_factory):
+def networks_written(recorded, tmp_path_factory):
+    """The derivatives folder of ``run_networks`` on the recorded dataset, and what it
+    returned (the files it wrote, by role)."""
     out = tmp_path_factory.mktemp("deriv") / "llm2bids"
-    written = run_networks(recorded, out, n_components=3, n_permutations=20, verbose=0)
-    # what was written comes back by role, and each role is the files' own suffix
+    return out, run_networks(recorded, out, n_components=3, n_permutations=20, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def derivatives(networks_written):
+    """The derivatives folder ``run_networks`` wrote."""
+    return networks_written[0]
+
+
+def test_run_networks_returns_its_files_by_role(networks_written):
+    """What was written comes back by role, and each role is the files' own suffix."""
+    _, results = networks_written
+    assert list(results) == ["tinyllama"]  # per subject, as the other apps return
+    written = results["tinyllama"].files
     assert {"components", "keyneurons", "layercounts", "dseg", "recurrence"} <= set(written)
     for role, paths in written.items():
         assert paths and all(p.exists() and p.name.split(".")[0].endswith(role) for p in paths)
-    return out
 
 
 def test_networks_writes_valid_indexed_derivatives(recorded, derivatives, valid):

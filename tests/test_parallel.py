@@ -12,13 +12,14 @@ from synthetic import planted_networks, write_synthetic
 
 
 @pytest.fixture(scope="module")
-def planted(tmp_path_factory):
+def planted_run_paths(tmp_path_factory):
+    """The paths of three synthetic runs with planted neuron groups."""
     runs, _ = planted_networks(n_runs=3, n_tokens=150)
-    return write_synthetic(tmp_path_factory.mktemp("planted") / "bids", runs)
+    return write_synthetic(tmp_path_factory.mktemp("planted_run_paths") / "bids", runs)
 
 
-def _run(planted, out, **kwargs):
-    bids = planted[0].parents[2]
+def _run(planted_run_paths, out, **kwargs):
+    bids = planted_run_paths[0].parents[2]
     return run_networks(
         bids, out, n_components=4, n_permutations=10, verbose=0, scope="layer", **kwargs
     )
@@ -42,32 +43,34 @@ def _serial(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def test_per_layer_fits_in_parallel_equal_serial(planted):
-    serial = _serial(FunctionalNetworks(n_components=2, scope="layer", n_jobs=1).fit, planted)
-    parallel = FunctionalNetworks(n_components=2, scope="layer", n_jobs=2).fit(planted)
+def test_per_layer_fits_in_parallel_equal_serial(planted_run_paths):
+    serial = _serial(
+        FunctionalNetworks(n_components=2, scope="layer", n_jobs=1).fit, planted_run_paths
+    )
+    parallel = FunctionalNetworks(n_components=2, scope="layer", n_jobs=2).fit(planted_run_paths)
     np.testing.assert_array_equal(parallel.components_, serial.components_)
     np.testing.assert_array_equal(parallel.networks_, serial.networks_)
 
 
-def test_parallel_and_dask_runs_write_the_serial_derivatives(planted, tmp_path):
+def test_parallel_and_dask_runs_write_the_serial_derivatives(planted_run_paths, tmp_path):
     distributed = pytest.importorskip("distributed")  # a test extra: installed by make test
-    _serial(_run, planted, tmp_path / "serial")
-    _run(planted, tmp_path / "jobs", n_jobs=2)
+    _serial(_run, planted_run_paths, tmp_path / "serial")
+    _run(planted_run_paths, tmp_path / "jobs", n_jobs=2)
     _same_files(tmp_path / "serial", tmp_path / "jobs")
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
     ) as cluster:
-        _run(planted, tmp_path / "dask", dask_scheduler=cluster.scheduler_address)
+        _run(planted_run_paths, tmp_path / "dask", dask_scheduler=cluster.scheduler_address)
     _same_files(tmp_path / "serial", tmp_path / "dask")
 
 
-def test_unreachable_scheduler_is_named_and_nothing_is_written(planted, tmp_path, capsys):
+def test_unreachable_scheduler_is_named_and_nothing_is_written(planted_run_paths, tmp_path, capsys):
     pytest.importorskip("distributed")
     address = "tcp://127.0.0.1:9"  # the discard port: nothing listens there
     with pytest.raises(InputError, match="cannot reach the Dask scheduler at 'tcp://127.0.0.1:9'"):
-        _run(planted, tmp_path / "out", dask_scheduler=address)
+        _run(planted_run_paths, tmp_path / "out", dask_scheduler=address)
     assert not (tmp_path / "out").exists()
-    bids = planted[0].parents[2]
+    bids = planted_run_paths[0].parents[2]
     args = ["networks", str(bids), str(tmp_path / "cli"), "participant", "--n-components", "4"]
     assert main([*args, "--dask-scheduler", address]) == 2
     assert "tcp://127.0.0.1:9" in capsys.readouterr().err

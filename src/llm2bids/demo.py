@@ -226,7 +226,8 @@ def _networks_step(demo: _Demo) -> dict[str, Path]:
             n_permutations=cfg["n_permutations"],
             verbose=demo.verbose,
         )
-        return {role: _all_tasks(written[role]) for role in ("keyneurons", "components")}
+        result = written[demo.sub]
+        return {role: result.over_all_tasks(role) for role in ("keyneurons", "components")}
 
     return demo.step(
         "networks",
@@ -235,12 +236,6 @@ def _networks_step(demo: _Demo) -> dict[str, Path]:
         {k: cfg[k] for k in ("n_components", "threshold", "n_permutations")},
         work,
     )
-
-
-def _all_tasks(paths: list[Path]) -> Path:
-    """The one file of the fit over all tasks (no ``task-`` entity) among ``paths``."""
-    (path,) = [p for p in paths if BIDSPath.from_path(p).task is None]
-    return path
 
 
 def _localize_step(demo: _Demo) -> dict[str, Path]:

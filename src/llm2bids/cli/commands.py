@@ -257,8 +257,11 @@ def _networks(args) -> int:
         hook_point=args.hook_point,
         verbose=args.verbose,
     )
-    counts = ", ".join(f"{len(paths)} {role}" for role, paths in written.items())
-    print(f"{sum(map(len, written.values()))} files in {args.output_dir} ({counts})")
+    for sub, result in written.items():
+        counts = ", ".join(f"{len(paths)} {role}" for role, paths in result.files.items())
+        print(
+            f"sub-{sub}: {sum(map(len, result.files.values()))} files in {args.output_dir} ({counts})"
+        )
     return 0
 
 

@@ -1,13 +1,14 @@
 """Decomposition: functional networks with nilearn's CanICA and DictLearning."""
 
 from ..bids.reader import select_runs  # kept importable from here
-from .app import run_networks
+from .app import NetworksResult, run_networks
 from .networks import DEFAULT_THRESHOLD, METHODS, FunctionalNetworks, zscore_maps
 
 __all__ = [
     "DEFAULT_THRESHOLD",
     "METHODS",
     "FunctionalNetworks",
+    "NetworksResult",
     "run_networks",
     "select_runs",
     "zscore_maps",

@@ -105,10 +105,9 @@ def run_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
 
     Returns
     -------
-    dict of str to list of Path
-        The files written, by role (their BIDS suffix): ``components``, ``mixing``,
-        ``keyneurons``, ``layercounts``, ``dseg``, ``probseg``, ``connectivity``,
-        ``recurrence`` and ``map`` (recurrence frequency).
+    dict of str to NetworksResult
+        Subject label -> what was written for it (``.files``, by role), as the other apps
+        return their results.
     """
     template = FunctionalNetworks(
         method=method,
@@ -131,9 +130,9 @@ def run_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     template.set_params(n_jobs=cluster_n_jobs(n_jobs, dask_scheduler))
     with dask_cluster(dask_scheduler):  # reached (or refused) before anything is written
         output_dir = init_derivatives(output_dir, bids_dir)
-        written: list[Path] = []
+        results = {}
         for sub, by_task in selected.items():
-            written += _networks_of_subject(
+            written = _networks_of_subject(
                 sub,
                 by_task,
                 template,
@@ -142,7 +141,36 @@ def run_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
                 hook_point,
                 _RecurrenceOptions(per_run, n_permutations, verbose),
             )
-    return by_role(written)
+            results[sub] = NetworksResult(by_role(written))
+    return results
+
+
+@dataclass
+class NetworksResult:
+    """What ``run_networks`` wrote for one subject.
+
+    Attributes
+    ----------
+    files : dict of str to list of Path
+        The files, by role (their BIDS suffix): ``components``, ``mixing``, ``keyneurons``,
+        ``layercounts``, ``dseg``, ``probseg``, ``connectivity``, ``recurrence`` and ``map``
+        (recurrence frequency); a role has one file per task, and one over all tasks.
+    """
+
+    files: dict[str, list[Path]]
+
+    def over_all_tasks(self, role: str) -> Path:
+        """The file of ``role`` of the fit over all tasks (the one without a ``task-``).
+
+        Parameters
+        ----------
+        role : str
+            A BIDS suffix, e.g. ``"keyneurons"``.
+        """
+        found = [p for p in self.files.get(role, []) if BIDSPath.from_path(p).task is None]
+        if len(found) != 1:
+            raise KeyError(f"no single {role} file over all tasks among {self.files.get(role)}")
+        return found[0]
 
 
 #: Parameters that say how a fit ran, never what it found: left out of the sidecars, so that

@@ -1,4 +1,4 @@
-"""Overlap and recurrence of networks across runs, tasks and seeds."""
+"""Overlap and recurrence of networks across runs, tasks, seeds and models."""
 
 from .recurrence import (
     compare_fits,
@@ -9,6 +9,7 @@ from .recurrence import (
     permutation_null,
     recurrence_frequency,
 )
+from .temporal import match_time_courses, model_similarity, word_time_courses
 
 __all__ = [
     "compare_fits",
@@ -16,6 +17,9 @@ __all__ = [
     "dice_matrix",
     "jaccard_matrix",
     "match",
+    "match_time_courses",
+    "model_similarity",
     "permutation_null",
     "recurrence_frequency",
+    "word_time_courses",
 ]
