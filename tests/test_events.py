@@ -81,6 +81,9 @@ def test_events_columns(tmp_path):
         "token_id",
         "special",
         "position",
+        "char_start",
+        "char_stop",
+        "word",
     ]
     assert raw.onset.tolist() == [0.0, 1.0, 2.0] and raw.duration.tolist() == [1.0] * 3
     assert set(string.whitespace) & set(raw.columns[0]) == set()
@@ -120,3 +123,61 @@ def test_recorder_events_are_byte_identical_to_pandas(ids, repetition_time):
     reference = frame.to_csv(sep="\t", index=False, quoting=csv.QUOTE_NONE, lineterminator="\n")
     assert fast == reference
     assert events_text(frame) == reference
+
+
+def test_token_spans_and_words_line_up_with_the_text_under_two_tokenizers(tmp_path):
+    """Each token's span is its text in the document; a word's tokens spell the word; and the
+    same text has the same words under two different tokenizers (the tests' byte-level BPE
+    and a whitespace-split word-level one), which is what lets two models' time courses be
+    compared word by word."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llm2bids.bids.events import read_events
+    from llm2bids.stimuli import builtin_set, tokenize_runs
+    from tiny import tiny_tokenizer
+
+    stimuli = builtin_set("narrative")  # no segment cut short (langloc's are): every word shows
+    texts = {d.name: d.text for d in stimuli.documents}
+    words_of = {}
+    vocab = {w: i + 1 for i, w in enumerate(sorted({w for t in texts.values() for w in t.split()}))}
+    word_level = Tokenizer(models.WordLevel(vocab | {"<unk>": 0}, unk_token="<unk>"))
+    word_level.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for name, tokenizer in (
+        ("bpe", tiny_tokenizer()),
+        ("words", PreTrainedTokenizerFast(tokenizer_object=word_level, bos_token="<unk>")),
+    ):
+        per_document = {}
+        for run in tokenize_runs(stimuli, tokenizer, max_tokens=40):
+            text = texts[run.document]
+            doc_words = re.findall(r"\S+", text)
+            for t in np.flatnonzero(~run.special):
+                start, stop = run.spans[t]
+                assert tokenizer.decode([int(run.token_ids[t])]).strip() == text[start:stop].strip()
+                assert text[start:stop].strip() in doc_words[run.words[t]]
+            for w in set(run.words[run.words >= 0].tolist()):
+                pieces = [text[a:b] for (a, b), k in zip(run.spans, run.words) if k == w]
+                per_document.setdefault(run.document, {}).setdefault(w, []).extend(pieces)
+            assert (run.words[run.special] == -1).all() and (run.spans[run.special] == -1).all()
+        for document, words in per_document.items():
+            doc_words = re.findall(r"\S+", texts[document])
+            assert sorted(words) == list(range(len(doc_words)))  # every word, none twice
+            assert all("".join(words[w]).strip() == doc_words[w] for w in words)
+        words_of[name] = {d: sorted(w) for d, w in per_document.items()}
+    assert words_of["bpe"] == words_of["words"]
+    # and written to the events files, read back as integers
+    frame = events_frame(
+        run.token_ids,
+        [tokenizer.decode([int(i)]) for i in run.token_ids],
+        run.conditions,
+        run.special,
+        spans=run.spans,
+        words=run.words,
+    )
+    path = write_events(tmp_path / "e.tsv", frame)
+    back = read_events(path)
+    assert back.word.isna().tolist() == (run.words < 0).tolist()
+    assert back.word.dropna().tolist() == run.words[run.words >= 0].tolist()
+    assert back.char_start.dropna().tolist() == run.spans[run.spans[:, 0] >= 0, 0].tolist()

@@ -26,7 +26,18 @@ from .._io import atomic_path
 from .._version import __version__
 from ..exceptions import DatasetError
 
-EVENTS_COLUMNS = ("onset", "duration", "trial_type", "token", "token_id", "special", "position")
+EVENTS_COLUMNS = (
+    "onset",
+    "duration",
+    "trial_type",
+    "token",
+    "token_id",
+    "special",
+    "position",
+    "char_start",
+    "char_stop",
+    "word",
+)
 
 EVENTS_SIDECAR = {
     "onset": {"Description": "Token position times RepetitionTime.", "Units": "s"},
@@ -46,6 +57,19 @@ EVENTS_SIDECAR = {
         "Levels": {"0": "ordinary token", "1": "special token"},
     },
     "position": {"Description": "Index of the token (volume) in the run, from 0."},
+    "char_start": {
+        "Description": "First character of the token in its document's text (the stimulus "
+        "segments joined by single spaces), from 0; n/a for special tokens, or where the "
+        "tokenizer gives no offsets."
+    },
+    "char_stop": {"Description": "One past the token's last character (see char_start)."},
+    "word": {
+        "Description": "Index (from 0) of the word the token belongs to in its document, a word "
+        "being a run of characters without whitespace: the word of the token's first "
+        "non-space character. The same text has the same words under every tokenizer, so "
+        "time courses of two models resampled to words (the mean over each word's tokens) "
+        "line up. n/a for special tokens, tokens of whitespace alone, or without offsets."
+    },
 }
 
 
@@ -103,9 +127,31 @@ def unescape_token(cell: str) -> str:
     return _ESCAPE_RE.sub(repl, cell)
 
 
+def _span_cells(spans, words, n: int) -> dict[str, list]:
+    """The ``char_start``, ``char_stop`` and ``word`` cells (``n/a`` where -1 or unknown)."""
+
+    def cells(values):
+        if values is None:
+            return ["n/a"] * n
+        return ["n/a" if v < 0 else str(v) for v in np.asarray(values, dtype=np.int64).tolist()]
+
+    spans = None if spans is None else np.asarray(spans, dtype=np.int64).reshape(n, 2)
+    return {
+        "char_start": cells(None if spans is None else spans[:, 0]),
+        "char_stop": cells(None if spans is None else spans[:, 1]),
+        "word": cells(words),
+    }
+
+
 @fill_doc
 def events_frame(
-    token_ids, tokens: list[str], conditions: list[str], special, repetition_time: float = 1.0
+    token_ids,
+    tokens: list[str],
+    conditions: list[str],
+    special,
+    repetition_time: float = 1.0,
+    spans=None,
+    words=None,
 ) -> pd.DataFrame:
     """Build the events table of one run.
 
@@ -120,6 +166,10 @@ def events_frame(
     special : array-like of bool or int
         1 for special tokens (BOS and the like), 0 otherwise.
     %(repetition_time)s
+    spans : array-like of int, shape (n_tokens, 2), or None, default=None
+        Each token's character span in its document (-1: none); ``None``: unknown.
+    words : array-like of int or None, default=None
+        Each token's word index in its document (-1: none); ``None``: unknown.
     """
     n = len(token_ids)
     position = np.arange(n)
@@ -132,6 +182,7 @@ def events_frame(
             "token_id": np.asarray(token_ids, dtype=np.int64),
             "special": np.asarray(special, dtype=np.int8),
             "position": position,
+            **_span_cells(spans, words, n),
         },
         columns=list(EVENTS_COLUMNS),
     )
@@ -169,7 +220,13 @@ class TokenCells:
 
 @fill_doc
 def run_events(
-    token_ids, cells: TokenCells, conditions: list[str], special, repetition_time: float = 1.0
+    token_ids,
+    cells: TokenCells,
+    conditions: list[str],
+    special,
+    repetition_time: float = 1.0,
+    spans=None,
+    words=None,
 ) -> dict[str, list]:
     """The columns of one run's events table, from already escaped token cells.
 
@@ -184,6 +241,8 @@ def run_events(
     conditions : list of str
     special : array-like of bool or int
     %(repetition_time)s
+    spans, words : array-like of int or None, default=None
+        As for :func:`events_frame`.
     """
     ids = np.asarray(token_ids, dtype=np.int64).tolist()
     n, rt = len(ids), float(repetition_time)
@@ -195,6 +254,7 @@ def run_events(
         "token_id": list(map(str, ids)),
         "special": list(map(str, np.asarray(special, dtype=np.int8).tolist())),
         "position": list(map(str, range(n))),
+        **_span_cells(spans, words, n),
     }
 
 
@@ -234,7 +294,8 @@ def write_events(path: str | Path, table: pd.DataFrame | dict) -> Path:
 
 
 def read_events(path: str | Path) -> pd.DataFrame:
-    """Read an events table written by llm2bids; ``token`` is unescaped to the token text."""
+    """Read an events table written by llm2bids; ``token`` is unescaped to the token text, and
+    ``char_start``, ``char_stop`` and ``word`` are integers (``<NA>`` where ``n/a``)."""
     try:
         frame = pd.read_csv(
             path,
@@ -251,4 +312,7 @@ def read_events(path: str | Path) -> pd.DataFrame:
         raise DatasetError(f"events file {path} lacks the required columns {sorted(missing)}.")
     if "token" in frame:
         frame["token"] = [unescape_token(c) for c in frame["token"]]
+    for column in ("char_start", "char_stop", "word"):  # n/a (none) as <NA>
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column].replace("n/a", None)).astype("Int64")
     return frame

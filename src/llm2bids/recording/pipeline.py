@@ -249,7 +249,9 @@ class RecordingPipeline:
         self.writers.submit(task, then=functools.partial(ring.release, index))
 
     def _write_events(self, run: RunStimulus, paths) -> None:
-        table = run_events(run.token_ids, self.cells, run.conditions, run.special)
+        table = run_events(
+            run.token_ids, self.cells, run.conditions, run.special, spans=run.spans, words=run.words
+        )
         self._runs.append((Path(paths[0]), Path(paths[1])))
         write_events(Path(paths[1]), table)
 

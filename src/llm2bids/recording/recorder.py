@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .. import _io
 from ..bids import dataset as bids_dataset
+from ..bids.events import EVENTS_COLUMNS
 from ..bids.geometry import VoxelGeometry
 from ..bids.names import acquisition_label, check_label, strip_prefix
 from ..bids.path import BIDSPath, participant_id
@@ -365,6 +366,9 @@ def _plan_task(setup: _Setup, stimset: StimulusSet, runs: list[RunStimulus], bat
         "prepend_bos": bool(setup.prepend_bos),
         "stimuli_sha256": stimset.fingerprint(),
         "n_runs": len(runs),
+        # the events' columns: a recording resumed by a version that writes others would mix
+        # two formats of events files
+        "events_columns": list(EVENTS_COLUMNS),
     }
     resume = bids_dataset.check_recording_params(sidecar, params, setup.overwrite)
     ext = ".nii.gz" if setup.compress else ".nii"

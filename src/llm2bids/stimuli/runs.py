@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,14 @@ class RunStimulus:
         ``trial_type`` of each token.
     special : numpy.ndarray of bool
         Whether each token is a special token (BOS and the like).
+    spans : numpy.ndarray of int, shape (n_tokens, 2), or None
+        Each token's characters ``[start, stop)`` in its document's text (``-1``: none, for
+        special tokens; ``None``: not known, for a tokenizer without offsets).
+    words : numpy.ndarray of int or None
+        The index (from 0, in its document) of the word each token belongs to: the word of the
+        first non-space character of its span (``-1``: none, for special tokens and tokens of
+        whitespace alone; ``None``: not known). A word is a run of characters without
+        whitespace, so the same text has the same words under every tokenizer.
     """
 
     index: int
@@ -36,21 +45,46 @@ class RunStimulus:
     token_ids: np.ndarray
     conditions: list[str]
     special: np.ndarray
+    spans: np.ndarray | None = None
+    words: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
 
 
-def _segment_tokens(doc: Document, tokenizer) -> list[list[int]]:
-    """Token ids of each segment (joined by a space); ``duration_of`` segments cut to length."""
-    tokens = [
-        tokenizer(seg.text if i == 0 else " " + seg.text, add_special_tokens=False)["input_ids"]
-        for i, seg in enumerate(doc.segments)
-    ]
+def _segment_tokens(doc: Document, tokenizer) -> tuple[list[list[int]], list | None]:
+    """Token ids of each segment (joined by a space), ``duration_of`` segments cut to length,
+    and each token's character span in the document's text (None without offsets)."""
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    tokens, spans, start = [], [], 0
+    for i, seg in enumerate(doc.segments):
+        text = seg.text if i == 0 else " " + seg.text
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
+        tokens.append(list(encoded["input_ids"]))
+        if fast:
+            spans.append([(start + a, start + b) for a, b in encoded["offset_mapping"]])
+        start += len(text)
     for i, seg in enumerate(doc.segments):
         if seg.duration_of is not None:
             tokens[i] = tokens[i][: len(tokens[seg.duration_of])]
-    return tokens
+            if fast:
+                spans[i] = spans[i][: len(tokens[i])]
+    return tokens, spans if fast else None
+
+
+def _word_indices(text: str, spans: np.ndarray) -> np.ndarray:
+    """The word (run of non-whitespace characters, from 0) of each span's first non-space
+    character; -1 for spans of whitespace alone."""
+    word_of = np.full(len(text), -1, dtype=np.int64)
+    for k, found in enumerate(re.finditer(r"\S+", text)):
+        word_of[found.start() : found.end()] = k
+    words = np.full(len(spans), -1, dtype=np.int64)
+    for i, (start, stop) in enumerate(spans):
+        inside = word_of[start:stop]
+        inside = inside[inside >= 0]
+        if inside.size:
+            words[i] = inside[0]
+    return words
 
 
 def tokenize_runs(
@@ -84,11 +118,16 @@ def tokenize_runs(
     for doc in stimuli.documents:
         ids: list[int] = []
         conds: list[str] = []
-        for seg, seg_ids in zip(doc.segments, _segment_tokens(doc, tokenizer)):
+        seg_tokens, seg_spans = _segment_tokens(doc, tokenizer)
+        for seg, seg_ids in zip(doc.segments, seg_tokens):
             ids.extend(seg_ids)
             conds.extend([seg.condition] * len(seg_ids))
         if not ids:
             continue
+        spans = words = None
+        if seg_spans is not None:
+            spans = np.asarray([s for part in seg_spans for s in part], dtype=np.int64)
+            words = _word_indices(doc.text, spans)
         n_chunks = math.ceil(len(ids) / room)
         bounds = np.linspace(0, len(ids), n_chunks + 1).round().astype(int)
         for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -97,6 +136,13 @@ def tokenize_runs(
             special[: len(prefix)] = True
             all_special = set(getattr(tokenizer, "all_special_ids", []))
             special |= np.isin(token_ids, list(all_special))
+            run_spans = run_words = None
+            if spans is not None:
+                none = np.full(len(prefix), -1, dtype=np.int64)
+                run_spans = np.vstack([np.full((len(prefix), 2), -1), spans[start:stop]])
+                run_words = np.concatenate([none, words[start:stop]])
+                run_spans[special] = -1  # a special token stands for no text
+                run_words[special] = -1
             runs.append(
                 RunStimulus(
                     index=len(runs) + 1,
@@ -104,6 +150,8 @@ def tokenize_runs(
                     token_ids=token_ids,
                     conditions=[SPECIAL_CONDITION] * len(prefix) + conds[start:stop],
                     special=special,
+                    spans=run_spans,
+                    words=run_words,
                 )
             )
     if not runs:
