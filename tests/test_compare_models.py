@@ -67,3 +67,47 @@ def test_time_course_inputs_are_checked():
         match_time_courses(rng.random((6, 1)), rng.random((6, 1)), np.array([0, 0, 1, 1, 0, 0]))
     with pytest.raises(InputError, match="one word index per token"):
         word_time_courses(np.zeros((4, 1)), np.zeros(3, dtype=int))
+
+
+def test_group_fit_over_subjects_and_dual_regression_find_shared_and_own_networks(tmp_path):
+    """Three subjects of one geometry: groups 1-3 drive all of them, group 4 only the third.
+    A group CanICA over every subject's runs recovers the four groups (Dice >= 0.9), and
+    dual regression finds group 4 in the third subject's back-projection, not the others'."""
+    from scipy.optimize import linear_sum_assignment
+
+    from llm2bids.decomposition import FunctionalNetworks
+    from llm2bids.decomposition.group import dual_regression
+    from llm2bids.overlap import dice_matrix
+    from synthetic import planted_networks, write_synthetic
+
+    _, truth = planted_networks(n_groups=4, seed=0)
+    rng = np.random.default_rng(1)
+    runs_of = {}
+    for subject in ("a", "b", "c"):
+        runs = []
+        for _ in range(3):
+            sources = rng.laplace(size=(300, 4)) * (rng.random((300, 4)) < 0.3)
+            if subject != "c":
+                sources[:, 3] = 0  # group 4 is the third subject's own
+            data = sources @ (truth * 1.0) * 3 + 0.5 * rng.standard_normal((300, 400))
+            data[0] = 100.0  # BOS-like, marked special
+            runs.append(data.reshape(300, 4, 100).astype(np.float32))
+        runs_of[subject] = write_synthetic(tmp_path / "bids", runs, subject=subject)
+    every_run = [r for runs in runs_of.values() for r in runs]
+    fit = FunctionalNetworks(n_components=4, random_state=0).fit(every_run)
+    truth = truth[:, fit.geometry_.masker_order]  # maps are in nilearn's masker order
+    dice = dice_matrix(fit.networks_, truth)
+    rows, cols = linear_sum_assignment(-dice)
+    assert dice[rows, cols].min() >= 0.9, dice[rows, cols]
+    own = rows[cols == 3][0]  # the group component of group 4
+    for subject, runs in runs_of.items():
+        back = dual_regression(fit, runs)
+        assert back.maps.shape == fit.components_.shape and len(back.time_courses) == 3
+        found = dice_matrix(back.networks[[own]], truth[[3]])[0, 0]
+        shared = dice_matrix(back.networks, truth).max(axis=0)[:3]
+        assert shared.min() >= 0.9, (subject, shared)  # the shared groups, in every subject
+        strength = np.abs(back.correlation[own][truth[3]]).mean()  # group 4's neurons
+        if subject == "c":
+            assert found >= 0.9 and strength > 0.8, (found, strength)
+        else:  # the map keeps the group's shape (circularity); the correlation says it is absent
+            assert found < 0.2 and strength < 0.4, (subject, found, strength)

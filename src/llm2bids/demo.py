@@ -139,6 +139,7 @@ class _Demo:
 @fill_doc
 def run_demo(
     out_dir: str | Path,
+    *,
     model: str | None = None,
     quick: bool = False,
     overwrite: bool = False,

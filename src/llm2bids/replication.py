@@ -221,11 +221,12 @@ def key_set(fit: FunctionalNetworks) -> np.ndarray:
 def replicate(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     output_dir: str | Path,
     model: str | LoadedModel | None = None,
+    *,
     n_controls: int = 5,
     seed: int = 0,
     fractions: Sequence[float] = (0.1, 0.5),
     max_tokens: int = 512,
-    device: str = "cpu",
+    device: str = "auto",
     verbose: int = 1,
     protocols: Sequence[Protocol] = PROTOCOLS,
     per_layer_curves: bool = False,

@@ -2,6 +2,7 @@
 
 from ..bids.reader import select_runs  # kept importable from here
 from .app import NetworksResult, run_networks
+from .group import SubjectNetworks, dual_regression
 from .networks import DEFAULT_THRESHOLD, METHODS, FunctionalNetworks, zscore_maps
 
 __all__ = [
@@ -9,6 +10,8 @@ __all__ = [
     "METHODS",
     "FunctionalNetworks",
     "NetworksResult",
+    "SubjectNetworks",
+    "dual_regression",
     "run_networks",
     "select_runs",
     "zscore_maps",

@@ -41,6 +41,7 @@ logger = logging.getLogger("llm2bids.decomposition")
 def run_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     bids_dir: str | Path,
     output_dir: str | Path,
+    *,
     participant_label: Sequence[str] | None = None,
     tasks: Sequence[str] | None = None,
     method: str = "canica",
@@ -52,7 +53,6 @@ def run_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     n_permutations: int = 100,
     hook_point: str = "mlp",
     verbose: int = 1,
-    *,
     scope: str = "model",
     sided: str = "two",
     ica_solver: str = "picard",

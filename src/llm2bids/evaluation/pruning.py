@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._docs import fill_doc
 from ..exceptions import InputError
 from ..models import LoadedModel, arch_spec
 from ..models.pruned import _check_pruned_folder, _slice_mlp, load_pruned, save_pruned
@@ -91,15 +92,16 @@ def _drop_dequantized_quantizer(model: torch.nn.Module) -> None:
             del model.config.quantization_config
 
 
+@fill_doc
 def run_prune(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     model: str | LoadedModel,
     keep: str | Path | np.ndarray,
     output_dir: str | Path,
+    *,
     component: int | None = None,
     bias_compensation: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
     overwrite: bool = False,
-    *,
     calibration_file: str | Path | None = None,
     protected_layers=(),
 ) -> dict:
@@ -119,8 +121,7 @@ def run_prune(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     bias_compensation : bool, default=False
         FLAP-style: fold the removed neurons' mean over the calibration text into the down
         projection's bias.
-    device : str, default="cpu"
-        Where to load ``model`` when it is a spec.
+    %(device)s
     overwrite : bool, default=False
         Replace a pruned model already in ``output_dir`` (never anything else).
     calibration_file : str, Path or None, default=None

@@ -30,6 +30,7 @@ def run_localize(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     bids_dir: str | Path,
     output_dir: str | Path,
     task: str,
+    *,
     contrast: str = "sentence - nonword",
     participant_label: Sequence[str] | None = None,
     top_percent: float | None = None,
@@ -38,7 +39,6 @@ def run_localize(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     height_control: str = "bonferroni",
     second_level: bool = False,
     hook_point: str = "mlp",
-    *,
     n_jobs: int = 1,
     dask_scheduler: str | None = None,
 ) -> dict[str, object]:

@@ -57,6 +57,7 @@ class _StopForward(Exception):
 def record(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     bids_dir: str | Path,
     model: str | LoadedModel | None = None,
+    *,
     task: str | Sequence[str] | None = None,
     stimuli: str | Path | StimulusSet | None = None,
     subject: str | None = None,
