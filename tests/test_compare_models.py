@@ -111,3 +111,55 @@ def test_group_fit_over_subjects_and_dual_regression_find_shared_and_own_network
             assert found >= 0.9 and strength > 0.8, (found, strength)
         else:  # the map keeps the group's shape (circularity); the correlation says it is absent
             assert found < 0.2 and strength < 0.4, (subject, found, strength)
+
+
+def test_two_models_with_different_tokenizers_meet_on_the_words_of_the_text(tmp_path, tiny_dir):
+    """A model with the tests' byte-level BPE and one with a word-level tokenizer record the
+    same task; their networks' time courses meet on every presented word of the stimuli, and
+    a model compared with itself matches every network at r = 1."""
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    import llm2bids
+    from llm2bids.overlap import compare_models, word_time_course_table
+    from llm2bids.stimuli import builtin_set
+
+    texts = [d.text for d in builtin_set("narrative").documents]
+    vocab = {w: i + 3 for i, w in enumerate(sorted({w for t in texts for w in t.split()}))}
+    words = Tokenizer(models.WordLevel(vocab | {"<unk>": 0, "<bos>": 1, "<pad>": 2}, "<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=words, bos_token="<bos>", unk_token="<unk>", pad_token="<pad>"
+    )
+    config = LlamaConfig(
+        vocab_size=len(vocab) + 3,
+        hidden_size=32,
+        intermediate_size=40,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        pad_token_id=2,
+    )
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    folder = tmp_path / "wordmodel"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    bids, deriv = tmp_path / "bids", tmp_path / "bids" / "derivatives" / "llm2bids"
+    for model, subject in ((tiny_dir("llama"), "bpe"), (folder, "words")):
+        llm2bids.record(bids, model=str(model), task="narrative", subject=subject, verbose=0)
+    results = llm2bids.run_networks(bids, deriv, n_components=3, per_run=False, verbose=0)
+    tables = {
+        sub: word_time_course_table(result.files["mixing"][0], deriv)
+        for sub, result in results.items()
+    }
+    presented = sum(len(re.findall(r"\S+", t)) for t in texts)
+    for table in tables.values():
+        assert len(table) == presented  # every word of the stimuli, under either tokenizer
+    matching, similarity = compare_models(tables["bpe"], tables["words"], n_permutations=50)
+    assert (matching.n_words == presented).all() and len(matching) == 3
+    itself, same = compare_models(tables["bpe"], tables["bpe"], n_permutations=50)
+    assert same["matched_share"] == 1.0 and np.allclose(itself.correlation.abs(), 1.0)

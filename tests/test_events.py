@@ -81,6 +81,7 @@ def test_events_columns(tmp_path):
         "token_id",
         "special",
         "position",
+        "stim_file",
         "char_start",
         "char_stop",
         "word",
@@ -175,9 +176,11 @@ def test_token_spans_and_words_line_up_with_the_text_under_two_tokenizers(tmp_pa
         run.special,
         spans=run.spans,
         words=run.words,
+        stim_file=run.stim_file,
     )
     path = write_events(tmp_path / "e.tsv", frame)
     back = read_events(path)
     assert back.word.isna().tolist() == (run.words < 0).tolist()
     assert back.word.dropna().tolist() == run.words[run.words >= 0].tolist()
     assert back.char_start.dropna().tolist() == run.spans[run.spans[:, 0] >= 0, 0].tolist()
+    assert set(back.stim_file) == {f"task-narrative/{run.document}.txt"}

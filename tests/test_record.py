@@ -358,3 +358,27 @@ def test_unreachable_hub_reads_only_the_local_cache(monkeypatch):
     # The message comes only from a cache-only load (local_files_only), which never retries.
     with pytest.raises(ModelLoadError, match="unreachable .* not in its local cache"):
         llm2bids.load_model("some-org/not-cached-model", device="cpu")
+
+
+def test_events_spans_index_the_stimulus_files(recorded, tiny_dir):
+    """Each token's stim_file and character span point at its own text in the dataset's
+    stimuli/ folder; its word is the word of that text."""
+    import re
+
+    from llm2bids.bids.events import read_events
+
+    tokenizer = llm2bids.load_model(str(tiny_dir("llama")), device="cpu").tokenizer
+    checked = 0
+    for bold in find_runs(recorded, subject="tinyllama"):
+        events = read_events(str(bold).replace("_bold.nii", "_events.tsv"))
+        (stim_file,) = set(events.stim_file)
+        text = (recorded / "stimuli" / stim_file).read_text().removesuffix("\n")
+        words = re.findall(r"\S+", text)
+        for row in events[events.special == 0].itertuples():
+            piece = text[row.char_start : row.char_stop]
+            assert tokenizer.decode([row.token_id]) == piece
+            if piece.strip():
+                assert piece.strip() in words[row.word]
+            checked += 1
+        assert events[events.special == 1].word.isna().all()
+    assert checked > 500

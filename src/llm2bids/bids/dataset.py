@@ -278,6 +278,16 @@ def _upsert_row(path: Path, table: pd.DataFrame, row: dict) -> None:
     _io.write_tsv(path, table.sort_values(key, kind="stable"))
 
 
+def stimulus_folder(task: str) -> str:
+    """A task's folder of stimulus files, relative to ``stimuli/``: ``task-<label>``."""
+    return f"task-{BIDSPath(task=task).task}"
+
+
+def stimulus_file(task: str, document: str) -> str:
+    """A document's text file relative to ``stimuli/`` (the events' ``stim_file``)."""
+    return f"{stimulus_folder(task)}/{document}.txt"
+
+
 def register_task(
     root: str | Path,
     task: str,
@@ -302,7 +312,7 @@ def register_task(
     """
     root = Path(root)
     path = BIDSPath(task=task, suffix="bold", extension=".json", root=root).fpath
-    folder = Path("stimuli") / f"task-{BIDSPath(task=task).task}"
+    folder = Path("stimuli") / stimulus_folder(task)
     meta = {
         **{k: v for k, v in metadata.items() if k not in ("StimulusSet", "Conditions")},
         "RepetitionTime": REPETITION_TIME,

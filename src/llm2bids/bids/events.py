@@ -34,6 +34,7 @@ EVENTS_COLUMNS = (
     "token_id",
     "special",
     "position",
+    "stim_file",
     "char_start",
     "char_stop",
     "word",
@@ -57,10 +58,13 @@ EVENTS_SIDECAR = {
         "Levels": {"0": "ordinary token", "1": "special token"},
     },
     "position": {"Description": "Index of the token (volume) in the run, from 0."},
+    "stim_file": {
+        "Description": "The document the token comes from: its text file under stimuli/ "
+        "(the stimulus segments joined by single spaces)."
+    },
     "char_start": {
-        "Description": "First character of the token in its document's text (the stimulus "
-        "segments joined by single spaces), from 0; n/a for special tokens, or where the "
-        "tokenizer gives no offsets."
+        "Description": "First character of the token in its document's text (stim_file), "
+        "from 0; n/a for special tokens, or where the tokenizer gives no offsets."
     },
     "char_stop": {"Description": "One past the token's last character (see char_start)."},
     "word": {
@@ -127,8 +131,9 @@ def unescape_token(cell: str) -> str:
     return _ESCAPE_RE.sub(repl, cell)
 
 
-def _span_cells(spans, words, n: int) -> dict[str, list]:
-    """The ``char_start``, ``char_stop`` and ``word`` cells (``n/a`` where -1 or unknown)."""
+def _span_cells(stim_file, spans, words, n: int) -> dict[str, list]:
+    """The ``stim_file``, ``char_start``, ``char_stop`` and ``word`` cells (``n/a`` where -1
+    or unknown)."""
 
     def cells(values):
         if values is None:
@@ -137,6 +142,7 @@ def _span_cells(spans, words, n: int) -> dict[str, list]:
 
     spans = None if spans is None else np.asarray(spans, dtype=np.int64).reshape(n, 2)
     return {
+        "stim_file": [stim_file or "n/a"] * n,
         "char_start": cells(None if spans is None else spans[:, 0]),
         "char_stop": cells(None if spans is None else spans[:, 1]),
         "word": cells(words),
@@ -152,6 +158,7 @@ def events_frame(
     repetition_time: float = 1.0,
     spans=None,
     words=None,
+    stim_file: str | None = None,
 ) -> pd.DataFrame:
     """Build the events table of one run.
 
@@ -170,6 +177,8 @@ def events_frame(
         Each token's character span in its document (-1: none); ``None``: unknown.
     words : array-like of int or None, default=None
         Each token's word index in its document (-1: none); ``None``: unknown.
+    stim_file : str or None, default=None
+        The document's text file relative to ``stimuli/``; ``None``: unknown.
     """
     n = len(token_ids)
     position = np.arange(n)
@@ -182,7 +191,7 @@ def events_frame(
             "token_id": np.asarray(token_ids, dtype=np.int64),
             "special": np.asarray(special, dtype=np.int8),
             "position": position,
-            **_span_cells(spans, words, n),
+            **_span_cells(stim_file, spans, words, n),
         },
         columns=list(EVENTS_COLUMNS),
     )
@@ -227,6 +236,7 @@ def run_events(
     repetition_time: float = 1.0,
     spans=None,
     words=None,
+    stim_file: str | None = None,
 ) -> dict[str, list]:
     """The columns of one run's events table, from already escaped token cells.
 
@@ -242,6 +252,7 @@ def run_events(
     special : array-like of bool or int
     %(repetition_time)s
     spans, words : array-like of int or None, default=None
+    stim_file : str or None, default=None
         As for :func:`events_frame`.
     """
     ids = np.asarray(token_ids, dtype=np.int64).tolist()
@@ -254,7 +265,7 @@ def run_events(
         "token_id": list(map(str, ids)),
         "special": list(map(str, np.asarray(special, dtype=np.int8).tolist())),
         "position": list(map(str, range(n))),
-        **_span_cells(spans, words, n),
+        **_span_cells(stim_file, spans, words, n),
     }
 
 

@@ -1,5 +1,6 @@
 """Overlap and recurrence of networks across runs, tasks, seeds and models."""
 
+from .models import compare_models, word_time_course_table
 from .recurrence import (
     compare_fits,
     correlation_matrix,
@@ -13,6 +14,7 @@ from .temporal import match_time_courses, model_similarity, word_time_courses
 
 __all__ = [
     "compare_fits",
+    "compare_models",
     "correlation_matrix",
     "dice_matrix",
     "jaccard_matrix",
@@ -21,5 +23,6 @@ __all__ = [
     "model_similarity",
     "permutation_null",
     "recurrence_frequency",
+    "word_time_course_table",
     "word_time_courses",
 ]

@@ -250,7 +250,13 @@ class RecordingPipeline:
 
     def _write_events(self, run: RunStimulus, paths) -> None:
         table = run_events(
-            run.token_ids, self.cells, run.conditions, run.special, spans=run.spans, words=run.words
+            run.token_ids,
+            self.cells,
+            run.conditions,
+            run.special,
+            spans=run.spans,
+            words=run.words,
+            stim_file=run.stim_file,
         )
         self._runs.append((Path(paths[0]), Path(paths[1])))
         write_events(Path(paths[1]), table)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..bids.dataset import stimulus_file
 from ..bids.geometry import MAX_NIFTI_AXIS
 from ..exceptions import InputError
 from .sets import Document, StimulusSet
@@ -38,6 +39,9 @@ class RunStimulus:
         first non-space character of its span (``-1``: none, for special tokens and tokens of
         whitespace alone; ``None``: not known). A word is a run of characters without
         whitespace, so the same text has the same words under every tokenizer.
+    stim_file : str or None
+        The document's text file, relative to the dataset's ``stimuli/`` folder (the spans
+        index into it).
     """
 
     index: int
@@ -47,6 +51,7 @@ class RunStimulus:
     special: np.ndarray
     spans: np.ndarray | None = None
     words: np.ndarray | None = None
+    stim_file: str | None = None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -152,6 +157,7 @@ def tokenize_runs(
                     special=special,
                     spans=run_spans,
                     words=run_words,
+                    stim_file=stimulus_file(stimuli.task, doc.name),
                 )
             )
     if not runs:
