@@ -114,3 +114,44 @@ def test_docstring_examples_run():
         ran, failed = ran + result.attempted, failed + result.failed
     assert failed == 0
     assert ran >= 6  # the examples exist (BIDSPath, labels, membership rule)
+
+
+def _documented_defaults(doc: str):
+    """``(name, default text)`` of every ``name : type, default=X`` line (several names on
+    one line may share a tuple of defaults, one each)."""
+    for line in inspect.cleandoc(doc or "").splitlines():
+        found = re.match(r"^([\w, *]+) : .*default=(.+)$", line)
+        if found:
+            names = [n.strip().lstrip("*") for n in found.group(1).split(",")]
+            yield names, found.group(2).strip()
+
+
+def test_documented_defaults_are_the_signatures():
+    """Every ``default=`` a docstring states is the value in the signature (a literal, or the
+    name of the object it is); the docs cannot drift from the code."""
+    import ast
+
+    wrong = []
+    for qualname, obj, doc in _public_callables():
+        try:
+            parameters = inspect.signature(obj).parameters
+        except (TypeError, ValueError):
+            continue
+        for names, text in _documented_defaults(doc):
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a name: the default's own name
+            for i, name in enumerate(names):
+                if name not in parameters or parameters[name].default is inspect.Parameter.empty:
+                    continue
+                actual = parameters[name].default
+                expected = value[i] if isinstance(value, tuple) and len(names) > 1 else value
+                if isinstance(expected, str) and expected == getattr(actual, "__name__", None):
+                    continue
+                module = inspect.getmodule(obj)
+                if isinstance(expected, str) and getattr(module, expected, None) is actual:
+                    continue  # a module constant named as the default (e.g. PROTOCOLS)
+                if expected != actual:
+                    wrong.append(f"{qualname}({name}): documented {text}, is {actual!r}")
+    assert not wrong, "\n".join(wrong)

@@ -166,8 +166,8 @@ class VoxelGeometry:
         ----------
         layers : list of ndarray, each ``(T, n_neurons)`` float32, C-contiguous
             One array per z-slice, in order.
-        piece_bytes : int, default=8 MiB
-            About how many bytes of the block each piece covers.
+        piece_bytes : int, default=8388608
+            About how many bytes of the block each piece covers (8 MiB).
 
         Yields
         ------

@@ -94,7 +94,8 @@ def heatmap(matrix: pd.DataFrame, path: Path, title: str, vmin=-1, vmax=1, cmap=
     path : Path
         The PNG to write (an SVG is written beside it).
     title : str
-    vmin, vmax : float or None, default=None
+    vmin, vmax : float or None, default=(-1, 1)
+        The colour scale's ends (``None``: the data's); correlations by default.
     cmap : str, default="RdBu_r"
     """
     fig, ax = plt.subplots(figsize=(1 + 0.45 * matrix.shape[1], 1 + 0.4 * matrix.shape[0]))
