@@ -110,7 +110,13 @@ def _escape_char(ch: str) -> str:
 
 
 def escape_token(text: str) -> str:
-    """Encode a token's text for a TSV cell (see the module docstring)."""
+    """Encode a token's text for a TSV cell (see the module docstring).
+
+    Parameters
+    ----------
+    text : str
+        The token's text, as the tokenizer decodes it alone.
+    """
     if text == "":
         return "n/a"
     out = "".join(_escape_char(ch) for ch in text)
@@ -118,7 +124,13 @@ def escape_token(text: str) -> str:
 
 
 def unescape_token(cell: str) -> str:
-    """Invert :func:`escape_token`."""
+    """Invert :func:`escape_token`.
+
+    Parameters
+    ----------
+    cell : str
+        A ``token`` cell of an events file.
+    """
     if cell == "n/a":
         return ""
 
@@ -306,7 +318,13 @@ def write_events(path: str | Path, table: pd.DataFrame | dict) -> Path:
 
 def read_events(path: str | Path) -> pd.DataFrame:
     """Read an events table written by llm2bids; ``token`` is unescaped to the token text, and
-    ``char_start``, ``char_stop`` and ``word`` are integers (``<NA>`` where ``n/a``)."""
+    ``char_start``, ``char_stop`` and ``word`` are integers (``<NA>`` where ``n/a``).
+
+    Parameters
+    ----------
+    path : str or Path
+        The ``_events.tsv`` file.
+    """
     try:
         frame = pd.read_csv(
             path,

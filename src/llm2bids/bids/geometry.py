@@ -86,7 +86,13 @@ class VoxelGeometry:
 
     # -- coordinates ---------------------------------------------------------------------
     def voxel_of(self, layer, neuron):
-        """Return ``(x, y, z)`` of neuron(s) ``neuron`` in layer(s) ``layer``."""
+        """Return ``(x, y, z)`` of neuron(s) ``neuron`` in layer(s) ``layer``.
+
+        Parameters
+        ----------
+        layer, neuron : int or array-like of int
+            Layer (z-slice) and neuron index in it; arrays of the same shape give arrays.
+        """
         layer = np.asarray(layer)
         neuron = np.asarray(neuron)
         if np.any((neuron < 0) | (neuron >= self.n_neurons)):
@@ -139,6 +145,11 @@ class VoxelGeometry:
     def layer_counts(self, member: np.ndarray) -> pd.DataFrame:
         """Count the neurons flagged in ``member`` (masker order) per layer.
 
+        Parameters
+        ----------
+        member : ndarray of bool, shape (n_neurons_total,)
+            Which neurons count (for example a network's members), in masker order.
+
         Returns
         -------
         DataFrame
@@ -156,7 +167,14 @@ class VoxelGeometry:
 
     # -- data ----------------------------------------------------------------------------
     def empty_block(self, n_tokens: int, dtype=np.float32) -> np.ndarray:
-        """A zeroed ``(n_tokens, n_layers, slice_size)`` block: the NIfTI data in C order."""
+        """A zeroed ``(n_tokens, n_layers, slice_size)`` block: the NIfTI data in C order.
+
+        Parameters
+        ----------
+        n_tokens : int
+            Volumes (tokens) of the block.
+        dtype : numpy dtype, default=numpy.float32
+        """
         return np.zeros((n_tokens, self.n_layers, self.slice_size), dtype=dtype)
 
     def block_pieces(self, layers: list[np.ndarray], piece_bytes: int = 8 << 20):
@@ -193,13 +211,25 @@ class VoxelGeometry:
             yield start, stop, buffers
 
     def block_to_volume(self, block: np.ndarray) -> np.ndarray:
-        """View a ``(T, n_layers, slice_size)`` block as the ``(nx, ny, n_layers, T)`` volume."""
+        """View a ``(T, n_layers, slice_size)`` block as the ``(nx, ny, n_layers, T)`` volume.
+
+        Parameters
+        ----------
+        block : ndarray, shape (T, n_layers, slice_size)
+            A C-ordered data block.
+        """
         t = block.shape[0]
         return block.reshape(t, self.n_layers, self.ny, self.nx).T
 
     def volume_to_block(self, volume: np.ndarray) -> np.ndarray:
         """The ``(T, n_layers, slice_size)`` block of a 4D volume: the inverse of
-        :meth:`block_to_volume` (a view of a volume read from a file, which is F-ordered)."""
+        :meth:`block_to_volume` (a view of a volume read from a file, which is F-ordered).
+
+        Parameters
+        ----------
+        volume : ndarray, shape (nx, ny, n_layers, T)
+            A 4D volume (as nibabel reads it).
+        """
         if volume.shape[:3] != self.shape:
             raise DatasetError(
                 f"volume has spatial shape {volume.shape[:3]}, the geometry says {self.shape}."
@@ -207,7 +237,13 @@ class VoxelGeometry:
         return np.asarray(volume).T.reshape(volume.shape[3], self.n_layers, self.slice_size)
 
     def volume_to_tokens(self, volume: np.ndarray) -> np.ndarray:
-        """Return the ``(T, n_layers, n_neurons)`` activations held in a 4D volume (a view)."""
+        """Return the ``(T, n_layers, n_neurons)`` activations held in a 4D volume (a view).
+
+        Parameters
+        ----------
+        volume : ndarray, shape (nx, ny, n_layers, T)
+            A 4D volume (as nibabel reads it).
+        """
         return self.volume_to_block(volume)[:, :, : self.n_neurons]
 
     def to_sidecar(self) -> dict:

@@ -64,7 +64,13 @@ def sidecar_paths(bold: Path) -> list[Path]:
 
 
 def run_metadata(bold: str | Path) -> dict:
-    """Merged sidecar metadata of a run."""
+    """Merged sidecar metadata of a run.
+
+    Parameters
+    ----------
+    bold : str or Path
+        A run's ``_bold`` file; its sidecars are merged by the inheritance principle.
+    """
     meta: dict = {}
     for path in sidecar_paths(Path(bold)):
         if path.exists():
@@ -73,7 +79,15 @@ def run_metadata(bold: str | Path) -> dict:
 
 
 def run_geometry(bold: str | Path, metadata: dict | None = None) -> VoxelGeometry:
-    """The voxel geometry written in a run's sidecar."""
+    """The voxel geometry written in a run's sidecar.
+
+    Parameters
+    ----------
+    bold : str or Path
+        A run's ``_bold`` file.
+    metadata : dict or None, default=None
+        Its merged sidecar metadata, if already read (see :func:`run_metadata`).
+    """
     meta = run_metadata(bold) if metadata is None else metadata
     return VoxelGeometry.from_sidecar(meta, source=f"sidecar of {Path(bold).name}")
 
@@ -280,6 +294,13 @@ def special_mask(bold: str | Path, n_volumes: int | None = None) -> np.ndarray:
 def neuron_masker(geometry: VoxelGeometry, **kwargs):
     """A nilearn ``NiftiMasker`` on the neuron mask, with no smoothing or standardization.
 
+    Parameters
+    ----------
+    geometry : VoxelGeometry
+        The runs' geometry (see :func:`run_geometry`).
+    **kwargs
+        Passed to ``NiftiMasker``.
+
     Extra keyword arguments go to ``NiftiMasker``.
     """
     from nilearn.maskers import NiftiMasker
@@ -290,5 +311,11 @@ def neuron_masker(geometry: VoxelGeometry, **kwargs):
 
 
 def load_img(bold: str | Path) -> nib.Nifti1Image:
-    """Open a run (lazy), checking its geometry against the sidecar."""
+    """Open a run (lazy), checking its geometry against the sidecar.
+
+    Parameters
+    ----------
+    bold : str or Path
+        A run's ``_bold`` file.
+    """
     return open_run(bold, run_geometry(bold))

@@ -346,7 +346,13 @@ class FunctionalNetworks(BaseEstimator):
         return estimator
 
     def maps_to_img(self, maps: np.ndarray) -> nib.Nifti1Image:
-        """Put ``(k, n_neurons_total)`` maps in masker order into a 4D image."""
+        """Put ``(k, n_neurons_total)`` maps in masker order into a 4D image.
+
+        Parameters
+        ----------
+        maps : ndarray, shape (k, n_neurons_total)
+            One map per row, columns in nilearn's masker order.
+        """
         geom = self.geometry_
         data = np.zeros((*geom.shape, maps.shape[0]), dtype=np.float32)
         data[geom.mask] = maps.T
@@ -489,7 +495,13 @@ def check_n_components(n_components: int, samples: Sequence[np.ndarray], drop_sp
 
 
 def zscore_maps(maps: np.ndarray) -> np.ndarray:
-    """z-score each map over neurons and flip its sign so its heavy tail is positive."""
+    """z-score each map over neurons and flip its sign so its heavy tail is positive.
+
+    Parameters
+    ----------
+    maps : ndarray, shape (k, n_neurons_total)
+        Raw component maps.
+    """
     maps = np.asarray(maps, dtype=np.float64)
     centered = maps - maps.mean(axis=1, keepdims=True)
     std = centered.std(axis=1, keepdims=True)

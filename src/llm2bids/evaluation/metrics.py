@@ -158,12 +158,22 @@ def accuracy_text(row, name: str = "minimal_pair") -> str:
     return f"{row[f'{name}_accuracy']:.3f} [{low:.3f}, {high:.3f}]"
 
 
+@fill_doc
 def minimal_pair_accuracy(lm: LoadedModel, pairs: pd.DataFrame) -> dict:
     """Fraction of pairs whose grammatical sentence gets the higher log-probability.
 
-    Returns ``minimal_pair_accuracy``, its 95%% Wilson interval (``minimal_pair_ci_low``,
-    ``minimal_pair_ci_high``), ``n_pairs``, and per phenomenon ``accuracy_<phenomenon>`` with
-    its interval (``accuracy_<phenomenon>_ci_low``, ``..._ci_high``).
+    Parameters
+    ----------
+    %(lm)s
+    pairs : pandas.DataFrame
+        ``good``, ``bad`` and ``phenomenon`` columns (see :func:`minimal_pairs`).
+
+    Returns
+    -------
+    dict
+        ``minimal_pair_accuracy``, its 95%% Wilson interval (``minimal_pair_ci_low``,
+        ``minimal_pair_ci_high``), ``n_pairs``, and per phenomenon ``accuracy_<phenomenon>``
+        with its interval (``accuracy_<phenomenon>_ci_low``, ``..._ci_high``).
     """
     good = sentence_logprobs(lm, pairs["good"].tolist())
     bad = sentence_logprobs(lm, pairs["bad"].tolist())

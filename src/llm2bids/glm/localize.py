@@ -95,7 +95,13 @@ class LocalizerResult:
 
 
 def contrast_label(contrast: str) -> str:
-    """A BIDS label for a contrast: ``"sentence - nonword"`` -> ``"sentenceMinusNonword"``."""
+    """A BIDS label for a contrast: ``"sentence - nonword"`` -> ``"sentenceMinusNonword"``.
+
+    Parameters
+    ----------
+    contrast : str
+        A nilearn contrast expression over condition names.
+    """
     words = re.sub(r"-", " Minus ", contrast)
     words = re.sub(r"\+", " Plus ", words)
     words = re.sub(r"\*", " Times ", words)
@@ -292,7 +298,15 @@ def _select(maps, z, t, geometry, top_percent, threshold, alpha, height_control)
 
 
 def top_percent_mask(values: np.ndarray, percent: float) -> np.ndarray:
-    """The ``percent`` % largest values (at least one unit), ties broken by order."""
+    """The ``percent`` % largest values (at least one unit), ties broken by order.
+
+    Parameters
+    ----------
+    values : ndarray
+        One value per unit (for example t).
+    percent : float
+        In ``(0, 100]``.
+    """
     n = max(1, int(round(len(values) * percent / 100)))
     selected = np.zeros(len(values), dtype=bool)
     selected[np.argsort(-values, kind="stable")[:n]] = True

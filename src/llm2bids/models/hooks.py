@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from .._docs import fill_doc
 from ..bids.names import acquisition_label
 from ..exceptions import check_choice
 from .registry import arch_spec
@@ -186,13 +187,27 @@ def _as_device(where) -> torch.device:
 
 
 def layer_count(model: torch.nn.Module) -> int:
-    """Number of transformer blocks of ``model``."""
+    """Number of transformer blocks of ``model``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers causal LM.
+    """
     return len(arch_spec(model).blocks(model))
 
 
+@fill_doc
 def neurons_per_layer(model: torch.nn.Module, hook_point: str = "mlp") -> list[int]:
     """Width of the hook point in each layer (neurons, or the hidden size for ``"mlp_out"`` and
-    ``"resid"``)."""
+    ``"resid"``).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers causal LM.
+    %(hook_point)s
+    """
     check_hook_point(hook_point)
     spec = arch_spec(model)
     if hook_point != "mlp":

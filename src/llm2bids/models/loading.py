@@ -91,6 +91,13 @@ class LoadedModel:
 def clean_label(text: str, entity: str = "subject") -> str:
     """Reduce ``text`` to a BIDS label (``[a-zA-Z0-9]``); raise if nothing is left.
 
+    Parameters
+    ----------
+    text : str
+        A model name or label.
+    entity : str, default="subject"
+        The entity the label is for (named in the error).
+
     >>> clean_label("HuggingFaceTB/SmolLM2-135M")
     'HuggingFaceTBSmolLM2135M'
     """
@@ -104,7 +111,13 @@ def clean_label(text: str, entity: str = "subject") -> str:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """Turn ``"auto"|"cpu"|"cuda"|"mps"`` into a :class:`torch.device`, checking availability."""
+    """Turn ``"auto"|"cpu"|"cuda"|"mps"`` into a :class:`torch.device`, checking availability.
+
+    Parameters
+    ----------
+    device : str, default="auto"
+        ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    """
     if device not in DEVICES and not str(device).startswith("cuda:"):
         raise InputError(f"device must be one of {DEVICES} (or 'cuda:N'), got {device!r}.")
     if device == "auto":
@@ -125,7 +138,13 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def resolve_dtype(dtype: str | torch.dtype = "float32") -> torch.dtype:
-    """Turn ``"float32"|"bfloat16"|"float16"`` into a :class:`torch.dtype`."""
+    """Turn ``"float32"|"bfloat16"|"float16"`` into a :class:`torch.dtype`.
+
+    Parameters
+    ----------
+    dtype : str or torch.dtype, default="float32"
+        ``"float32"``, ``"bfloat16"``, ``"float16"`` or a torch dtype.
+    """
     if isinstance(dtype, torch.dtype):
         if dtype in DTYPES.values():
             return dtype

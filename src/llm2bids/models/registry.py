@@ -59,20 +59,50 @@ class ArchSpec:
     discovered: bool = False
 
     def blocks(self, model: torch.nn.Module) -> torch.nn.ModuleList:
-        """The model's list of transformer blocks."""
+        """The model's list of transformer blocks.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            A model of this architecture.
+        """
         return _get(model, self.layers)
 
     def mlp_module(self, model: torch.nn.Module, layer: int) -> torch.nn.Module:
-        """The MLP (or the block, for architectures without an MLP module) of ``layer``."""
+        """The MLP (or the block, for architectures without an MLP module) of ``layer``.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            A model of this architecture.
+        layer : int
+            The block's index.
+        """
         block = self.blocks(model)[layer]
         return _get(block, self.mlp) if self.mlp else block
 
     def down_module(self, model: torch.nn.Module, layer: int) -> torch.nn.Module:
-        """The down projection of ``layer``: its input is the layer's neurons."""
+        """The down projection of ``layer``: its input is the layer's neurons.
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            A model of this architecture.
+        layer : int
+            The block's index.
+        """
         return getattr(self.mlp_module(model, layer), self.down)
 
     def n_neurons(self, model: torch.nn.Module, layer: int) -> int:
-        """Neurons in ``layer`` (the down projection's input width)."""
+        """Neurons in ``layer`` (the down projection's input width).
+
+        Parameters
+        ----------
+        model : torch.nn.Module
+            A model of this architecture.
+        layer : int
+            The block's index.
+        """
         down = self.down_module(model, layer)
         return down.weight.shape[0] if self.conv1d else down.weight.shape[1]
 
@@ -114,12 +144,25 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 
 
 def register_architecture(model_type: str, spec: ArchSpec) -> None:
-    """Add (or replace) the hook-point description of ``model_type``."""
+    """Add (or replace) the hook-point description of ``model_type``.
+
+    Parameters
+    ----------
+    model_type : str
+        ``config.model_type`` of the architecture.
+    spec : ArchSpec
+        Where its blocks, MLPs and projections are.
+    """
     ARCHITECTURES[model_type] = spec
 
 
 def arch_spec(model: torch.nn.Module) -> ArchSpec:
     """Return the :class:`ArchSpec` of a transformers causal LM.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers causal LM.
 
     The registered spec of ``model.config.model_type`` when there is one, else the spec
     :func:`discover_architecture` finds (remembered per model type and class).

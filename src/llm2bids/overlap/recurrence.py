@@ -10,21 +10,39 @@ from .._docs import fill_doc
 
 
 def dice_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Dice between boolean networks ``a`` (k, v) and ``b`` (m, v)."""
+    """Pairwise Dice between boolean networks ``a`` (k, v) and ``b`` (m, v).
+
+    Parameters
+    ----------
+    a, b : ndarray of bool, shape (k, v) and (m, v)
+        Networks over the same neurons.
+    """
     inter = a.astype(np.float64) @ b.T.astype(np.float64)
     size = a.sum(1)[:, None] + b.sum(1)[None, :]
     return np.divide(2 * inter, size, out=np.zeros_like(inter), where=size > 0)
 
 
 def jaccard_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Jaccard between boolean networks."""
+    """Pairwise Jaccard between boolean networks.
+
+    Parameters
+    ----------
+    a, b : ndarray of bool, shape (k, v) and (m, v)
+        Networks over the same neurons.
+    """
     inter = a.astype(np.float64) @ b.T.astype(np.float64)
     union = a.sum(1)[:, None] + b.sum(1)[None, :] - inter
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def correlation_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Pearson correlation between maps ``a`` (k, v) and ``b`` (m, v)."""
+    """Pairwise Pearson correlation between maps ``a`` (k, v) and ``b`` (m, v).
+
+    Parameters
+    ----------
+    a, b : ndarray, shape (k, v) and (m, v)
+        Maps over the same neurons.
+    """
     za = (a - a.mean(1, keepdims=True)) / np.maximum(a.std(1, keepdims=True), 1e-12)
     zb = (b - b.mean(1, keepdims=True)) / np.maximum(b.std(1, keepdims=True), 1e-12)
     return za @ zb.T / a.shape[1]
@@ -133,6 +151,12 @@ def compare_fits(
 
 
 def recurrence_frequency(network_sets: list[np.ndarray]) -> np.ndarray:
-    """Per neuron, the fraction of fits in which it belongs to any network."""
+    """Per neuron, the fraction of fits in which it belongs to any network.
+
+    Parameters
+    ----------
+    network_sets : list of ndarray of bool, each (k_i, n_neurons_total)
+        The networks of each fit.
+    """
     member = np.stack([nets.any(axis=0) for nets in network_sets])
     return member.mean(axis=0)

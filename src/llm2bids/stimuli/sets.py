@@ -36,7 +36,15 @@ class Segment:
 
 @dataclass
 class Document:
-    """One text, recorded as one run (or several, when longer than ``max_tokens``)."""
+    """One text, recorded as one run (or several, when longer than ``max_tokens``).
+
+    Attributes
+    ----------
+    name : str
+        The document's name (its text file in ``stimuli/`` is ``<name>.txt``).
+    segments : list of Segment
+        Its condition-labelled parts, in order.
+    """
 
     name: str
     segments: list[Segment]
@@ -287,7 +295,13 @@ BUILTIN_SETS = {
 
 
 def builtin_set(name: str) -> StimulusSet:
-    """Return the built-in stimulus set ``name``."""
+    """Return the built-in stimulus set ``name``.
+
+    Parameters
+    ----------
+    name : str
+        One of :data:`BUILTIN_SETS`.
+    """
     if name not in BUILTIN_SETS:
         raise InputError(
             f"unknown built-in task {name!r}; built-in tasks: {', '.join(BUILTIN_SETS)}. To "
