@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._docs import fill_doc
 from ..exceptions import UnsupportedArchitectureError
 
 
@@ -68,40 +69,34 @@ class ArchSpec:
         """
         return _get(model, self.layers)
 
+    @fill_doc
     def mlp_module(self, model: torch.nn.Module, layer: int) -> torch.nn.Module:
         """The MLP (or the block, for architectures without an MLP module) of ``layer``.
 
         Parameters
         ----------
-        model : torch.nn.Module
-            A model of this architecture.
-        layer : int
-            The block's index.
+        %(model_layer)s
         """
         block = self.blocks(model)[layer]
         return _get(block, self.mlp) if self.mlp else block
 
+    @fill_doc
     def down_module(self, model: torch.nn.Module, layer: int) -> torch.nn.Module:
         """The down projection of ``layer``: its input is the layer's neurons.
 
         Parameters
         ----------
-        model : torch.nn.Module
-            A model of this architecture.
-        layer : int
-            The block's index.
+        %(model_layer)s
         """
         return getattr(self.mlp_module(model, layer), self.down)
 
+    @fill_doc
     def n_neurons(self, model: torch.nn.Module, layer: int) -> int:
         """Neurons in ``layer`` (the down projection's input width).
 
         Parameters
         ----------
-        model : torch.nn.Module
-            A model of this architecture.
-        layer : int
-            The block's index.
+        %(model_layer)s
         """
         down = self.down_module(model, layer)
         return down.weight.shape[0] if self.conv1d else down.weight.shape[1]
