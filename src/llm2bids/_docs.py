@@ -24,9 +24,9 @@ docdict: dict[str, str] = {
     0 is silent; 1 shows progress bars.""",
     "seed": """seed : int, default=0
     Seed of every random choice, so that a rerun gives the same result.""",
-    "model_layer": """model : torch.nn.Module
-    A model of this architecture.
-layer : int
+    "model_of_arch": """model : torch.nn.Module
+    A model of this architecture.""",
+    "layer_index": """layer : int
     The block's index.""",
     "lm": """lm : LoadedModel
     The model and its tokenizer, as :func:`llm2bids.load_model` returns them.""",

@@ -75,7 +75,8 @@ class ArchSpec:
 
         Parameters
         ----------
-        %(model_layer)s
+        %(model_of_arch)s
+        %(layer_index)s
         """
         block = self.blocks(model)[layer]
         return _get(block, self.mlp) if self.mlp else block
@@ -86,7 +87,8 @@ class ArchSpec:
 
         Parameters
         ----------
-        %(model_layer)s
+        %(model_of_arch)s
+        %(layer_index)s
         """
         return getattr(self.mlp_module(model, layer), self.down)
 
@@ -96,7 +98,8 @@ class ArchSpec:
 
         Parameters
         ----------
-        %(model_layer)s
+        %(model_of_arch)s
+        %(layer_index)s
         """
         down = self.down_module(model, layer)
         return down.weight.shape[0] if self.conv1d else down.weight.shape[1]
