@@ -133,6 +133,15 @@ def save_pruned(
 WIDTH_ATTRIBUTES = ("intermediate_size", "n_inner", "ffn_dim")
 
 
+def _has_pruned_shapes(built, spec, sizes: list[int], down_bias: list[bool]) -> bool:
+    """Whether a model built from a config has every layer's kept width and down bias."""
+    return all(
+        spec.n_neurons(built, layer) == size
+        and (spec.down_module(built, layer).bias is not None) == bias
+        for layer, (size, bias) in enumerate(zip(sizes, down_bias))
+    )
+
+
 def _declare_uniform_width(path: Path, model, sizes: list[int], down_bias: list[bool]) -> bool:
     """Write the kept width into a saved ``config.json`` when plain transformers can build it.
 
@@ -154,12 +163,7 @@ def _declare_uniform_width(path: Path, model, sizes: list[int], down_bias: list[
         setattr(config, attribute, sizes[0])
         with torch.device("meta"):
             built = AutoModelForCausalLM.from_config(config)
-        fits = all(
-            spec.n_neurons(built, layer) == size
-            and (getattr(spec.mlp_module(built, layer), spec.down).bias is not None) == bias
-            for layer, (size, bias) in enumerate(zip(sizes, down_bias))
-        )
-        if fits:
+        if _has_pruned_shapes(built, spec, sizes, down_bias):
             saved = _io.read_json(path / "config.json")
             _io.write_json(path / "config.json", saved | {attribute: sizes[0]})
             return True
@@ -219,12 +223,7 @@ def _declare_remote_code(path: Path, model, sizes: list[int], down_bias: list[bo
             built = namespace["PrunedForCausalLM"](config)
     except Exception:  # noqa: BLE001 (an architecture the file does not fit: not declared)
         return False
-    fits = all(
-        spec.n_neurons(built, layer) == size
-        and (getattr(spec.mlp_module(built, layer), spec.down).bias is not None) == bias
-        for layer, (size, bias) in enumerate(zip(sizes, down_bias))
-    )
-    if not fits:
+    if not _has_pruned_shapes(built, spec, sizes, down_bias):
         return False
     (path / MODELING_FILE).write_text(source)
     saved = _io.read_json(path / "config.json")
