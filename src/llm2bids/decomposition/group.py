@@ -18,7 +18,7 @@ import numpy as np
 
 from ..bids.reader import check_same_geometry, load_run
 from ..exceptions import InputError
-from .networks import FunctionalNetworks
+from .networks import FunctionalNetworks, members, zscore_maps
 
 
 @dataclass
@@ -54,12 +54,6 @@ def _standardized(data: np.ndarray) -> np.ndarray:
     return np.divide(centered, std, out=np.zeros_like(centered), where=std > 0)
 
 
-def _zscored(maps: np.ndarray) -> np.ndarray:
-    centered = maps - maps.mean(axis=1, keepdims=True)
-    std = centered.std(axis=1, keepdims=True)
-    return np.divide(centered, std, out=np.zeros_like(centered), where=std > 0)
-
-
 def dual_regression(
     fit: FunctionalNetworks, runs: Sequence[str | Path], min_correlation: float = 0.5
 ) -> SubjectNetworks:
@@ -90,7 +84,7 @@ def dual_regression(
     if not runs:
         raise InputError("dual_regression needs at least one run of the subject.")
     geometry = check_same_geometry(runs)
-    if geometry.shape != fit.geometry_.shape or geometry.n_neurons != fit.geometry_.n_neurons:
+    if geometry != fit.geometry_:
         raise InputError(
             f"the subject's runs have another geometry ({geometry.n_layers} layers x "
             f"{geometry.n_neurons} neurons) than the group fit ({fit.geometry_.n_layers} x "
@@ -112,11 +106,11 @@ def dual_regression(
         gram += courses.T @ courses
         cross += courses.T @ data
         n_samples += len(data)
-    maps = _zscored(np.linalg.lstsq(gram, cross, rcond=None)[0])  # temporal regression
+    # temporal regression; the group maps' signs are kept
+    maps = zscore_maps(np.linalg.lstsq(gram, cross, rcond=None)[0], orient=False)
     # the neurons are standardized per run (mean 0, variance 1 up to ddof), so their
     # correlation with each time course is its covariance over the time course's spread
     spread = np.sqrt(np.maximum(np.diag(gram), 1e-12) * (n_samples - len(runs)))[:, None]
     correlation = np.clip(cross / spread, -1.0, 1.0)
-    passes = np.abs(maps) >= fit.threshold if fit.sided == "two" else maps >= fit.threshold
-    networks = passes & (np.abs(correlation) >= min_correlation)
+    networks = members(maps, fit.sided, fit.threshold) & (np.abs(correlation) >= min_correlation)
     return SubjectNetworks(series, maps, correlation, networks)

@@ -69,6 +69,20 @@ def membership_rule(sided: str, threshold: float | str = "threshold") -> str:
     return f"{'|z|' if sided == 'two' else 'z'} >= {value}"
 
 
+def members(maps: np.ndarray, sided: str, threshold: float) -> np.ndarray:
+    """Which neurons belong to each network: :func:`membership_rule` applied to z maps.
+
+    Parameters
+    ----------
+    maps : ndarray, shape (k, n_neurons_total)
+        z-scored maps.
+    sided : {"two", "one"}
+        Two-sided ``|z| >= threshold`` or one-sided ``z >= threshold``.
+    threshold : float
+    """
+    return np.abs(maps) >= threshold if sided == "two" else maps >= threshold
+
+
 class FunctionalNetworks(BaseEstimator):
     """Group decomposition of recorded runs into functional networks of neurons.
 
@@ -272,11 +286,7 @@ class FunctionalNetworks(BaseEstimator):
         self.components_ = np.vstack(zmaps)
         self.component_info_ = pd.DataFrame(info, columns=["layer", "n_components"])
         self.component_info_.insert(0, "component", np.arange(1, len(info) + 1))
-        self.networks_ = (
-            np.abs(self.components_) >= self.threshold
-            if self.sided == "two"
-            else self.components_ >= self.threshold
-        )
+        self.networks_ = members(self.components_, self.sided, self.threshold)
         self.components_img_ = self.maps_to_img(self.components_)
         self.key_neurons_ = key_neuron_table(self.components_, self.networks_, self.geometry_)
         self.runs_ = runs
@@ -494,20 +504,24 @@ def check_n_components(n_components: int, samples: Sequence[np.ndarray], drop_sp
         )
 
 
-def zscore_maps(maps: np.ndarray) -> np.ndarray:
+def zscore_maps(maps: np.ndarray, orient: bool = True) -> np.ndarray:
     """z-score each map over neurons and flip its sign so its heavy tail is positive.
 
     Parameters
     ----------
     maps : ndarray, shape (k, n_neurons_total)
         Raw component maps.
+    orient : bool, default=True
+        Flip each map's sign so its heavy tail is positive; ``False`` keeps the signs (maps
+        whose signs are already set, such as a group map's back-projection).
     """
     maps = np.asarray(maps, dtype=np.float64)
     centered = maps - maps.mean(axis=1, keepdims=True)
     std = centered.std(axis=1, keepdims=True)
     z = np.divide(centered, std, out=np.zeros_like(centered), where=std > 0)
-    skew = stats.skew(z, axis=1)
-    z[np.nan_to_num(skew) < 0] *= -1
+    if orient:
+        skew = stats.skew(z, axis=1)
+        z[np.nan_to_num(skew) < 0] *= -1
     return z
 
 
