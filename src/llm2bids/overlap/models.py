@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from .. import _io
@@ -17,7 +18,7 @@ from ..bids.events import read_events
 from ..bids.reader import events_path
 from ..derivatives import resolve_bids_uri
 from ..exceptions import InputError
-from .temporal import match_time_courses, model_similarity
+from .temporal import match_time_courses, model_similarity, word_time_courses
 
 
 def word_time_course_table(mixing: str | Path, derivatives: str | Path) -> pd.DataFrame:
@@ -40,7 +41,7 @@ def word_time_course_table(mixing: str | Path, derivatives: str | Path) -> pd.Da
     sources = _io.read_json(mixing.with_suffix(".json")).get("Sources", [])
     table = pd.read_csv(mixing, sep="\t")
     components = [c for c in table.columns if c.startswith("comp-")]
-    frames = []
+    values, keys = [], []  # per token, over every run: its time courses, its (document, word)
     for number, uri in enumerate(sources, 1):
         events = read_events(events_path(resolve_bids_uri(uri, derivatives)))
         if "word" not in events:
@@ -48,15 +49,18 @@ def word_time_course_table(mixing: str | Path, derivatives: str | Path) -> pd.Da
                 f"{uri}: its events have no word column (recorded by an older llm2bids); "
                 "record it again to compare models on words."
             )
-        rows = table[table.run == number].sort_values("volume")
-        keep = events["word"].notna().to_numpy()
-        frame = pd.DataFrame(rows[components].to_numpy()[keep], columns=components)
-        frame.insert(0, "stim_file", events["stim_file"].to_numpy()[keep])
-        frame.insert(1, "word", events["word"].to_numpy()[keep].astype(int))
-        frames.append(frame)
-    if not frames:
+        values.append(table[table.run == number].sort_values("volume")[components].to_numpy())
+        keys += [
+            None if pd.isna(word) else (document, int(word))
+            for document, word in zip(events["stim_file"], events["word"])
+        ]
+    if not values:
         raise InputError(f"{mixing.name} names no runs in its Sources.")
-    return pd.concat(frames).groupby(["stim_file", "word"]).mean().sort_index()
+    # one index per (document, word), -1 for none: a word split over two runs is one word
+    codes, words = pd.factorize(pd.Series(keys, dtype=object))
+    ids, means = word_time_courses(np.vstack(values), codes)
+    index = pd.MultiIndex.from_tuples(list(words[ids]), names=["stim_file", "word"])
+    return pd.DataFrame(means, index=index, columns=components).sort_index()
 
 
 def compare_models(
