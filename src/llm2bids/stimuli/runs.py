@@ -80,16 +80,15 @@ def _segment_tokens(doc: Document, tokenizer) -> tuple[list[list[int]], list | N
 def _word_indices(text: str, spans: np.ndarray) -> np.ndarray:
     """The word (run of non-whitespace characters, from 0) of each span's first non-space
     character; -1 for spans of whitespace alone."""
-    word_of = np.full(len(text), -1, dtype=np.int64)
+    word_of = np.full(len(text) + 1, -1, dtype=np.int64)  # a sentinel past the end
     for k, found in enumerate(re.finditer(r"\S+", text)):
         word_of[found.start() : found.end()] = k
-    words = np.full(len(spans), -1, dtype=np.int64)
-    for i, (start, stop) in enumerate(spans):
-        inside = word_of[start:stop]
-        inside = inside[inside >= 0]
-        if inside.size:
-            words[i] = inside[0]
-    return words
+    # the first non-space character at or after each position (len(text) where none is)
+    positions = np.where(word_of >= 0, np.arange(len(word_of)), len(text))
+    first = np.minimum.accumulate(positions[::-1])[::-1]
+    spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    starts = first[np.clip(spans[:, 0], 0, len(text))]
+    return np.where(starts < spans[:, 1], word_of[starts], -1)
 
 
 def tokenize_runs(
