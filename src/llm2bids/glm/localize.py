@@ -216,11 +216,12 @@ def localize(
     # Paths, not the opened images: nilearn keeps the data it reads on an image it is given,
     # so opened runs would all stay in memory (see decomposition.networks._part_imgs).
     imgs = [str(runs[i]) for i in usable]
-    maps = _fit_contrast(imgs, events, masks, contrast, geometry, second_level, n_jobs)
+    mask_img = geometry.mask_img()
+    maps = _fit_contrast(imgs, events, masks, contrast, mask_img, second_level, n_jobs)
     z = np.asarray(maps["z"].get_fdata())[geometry.mask]
     t = np.asarray(maps["t"].get_fdata())[geometry.mask]
     selected, selection = _select(
-        maps, z, t, geometry, top_percent, threshold, alpha, height_control
+        maps, z, t, mask_img, top_percent, threshold, alpha, height_control
     )
     if not selected.any():
         logger.warning("%s: no unit passes %s.", contrast, selection)
@@ -244,11 +245,10 @@ def _check_selection(top_percent, threshold, alpha, height_control) -> float | N
     return top_percent
 
 
-def _fit_contrast(imgs, events, masks, contrast, geometry, second_level, n_jobs) -> dict:
+def _fit_contrast(imgs, events, masks, contrast, mask_img, second_level, n_jobs) -> dict:
     """nilearn's GLM of the runs and the contrast's ``z``, ``t`` and ``effect`` maps."""
     from nilearn.glm.first_level import FirstLevelModel
 
-    mask_img = geometry.mask_img()
     options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img, "n_jobs": n_jobs}
     with warnings.catch_warnings(), frozen_gc():
         # nilearn notices that do not apply: the mask is given on purpose, and the contrast is
@@ -275,7 +275,7 @@ def _fit_contrast(imgs, events, masks, contrast, geometry, second_level, n_jobs)
     return {"z": out["z_score"], "t": out["stat"], "effect": out["effect_size"]}
 
 
-def _select(maps, z, t, geometry, top_percent, threshold, alpha, height_control):
+def _select(maps, z, t, mask_img, top_percent, threshold, alpha, height_control):
     """The units the rule selects, and the rule in words."""
     from nilearn.glm import threshold_stats_img
 
@@ -288,7 +288,7 @@ def _select(maps, z, t, geometry, top_percent, threshold, alpha, height_control)
         warnings.filterwarnings("ignore", ".*must not exceed")
         _, cut = threshold_stats_img(
             maps["z"],
-            mask_img=geometry.mask_img(),
+            mask_img=mask_img,
             alpha=alpha,
             height_control=height_control,
             cluster_threshold=0,
