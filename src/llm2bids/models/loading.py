@@ -12,6 +12,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .._docs import fill_doc
 from .._io import read_json
 from ..exceptions import InputError, ModelLoadError
 from .registry import arch_spec
@@ -110,13 +111,13 @@ def clean_label(text: str, entity: str = "subject") -> str:
     return label
 
 
+@fill_doc
 def resolve_device(device: str = "auto") -> torch.device:
     """Turn ``"auto"|"cpu"|"cuda"|"mps"`` into a :class:`torch.device`, checking availability.
 
     Parameters
     ----------
-    device : str, default="auto"
-        ``"auto"`` (CUDA, else MPS, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``.
+    %(device)s
     """
     if device not in DEVICES and not str(device).startswith("cuda:"):
         raise InputError(f"device must be one of {DEVICES} (or 'cuda:N'), got {device!r}.")
