@@ -37,6 +37,12 @@ def test_raw_run_is_byte_identical_to_nibabel(tmp_path, n_neurons, n_tokens):
         pieces = (buffers for _, _, buffers in geometry.block_pieces(layers, piece_bytes))
         gathered = write_run_pieces(tmp_path / "gathered_bold.nii", pieces, geometry, n_tokens)
         assert gathered.read_bytes() == reference.read_bytes()
+    # small rows: assembled into a scratch piece of 1, 2 or more tokens, reused piece by piece
+    for scratch_tokens in (1, 2, n_tokens + 1):
+        scratch = geometry.empty_block(scratch_tokens)
+        pieces = (b for _, _, b in geometry.block_pieces(layers, scratch=scratch))
+        assembled = write_run_pieces(tmp_path / "assembled_bold.nii", pieces, geometry, n_tokens)
+        assert assembled.read_bytes() == reference.read_bytes()
     assert header_bytes(geometry, n_tokens) == reference.read_bytes()[:352]
     np.testing.assert_array_equal(
         geometry.volume_to_tokens(np.asarray(nib.load(fast).dataobj)), block[:, :, :n_neurons]

@@ -85,7 +85,14 @@ def test_interrupted_recording_resumes_identically(tmp_path, tiny_dir, reference
     assert _snapshot(root) == _snapshot(reference)
 
 
-def test_recording_is_byte_identical(reference, tmp_path, tiny_dir):
+@pytest.mark.parametrize("layout", ["assembled", "gathered"])
+def test_recording_is_byte_identical(reference, tmp_path, tiny_dir, monkeypatch, layout):
+    """Again, and with either write layout of CPU runs (small rows are assembled, wide rows
+    gathered; the tiny model's are small, so ``gathered`` forces the other)."""
+    from llm2bids.recording import writer
+
+    if layout == "gathered":
+        monkeypatch.setattr(writer, "GATHER_FROM_BYTES", 0)
     again = tmp_path / "bids"
     llm2bids.record(
         again,
@@ -168,7 +175,12 @@ def test_hand_edited_participants_is_refused_and_untouched(copy_of, tiny_dir):
     assert _snapshot(copy_of) == before
 
 
-def test_nan_activation_names_layer_and_token(tmp_path, tiny_dir):
+@pytest.mark.parametrize("layout", ["assembled", "gathered"])
+def test_nan_activation_names_layer_and_token(tmp_path, tiny_dir, monkeypatch, layout):
+    from llm2bids.recording import writer
+
+    if layout == "gathered":  # the writes of wide layers, straight from the activations
+        monkeypatch.setattr(writer, "GATHER_FROM_BYTES", 0)
     lm = load_model(str(tiny_dir("llama")), device="cpu")
     with (
         poisoned(lm, 1, float("nan")),
