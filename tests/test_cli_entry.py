@@ -46,8 +46,11 @@ def test_every_option_is_named_after_the_parameter_it_sets():
     cli_only = {"help", "analysis_level"}  # argparse's, and the BIDS-Apps positional
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     assert set(calls) <= set(commands.choices)
+    group_levels = {"networks": llm2bids.run_group_networks}  # `... group` calls these
     for name, fn in calls.items():
         params = set(inspect.signature(fn).parameters)
+        if name in group_levels:
+            params |= set(inspect.signature(group_levels[name]).parameters)
         stray = {a.dest for a in commands.choices[name]._actions} - params - cli_only
         assert not stray, f"{name}: {sorted(stray)} set no parameter of {fn.__name__}"
     parser = build_parser()

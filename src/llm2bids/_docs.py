@@ -16,6 +16,8 @@ docdict: dict[str, str] = {
     ``<bids_dir>/derivatives/llm2bids``.""",
     "participant_label": """participant_label : sequence of str or None, default=None
     Subjects (models) to analyse, with or without ``sub-``; ``None`` takes every one.""",
+    "tasks_filter": """tasks : sequence of str or None, default=None
+    Tasks to keep; ``None`` keeps every one.""",
     "hook_point": """hook_point : {"mlp", "mlp_out", "resid"}, default="mlp"
     Which recording to use (the ``acq-`` entity): ``"mlp"``, the MLP neurons (input of each
     layer's down projection; ``acq-mlp``), ``"mlp_out"``, the MLP output (output of the down

@@ -83,6 +83,12 @@ DERIVATIVES_BIDSIGNORE = "\n".join(
         "*_pruning.json",
         "*_replication.tsv",
         "*_replication.json",
+        "*_similarity.tsv",
+        "*_similarity.json",
+        "*_temporalmatches.tsv",
+        "*_temporalmatches.json",
+        "*_spatialmatches.tsv",
+        "*_spatialmatches.json",
         "*.html",
         "figures",  # the validator ignores a folder by its bare name, not "figures/"
         "pruned",

@@ -182,8 +182,7 @@ def select_runs(
     ----------
     %(bids_dir)s
     %(participant_label)s
-    tasks : sequence of str or None, default=None
-        Tasks to keep; ``None`` keeps every one.
+    %(tasks_filter)s
     %(hook_point)s
     """
     bids_dir = require_dataset(bids_dir)

@@ -165,7 +165,7 @@ __all__ = ["add_bids_app_arguments"]
 
 
 def _networks_args(p):
-    add_bids_app_arguments(p)
+    add_bids_app_arguments(p, levels=("participant", "group"))
     g = p.add_argument_group("decomposition")
     fn = llm2bids.run_networks
     g.add_argument(
@@ -215,6 +215,11 @@ def _networks_args(p):
     )
     g.add_argument("--seed", type=int, default=default(fn, "seed"))
     _parallel_arguments(g, fn)
+    _recurrence_and_group_arguments(p, fn)
+
+
+def _recurrence_and_group_arguments(p, fn) -> None:
+    """The networks command's recurrence options and those of its group level."""
     g = p.add_argument_group("recurrence")
     g.add_argument(
         "--no-per-run",
@@ -225,6 +230,15 @@ def _networks_args(p):
     g.add_argument(
         "--n-permutations", type=int, default=default(fn, "n_permutations"), help="size of the null"
     )
+    g = p.add_argument_group("group level")
+    g.add_argument(
+        "--min-correlation",
+        type=float,
+        default=None,
+        metavar="R",
+        help="dual regression: least |r| of a member neuron with the unit's time course "
+        f"(default: {default(llm2bids.run_group_networks, 'min_correlation')})",
+    )
 
 
 @command(
@@ -233,35 +247,66 @@ def _networks_args(p):
     _networks_args,
 )
 def _networks(args) -> int:
+    if args.analysis_level == "group":
+        return _group_networks(args)
+    if args.min_correlation is not None:
+        raise InputError("--min-correlation is an option of the group level (`... group`).")
     written = llm2bids.run_networks(
         args.bids_dir,
         args.output_dir,
-        participant_label=args.participant_label,
-        tasks=args.tasks,
-        method=args.method,
-        n_components=(
-            args.n_components[0]
-            if isinstance(args.n_components, list) and len(args.n_components) == 1
-            else args.n_components
-        ),
-        threshold=args.threshold,
+        **_decomposition_options(args),
         scope=args.scope,
-        sided=args.sided,
-        ica_solver=args.ica_solver,
-        ica_max_iter=args.ica_max_iter,
         dask_scheduler=args.dask_scheduler,
-        seed=args.seed,
         n_jobs=args.n_jobs,
         per_run=args.per_run,
-        n_permutations=args.n_permutations,
-        hook_point=args.hook_point,
-        verbose=args.verbose,
     )
     for sub, result in written.items():
         counts = ", ".join(f"{len(paths)} {role}" for role, paths in result.files.items())
         print(
             f"sub-{sub}: {sum(map(len, result.files.values()))} files in {args.output_dir} ({counts})"
         )
+    return 0
+
+
+def _decomposition_options(args) -> dict:
+    """The networks command's options that both analysis levels take."""
+    n_components = args.n_components
+    if isinstance(n_components, list) and len(n_components) == 1:
+        n_components = n_components[0]
+    return dict(
+        participant_label=args.participant_label,
+        tasks=args.tasks,
+        method=args.method,
+        n_components=n_components,
+        threshold=args.threshold,
+        sided=args.sided,
+        ica_solver=args.ica_solver,
+        ica_max_iter=args.ica_max_iter,
+        seed=args.seed,
+        n_permutations=args.n_permutations,
+        hook_point=args.hook_point,
+        verbose=args.verbose,
+    )
+
+
+def _group_networks(args) -> int:
+    options = _decomposition_options(args)
+    if isinstance(options["n_components"], list):
+        raise InputError(
+            "the group level takes one --n-components (a sweep is for the participant level)."
+        )
+    fn = llm2bids.run_group_networks
+    result = fn(
+        args.bids_dir,
+        args.output_dir,
+        **options,
+        min_correlation=(
+            default(fn, "min_correlation") if args.min_correlation is None else args.min_correlation
+        ),
+    )
+    print(result.similarity.to_string(index=False))
+    n_files = sum(map(len, result.files.values()))
+    print(f"group: {n_files} files in {args.output_dir}")
     return 0
 
 

@@ -52,11 +52,25 @@ def _formatter(prog):
     return _Formatter(prog)
 
 
-def add_bids_app_arguments(parser: argparse.ArgumentParser) -> None:
-    """The BIDS-Apps positionals and participant filter."""
+def add_bids_app_arguments(
+    parser: argparse.ArgumentParser, levels: tuple[str, ...] = ("participant",)
+) -> None:
+    """The BIDS-Apps positionals and participant filter.
+
+    Parameters
+    ----------
+    parser : argparse.ArgumentParser
+    levels : tuple of str, default=("participant",)
+        The analysis levels the command has (``group``: across subjects and sessions).
+    """
     parser.add_argument("bids_dir", type=Path, help="the raw dataset written by `llm2bids record`")
     parser.add_argument("output_dir", type=Path, help="where the derivatives go")
-    parser.add_argument("analysis_level", choices=["participant"], help="analysis level")
+    parser.add_argument(
+        "analysis_level",
+        choices=list(levels),
+        help="participant: each model on its own"
+        + ("; group: models compared (every subject and session)" if "group" in levels else ""),
+    )
     parser.add_argument(
         "--participant-label",
         nargs="+",

@@ -276,7 +276,11 @@ def _networks_of_subject(
 
 @fill_doc
 def write_networks(
-    fit: FunctionalNetworks, base: BIDSPath, params: dict, bids_dir: str | Path
+    fit: FunctionalNetworks,
+    base: BIDSPath,
+    params: dict,
+    bids_dir: str | Path,
+    label: str | None = None,
 ) -> list[Path]:
     """Write one fit's derivatives, named after ``base`` (the derivatives root and entities).
 
@@ -289,8 +293,10 @@ def write_networks(
     params : dict
         The ``Parameters`` of the sidecars.
     %(bids_dir)s
+    label : str or None, default=None
+        The ``desc`` and ``atlas`` label; ``None``: the fit's method.
     """
-    desc = fit.method
+    desc = label or fit.method
     sources = [bids_uri(r, bids_dir) for r in fit.runs_]
     side = provenance(**params) | {"Sources": sources}
     return _fit_files(fit, base.update(description=desc), side) + _atlas_files(

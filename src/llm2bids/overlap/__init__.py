@@ -1,6 +1,6 @@
 """Overlap and recurrence of networks across runs, tasks, seeds and models."""
 
-from .models import compare_models, word_time_course_table
+from .models import compare_models, word_time_course_table, words_of_mixing
 from .recurrence import (
     compare_fits,
     correlation_matrix,
@@ -25,4 +25,5 @@ __all__ = [
     "recurrence_frequency",
     "word_time_course_table",
     "word_time_courses",
+    "words_of_mixing",
 ]

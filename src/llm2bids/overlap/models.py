@@ -39,23 +39,42 @@ def word_time_course_table(mixing: str | Path, derivatives: str | Path) -> pd.Da
     """
     mixing = Path(mixing)
     sources = _io.read_json(mixing.with_suffix(".json")).get("Sources", [])
-    table = pd.read_csv(mixing, sep="\t")
-    components = [c for c in table.columns if c.startswith("comp-")]
+    runs = [resolve_bids_uri(uri, derivatives) for uri in sources]
+    if not runs:
+        raise InputError(f"{mixing.name} names no runs in its Sources.")
+    return words_of_mixing(pd.read_csv(mixing, sep="\t"), runs)
+
+
+def words_of_mixing(mixing: pd.DataFrame, runs: list[str | Path]) -> pd.DataFrame:
+    """Time courses of a mixing table (``run``, ``volume``, ``comp-*``) resampled to words.
+
+    Parameters
+    ----------
+    mixing : pandas.DataFrame
+        A fit's ``mixing_`` (or a ``mixing.tsv`` read back): ``run`` counts ``runs`` from 1.
+    runs : list of str or Path
+        The fit's runs (bold files), whose events give each token's ``stim_file`` and
+        ``word``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        As :func:`word_time_course_table`.
+    """
+    components = [c for c in mixing.columns if c.startswith("comp-")]
     values, keys = [], []  # per token, over every run: its time courses, its (document, word)
-    for number, uri in enumerate(sources, 1):
-        events = read_events(events_path(resolve_bids_uri(uri, derivatives)))
+    for number, run in enumerate(runs, 1):
+        events = read_events(events_path(run))
         if "word" not in events:
             raise InputError(
-                f"{uri}: its events have no word column (recorded by an older llm2bids); "
-                "record it again to compare models on words."
+                f"{Path(run).name}: its events have no word column (recorded by an older "
+                "llm2bids); record it again to compare models on words."
             )
-        values.append(table[table.run == number].sort_values("volume")[components].to_numpy())
+        values.append(mixing[mixing.run == number].sort_values("volume")[components].to_numpy())
         keys += [
             None if pd.isna(word) else (document, int(word))
             for document, word in zip(events["stim_file"], events["word"])
         ]
-    if not values:
-        raise InputError(f"{mixing.name} names no runs in its Sources.")
     # one index per (document, word), -1 for none: a word split over two runs is one word
     codes, words = pd.factorize(pd.Series(keys, dtype=object))
     ids, means = word_time_courses(np.vstack(values), codes)

@@ -1,0 +1,146 @@
+"""The group level: several models in one dataset, compared (issue 29)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+import transformers
+
+import llm2bids
+from llm2bids.bids.reader import find_runs
+from llm2bids.decomposition.group_app import group_label
+from llm2bids.exceptions import InputError
+from llm2bids.stimuli import builtin_set
+from tiny import save_tiny, tiny_tokenizer
+
+
+def _fine_tune(base, folder, steps=300, seed=0):
+    """``base`` trained for ``steps`` steps of next-token prediction on the built-in texts,
+    at a fine-tuning learning rate (2e-5); returns the folder and the first and last losses."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base)
+    tokenizer = tiny_tokenizer()
+    ids = torch.tensor(
+        tokenizer("\n\n".join(d.text for d in builtin_set("narrative").documents))["input_ids"]
+    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5)
+    model.train()
+    losses = []
+    for step in range(steps):
+        start = (step * 32) % max(1, len(ids) - 64)
+        chunk = ids[start : start + 64][None]
+        loss = model(input_ids=chunk, labels=chunk).loss
+        losses.append(loss.item())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder, (sum(losses[:10]) / 10, sum(losses[-10:]) / 10)
+
+
+@pytest.fixture(scope="module")
+def lineage(tmp_path_factory):
+    """A dataset of four models: a base, its fine-tune, an unrelated seed, another
+    architecture; and the group level's result on it."""
+    work = tmp_path_factory.mktemp("lineage")
+    base = save_tiny("llama", work / "base", seed=0)
+    finetuned, (first, last) = _fine_tune(base, work / "finetuned")
+    assert last < first  # it did learn
+    models = {
+        "base": base,
+        "finetuned": finetuned,
+        "seed1": save_tiny("llama", work / "seed1", seed=1),
+        "gpt2": save_tiny("gpt2", work / "gpt2", seed=0),
+    }
+    bids = work / "bids"
+    for name, folder in models.items():
+        llm2bids.record(
+            bids,
+            model=str(folder),
+            subject=name,
+            task=["narrative", "langloc"],
+            max_tokens=96,
+            verbose=0,
+        )
+    out = work / "derivatives"
+    result = llm2bids.run_group_networks(bids, out, n_components=4, n_permutations=100, verbose=0)
+    return bids, out, result
+
+
+def test_the_fine_tune_is_the_base_models_nearest(lineage):
+    _, _, result = lineage
+    assert result.nearest("sub-base") == "sub-finetuned"
+    table = result.similarity.set_index(["unit_a", "unit_b"])
+    assert len(table) == 6  # every pair of the four models
+    close = table.loc[("sub-base", "sub-finetuned"), "similarity"]
+    assert close > table.loc[("sub-base", "sub-seed1"), "similarity"]
+    assert close > table.loc[("sub-base", "sub-gpt2"), "similarity"]
+    # the same architecture and neurons: also matched by their maps; another one is not
+    assert not pd.isna(table.loc[("sub-base", "sub-finetuned"), "spatial_matched_share"])
+    assert pd.isna(table.loc[("sub-base", "sub-gpt2"), "spatial_matched_share"])
+
+
+def test_group_derivatives_are_valid_and_indexed_by_pybids(lineage, valid):
+    from bids import BIDSLayout
+
+    bids, out, result = lineage
+    valid(out)
+    layout = BIDSLayout(out, validate=False, is_derivative=True)
+    (similarity,) = layout.get(suffix="similarity", extension=".tsv")
+    assert similarity.get_entities().get("subject") is None  # a dataset-level file
+    pd.testing.assert_frame_equal(
+        similarity.get_df(), result.similarity, check_dtype=False, atol=1e-4
+    )
+    # one same-neuron group (the three llamas): its fit at the root, a dual regression each
+    geometry = llm2bids.load_run(find_runs(bids, subject="base")[0]).geometry
+    label = group_label("llama", geometry, "canica")
+    per_unit = layout.get(desc=label, suffix="components", extension=".nii.gz")
+    assert sum("subject" not in f.entities for f in per_unit) == 1
+    assert sorted(f.get_entities()["subject"] for f in per_unit if "subject" in f.entities) == [
+        "base",
+        "finetuned",
+        "seed1",
+    ]
+    assert set(result.subjects) == {"sub-base", "sub-finetuned", "sub-seed1"}
+
+
+def test_group_level_needs_two_units(recorded, tmp_path):
+    with pytest.raises(InputError, match="needs two subjects"):
+        llm2bids.run_group_networks(recorded, tmp_path / "out", n_components=2, verbose=0)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_group_level_from_the_command_line(lineage, tmp_path, capsys):
+    from llm2bids.cli.main import main
+
+    bids, _, result = lineage
+    out = tmp_path / "cli"
+    code = main(
+        [
+            "-q",
+            "networks",
+            str(bids),
+            str(out),
+            "group",
+            "--participant-label",
+            "base",
+            "finetuned",
+            "--n-components",
+            "4",
+            "--n-permutations",
+            "100",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "sub-base" in printed and "sub-finetuned" in printed
+    table = pd.read_csv(out / "acq-mlp_desc-canica_similarity.tsv", sep="\t")
+    expected = result.similarity.set_index(["unit_a", "unit_b"]).loc[
+        [("sub-base", "sub-finetuned")]
+    ]
+    assert table.similarity.iloc[0] == pytest.approx(expected.similarity.iloc[0], abs=1e-4)
+    shutil.rmtree(out)
