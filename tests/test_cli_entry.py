@@ -46,7 +46,10 @@ def test_every_option_is_named_after_the_parameter_it_sets():
     cli_only = {"help", "analysis_level"}  # argparse's, and the BIDS-Apps positional
     (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
     assert set(calls) <= set(commands.choices)
-    group_levels = {"networks": llm2bids.run_group_networks}  # `... group` calls these
+    group_levels = {
+        "networks": llm2bids.run_group_networks,
+        "localize": llm2bids.run_group_localize,
+    }  # `... group` calls these
     for name, fn in calls.items():
         params = set(inspect.signature(fn).parameters)
         if name in group_levels:

@@ -11,7 +11,7 @@ import transformers
 
 import llm2bids
 from llm2bids.bids.reader import find_runs
-from llm2bids.decomposition.group_app import group_label
+from llm2bids.bids.units import group_label
 from llm2bids.exceptions import InputError
 from llm2bids.stimuli import builtin_set
 from tiny import save_tiny, tiny_tokenizer

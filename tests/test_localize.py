@@ -125,3 +125,54 @@ def test_localizer_on_tiny_model(recorded, tmp_path):
     res = results["tinyllama"]
     assert res.selected.sum() == round(0.05 * 3 * 40)
     assert llm2bids.validate(tmp_path / "d").valid
+
+
+@pytest.fixture(scope="module")
+def group_localizer_dataset(tmp_path_factory):
+    """Four "models" of one geometry: the planted sentence units in all of them (each with
+    its own noise), and another set of units that respond in one model only."""
+    root = tmp_path_factory.mktemp("grouploc") / "bids"
+    rng = np.random.default_rng(7)
+    own = rng.permutation(N_LAYERS * N_NEURONS)[:GROUP]
+    truth = None
+    for i, sub in enumerate(["a", "b", "c", "d"]):
+        runs, conds, truth = _planted(n_runs=2, t=150, seed=1)  # one planted group
+        noise = np.random.default_rng(100 + i)
+        for r, c in zip(runs, conds):
+            r += noise.standard_normal(r.shape).astype(np.float32)  # the model's own noise
+            if sub == "a":
+                flat = r.reshape(len(r), -1)
+                flat[np.ix_(np.asarray(c) == "sentence", own)] += 1.0
+        write_synthetic(root, runs, conds, subject=sub)
+    only_a = np.zeros(N_LAYERS * N_NEURONS, bool)
+    only_a[own] = True
+    return root, truth, only_a & ~truth
+
+
+def test_second_level_over_models_finds_the_shared_units_only(
+    group_localizer_dataset, tmp_path, valid
+):
+    from bids import BIDSLayout
+
+    root, truth, only_a = group_localizer_dataset
+    out = tmp_path / "out"
+    (res,) = llm2bids.run_group_localize(
+        root, out, "synth", top_percent=100 * GROUP / (N_LAYERS * N_NEURONS)
+    ).values()
+    assert _dice(res.selected, truth[res.geometry.masker_order]) >= 0.9
+    assert not (res.selected & only_a[res.geometry.masker_order]).any()  # one model is no group
+    valid(out)
+    layout = BIDSLayout(out, validate=False, is_derivative=True)
+    maps = layout.get(suffix="statmap", extension=".nii.gz")
+    (z,) = [f for f in maps if "_stat-z_" in f.filename]  # pybids has no stat entity
+    assert "subject" not in z.entities and z.entities["task"] == "synth"
+    np.testing.assert_array_equal(
+        np.asarray(z.get_image().dataobj), np.asarray(res.maps["z"].dataobj, dtype=np.float32)
+    )
+
+
+def test_second_level_needs_two_models_of_one_geometry(localizer_dataset, tmp_path):
+    root, _, _ = localizer_dataset
+    with pytest.raises(InputError, match="needs two subjects"):
+        llm2bids.run_group_localize(root, tmp_path / "out", "synth")
+    assert not (tmp_path / "out").exists()

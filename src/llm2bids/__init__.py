@@ -33,6 +33,7 @@ _EXPORTS = {
     "record": "recording",
     "replicate": "replication",
     "run_demo": "demo",
+    "run_group_localize": "glm",
     "run_group_networks": "decomposition",
     "run_lesion": "evaluation",
     "run_localize": "glm",

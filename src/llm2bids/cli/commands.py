@@ -311,7 +311,7 @@ def _group_networks(args) -> int:
 
 
 def _localize_args(p):
-    add_bids_app_arguments(p)
+    add_bids_app_arguments(p, levels=("participant", "group"))
     g = p.add_argument_group("contrast")
     fn = llm2bids.run_localize
     g.add_argument("--task", required=True, help="task whose conditions are contrasted")
@@ -341,9 +341,7 @@ def _localize_args(p):
 
 @command("localize", "localize units with a task contrast (nilearn GLM, no HRF)", _localize_args)
 def _localize(args) -> int:
-    results = llm2bids.run_localize(
-        args.bids_dir,
-        args.output_dir,
+    options = dict(
         task=args.task,
         contrast=args.contrast,
         participant_label=args.participant_label,
@@ -351,9 +349,24 @@ def _localize(args) -> int:
         threshold=args.threshold,
         alpha=args.alpha,
         height_control=args.height_control,
-        second_level=args.second_level,
         hook_point=args.hook_point,
         n_jobs=args.n_jobs,
+    )
+    if args.analysis_level == "group":
+        if args.second_level or args.dask_scheduler:
+            raise InputError(
+                "--second-level and --dask-scheduler are options of the participant level: "
+                "the group level always tests the units' effects with SecondLevelModel."
+            )
+        results = llm2bids.run_group_localize(args.bids_dir, args.output_dir, **options)
+        for group, res in results.items():
+            print(f"{group}: {int(res.selected.sum())} units selected ({res.selection})")
+        return 0
+    results = llm2bids.run_localize(
+        args.bids_dir,
+        args.output_dir,
+        **options,
+        second_level=args.second_level,
         dask_scheduler=args.dask_scheduler,
     )
     for sub, res in results.items():

@@ -35,11 +35,10 @@ from sklearn.base import clone
 from tqdm.auto import tqdm
 
 from .._docs import fill_doc
-from ..bids.dataset import require_dataset
-from ..bids.geometry import VoxelGeometry
-from ..bids.names import acquisition_label, strip_prefix
+from ..bids.names import acquisition_label
 from ..bids.path import BIDSPath, by_role
-from ..bids.reader import check_same_geometry, find_runs, run_metadata, special_mask
+from ..bids.reader import special_mask
+from ..bids.units import Kind, Unit, group_label, group_units, same_neuron_groups, unit_kind
 from ..derivatives import (
     bids_uri,
     check_output_dir,
@@ -56,28 +55,6 @@ from .group import SubjectNetworks, dual_regression
 from .networks import FunctionalNetworks, check_n_components
 
 logger = logging.getLogger("llm2bids.decomposition")
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One recording of one model: a subject, or one of its sessions.
-
-    Attributes
-    ----------
-    subject : str
-    session : str or None
-    runs : tuple of Path
-        Its bold files of the selected tasks.
-    """
-
-    subject: str
-    session: str | None
-    runs: tuple[Path, ...]
-
-    @property
-    def label(self) -> str:
-        """``sub-X`` or ``sub-X_ses-Y``."""
-        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
 
 
 @dataclass
@@ -115,42 +92,6 @@ class GroupResult:
             raise KeyError(f"{unit} is not among {sorted(set(table.unit_a) | set(table.unit_b))}")
         best = rows.loc[rows.similarity.idxmax()]
         return best.unit_b if best.unit_a == unit else best.unit_a
-
-
-@fill_doc
-def group_units(
-    bids_dir: str | Path,
-    participant_label: Sequence[str] | None = None,
-    tasks: Sequence[str] | None = None,
-    hook_point: str = "mlp",
-) -> list[Unit]:
-    """The units of the group level (see the module docstring), in dataset order.
-
-    Parameters
-    ----------
-    %(bids_dir)s
-    %(participant_label)s
-    %(tasks_filter)s
-    %(hook_point)s
-    """
-    bids_dir = require_dataset(bids_dir)
-    wanted = {strip_prefix(p) for p in participant_label} if participant_label else None
-    found: dict[tuple[str, str | None], list[Path]] = {}
-    for path in find_runs(bids_dir, hook_point=hook_point):
-        name = BIDSPath.from_path(path)
-        if (wanted and name.subject not in wanted) or (tasks and name.task not in tasks):
-            continue
-        found.setdefault((name.subject, name.session), []).append(path)
-    units = [Unit(sub, ses, tuple(runs)) for (sub, ses), runs in found.items()]
-    if len(units) < 2:
-        raise InputError(
-            f"the group level compares models: it needs two subjects (or sessions) or more, "
-            f"and {bids_dir} has {len(units)} matching participant(s) "
-            f"{list(participant_label) if participant_label else 'any'}, task(s) "
-            f"{list(tasks) if tasks else 'any'}, hook point {hook_point}. Record another "
-            "model (`llm2bids record ... --subject NAME`) or use the participant level."
-        )
-    return units
 
 
 @fill_doc
@@ -224,10 +165,7 @@ def run_group_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     units = group_units(bids_dir, participant_label, tasks, hook_point)
     kinds = {}
     for unit in units:  # everything is checked before anything is fitted or written
-        kinds[unit] = _Kind(
-            run_metadata(unit.runs[0]).get("Architecture", "na"),
-            check_same_geometry(list(unit.runs)),
-        )
+        kinds[unit] = unit_kind(unit)
         check_n_components(n_components, [special_mask(r) for r in unit.runs])
     bar = tqdm(total=len(units), desc="group: units", disable=not verbose)
     fits = {}
@@ -271,12 +209,9 @@ class _Study:
     n_permutations: int
     seed: int
 
-    def same_neuron_groups(self) -> dict[_Kind, list[Unit]]:
+    def same_neuron_groups(self) -> dict[Kind, list[Unit]]:
         """Units by architecture and geometry: those whose neuron (layer, j) is one unit."""
-        groups: dict[_Kind, list[Unit]] = {}
-        for unit in self.units:
-            groups.setdefault(self.kinds[unit], []).append(unit)
-        return groups
+        return same_neuron_groups(self.units, self.kinds)
 
     def temporal_matches(self) -> pd.DataFrame:
         """Every pair of units matched on the words both read."""
@@ -342,34 +277,6 @@ def _similarity(temporal: pd.DataFrame, spatial: pd.DataFrame) -> pd.DataFrame:
     return table[["unit_a", "unit_b", "n_words", *columns]]
 
 
-@dataclass(frozen=True)
-class _Kind:
-    """What makes neuron (layer, j) the same unit in two models: architecture and geometry."""
-
-    architecture: str
-    geometry: VoxelGeometry
-
-
-def group_label(architecture: str, geometry: VoxelGeometry, method: str) -> str:
-    """The ``desc`` of a same-neuron group's fit: ``group<arch><L>x<N><method>``.
-
-    Parameters
-    ----------
-    architecture : str
-        The transformers ``model_type`` (letters and digits are kept).
-    geometry : VoxelGeometry
-    method : str
-
-    Examples
-    --------
-    >>> from llm2bids.bids.geometry import VoxelGeometry
-    >>> group_label("gpt_neox", VoxelGeometry(6, 2048), "canica")
-    'groupgptneox6x2048canica'
-    """
-    arch = "".join(c for c in architecture if c.isalnum())
-    return f"group{arch}{geometry.n_layers}x{geometry.n_neurons}{method}"
-
-
 class _GroupWriter:
     """Writes the group level's files (see the module docstring)."""
 
@@ -425,7 +332,7 @@ class _GroupWriter:
             )
         return out
 
-    def group_fit(self, fit, kind: _Kind, members, subjects) -> list[Path]:
+    def group_fit(self, fit, kind: Kind, members, subjects) -> list[Path]:
         """The fit over a same-neuron group's units, and each unit's dual regression."""
         label = group_label(kind.architecture, kind.geometry, self.template.method)
         params = self.params | {"units": [u.label for u in members]}

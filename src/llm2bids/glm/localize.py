@@ -7,6 +7,7 @@ model. Special tokens are left out of the fit with ``sample_masks``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import warnings
@@ -193,6 +194,73 @@ def localize(
     LocalizerResult
     """
     top_percent = _check_selection(top_percent, threshold, alpha, height_control)
+    geometry, imgs, events, masks = _design(runs, contrast)
+    mask_img = geometry.mask_img()
+    maps = _fit_contrast(imgs, events, masks, contrast, mask_img, second_level, n_jobs)
+    return _result(contrast, maps, geometry, top_percent, threshold, alpha, height_control)
+
+
+def localize_group(  # noqa: PLR0913 (public: the selection rules, as localize)
+    unit_runs: Sequence[Sequence[str | Path]],
+    contrast: str = "sentence - nonword",
+    top_percent: float | None = None,
+    threshold: float | None = None,
+    alpha: float | None = None,
+    height_control: str = "bonferroni",
+    n_jobs: int = 1,
+) -> LocalizerResult:
+    """A localizer over models: a one-sample t-test of their contrast effects.
+
+    Each model's (or session's) effect map of ``contrast`` comes from a first-level model
+    over its runs (fixed effects); nilearn's ``SecondLevelModel`` tests them across models.
+    The models must share their neurons (one architecture and geometry).
+
+    Parameters
+    ----------
+    unit_runs : sequence of sequences of str or Path
+        The runs of each model (two models or more).
+    contrast, top_percent, threshold, alpha, height_control, n_jobs
+        As :func:`localize`.
+
+    Returns
+    -------
+    LocalizerResult
+    """
+    from nilearn.glm.first_level import FirstLevelModel
+
+    top_percent = _check_selection(top_percent, threshold, alpha, height_control)
+    if len(unit_runs) < 2:
+        raise InputError(
+            f"a second-level localizer needs two models or more, got {len(unit_runs)}."
+        )
+    designs = [_design(runs, contrast) for runs in unit_runs]
+    geometry = check_same_geometry([Path(runs[0]) for runs in unit_runs])
+    mask_img = geometry.mask_img()
+    options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img, "n_jobs": n_jobs}
+    effects = []
+    with _quiet_glm(), frozen_gc():
+        for _, imgs, events, masks in designs:
+            glm = FirstLevelModel(**options).fit(imgs, events=events, sample_masks=masks)
+            effects.append(glm.compute_contrast(contrast, output_type="effect_size"))
+    maps = _one_sample(effects, mask_img)
+    return _result(contrast, maps, geometry, top_percent, threshold, alpha, height_control)
+
+
+def _result(contrast, maps, geometry, top_percent, threshold, alpha, height_control):
+    z = np.asarray(maps["z"].get_fdata())[geometry.mask]
+    t = np.asarray(maps["t"].get_fdata())[geometry.mask]
+    mask_img = geometry.mask_img()
+    selected, selection = _select(
+        maps, z, t, mask_img, top_percent, threshold, alpha, height_control
+    )
+    if not selected.any():
+        logger.warning("%s: no unit passes %s.", contrast, selection)
+    return LocalizerResult(contrast, maps, z, t, selected, selection, geometry)
+
+
+def _design(runs, contrast):
+    """Geometry, image paths, events and sample masks of the runs that can estimate the
+    contrast (runs lacking one of its conditions are left out, by name)."""
     runs = [Path(r) for r in runs]
     if not runs:
         raise InputError("no runs to localize in: check the subject and task filters.")
@@ -216,16 +284,7 @@ def localize(
     # Paths, not the opened images: nilearn keeps the data it reads on an image it is given,
     # so opened runs would all stay in memory (see decomposition.networks._part_imgs).
     imgs = [str(runs[i]) for i in usable]
-    mask_img = geometry.mask_img()
-    maps = _fit_contrast(imgs, events, masks, contrast, mask_img, second_level, n_jobs)
-    z = np.asarray(maps["z"].get_fdata())[geometry.mask]
-    t = np.asarray(maps["t"].get_fdata())[geometry.mask]
-    selected, selection = _select(
-        maps, z, t, mask_img, top_percent, threshold, alpha, height_control
-    )
-    if not selected.any():
-        logger.warning("%s: no unit passes %s.", contrast, selection)
-    return LocalizerResult(contrast, maps, z, t, selected, selection, geometry)
+    return geometry, imgs, events, masks
 
 
 def _check_selection(top_percent, threshold, alpha, height_control) -> float | None:
@@ -250,29 +309,41 @@ def _fit_contrast(imgs, events, masks, contrast, mask_img, second_level, n_jobs)
     from nilearn.glm.first_level import FirstLevelModel
 
     options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img, "n_jobs": n_jobs}
-    with warnings.catch_warnings(), frozen_gc():
-        # nilearn notices that do not apply: the mask is given on purpose, and the contrast is
-        # an expression over condition names, which is right for runs with different designs.
-        warnings.filterwarnings("ignore", ".*Generation of a mask has been requested")
-        warnings.filterwarnings("ignore", ".*The same contrast will be used for all")
+    with _quiet_glm(), frozen_gc():
         if second_level and len(imgs) >= 2:
-            from nilearn.glm.second_level import SecondLevelModel
-
             effects = []
             for img, ev, m in zip(imgs, events, masks):
                 glm = FirstLevelModel(**options).fit(img, events=ev, sample_masks=m)
                 effects.append(glm.compute_contrast(contrast, output_type="effect_size"))
-            design = pd.DataFrame({"intercept": np.ones(len(effects))})
-            second = SecondLevelModel(mask_img=mask_img, smoothing_fwhm=None).fit(
-                effects, design_matrix=design
-            )
-            out = second.compute_contrast("intercept", output_type="all")
-        else:
-            if second_level:
-                raise InputError("second_level needs at least two runs.")
-            glm = FirstLevelModel(**options).fit(imgs, events=events, sample_masks=masks)
-            out = glm.compute_contrast(contrast, output_type="all")
+            return _one_sample(effects, mask_img)
+        if second_level:
+            raise InputError("second_level needs at least two runs.")
+        glm = FirstLevelModel(**options).fit(imgs, events=events, sample_masks=masks)
+        out = glm.compute_contrast(contrast, output_type="all")
     return {"z": out["z_score"], "t": out["stat"], "effect": out["effect_size"]}
+
+
+def _one_sample(effects, mask_img) -> dict:
+    """nilearn's ``SecondLevelModel``: a one-sample t-test of effect maps; z, t, effect."""
+    from nilearn.glm.second_level import SecondLevelModel
+
+    design = pd.DataFrame({"intercept": np.ones(len(effects))})
+    with _quiet_glm():
+        second = SecondLevelModel(mask_img=mask_img, smoothing_fwhm=None).fit(
+            effects, design_matrix=design
+        )
+        out = second.compute_contrast("intercept", output_type="all")
+    return {"z": out["z_score"], "t": out["stat"], "effect": out["effect_size"]}
+
+
+@contextlib.contextmanager
+def _quiet_glm():
+    """nilearn notices that do not apply: the mask is given on purpose, and the contrast is
+    an expression over condition names, which is right for runs with different designs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*Generation of a mask has been requested")
+        warnings.filterwarnings("ignore", ".*The same contrast will be used for all")
+        yield
 
 
 def _select(maps, z, t, mask_img, top_percent, threshold, alpha, height_control):
