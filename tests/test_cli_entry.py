@@ -1,5 +1,6 @@
 """Every way of starting the command line sees every command."""
 
+import re
 import subprocess
 import sys
 
@@ -17,8 +18,8 @@ def test_python_dash_m_lists_every_command(module):
         [sys.executable, "-m", module, "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert len(COMMANDS) >= 8
-    for name in COMMANDS:
-        assert f"    {name} " in out, name
+    for name in COMMANDS:  # a long name gets its help on the next line
+        assert re.search(rf"^    {re.escape(name)}( |$)", out, re.MULTILINE), name
     record = subprocess.run(
         [sys.executable, "-m", module, "record", "--help"], capture_output=True, text=True
     )

@@ -20,6 +20,7 @@ _EXPORTS = {
     "FunctionalNetworks": "decomposition",
     "VoxelGeometry": "bids",
     "build_report": "report",
+    "compare_pruning": "pruning_comparison",
     "dask_cluster": "_parallel",
     "find_runs": "bids",
     "load_model": "models",

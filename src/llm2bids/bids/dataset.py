@@ -83,6 +83,8 @@ DERIVATIVES_BIDSIGNORE = "\n".join(
         "*_pruning.json",
         "*_replication.tsv",
         "*_replication.json",
+        "*_survival.tsv",
+        "*_survival.json",
         "*_similarity.tsv",
         "*_similarity.json",
         "*_temporalmatches.tsv",

@@ -614,3 +614,46 @@ def _replicate(args) -> int:
     )
     print(f"tables: {result['conditions']} and {result['summary']}")
     return 0
+
+
+def _compare_pruning_args(p):
+    fn = llm2bids.compare_pruning
+    p.add_argument("output_dir", type=Path, help="where the recordings (bids/) and tables go")
+    p.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M")
+    p.add_argument(
+        "--percent",
+        type=int,
+        default=default(fn, "percent"),
+        help="share of each layer's MLP neurons kept, in percent",
+    )
+    p.add_argument("--task", default=default(fn, "task"), choices=BUILTIN_SETS)
+    p.add_argument("--max-tokens", type=int, default=default(fn, "max_tokens"))
+    p.add_argument("--n-components", type=int, default=default(fn, "n_components"))
+    p.add_argument("--seed", type=int, default=default(fn, "seed"))
+    p.add_argument("--n-permutations", type=int, default=default(fn, "n_permutations"))
+    p.add_argument("--device", default=default(fn, "device"), choices=DEVICES)
+
+
+@command(
+    "compare-pruning",
+    "record a model intact, keep-masked and pruned, and compare their networks",
+    _compare_pruning_args,
+)
+def _compare_pruning(args) -> int:
+    result = llm2bids.compare_pruning(
+        args.output_dir,
+        model=args.model,
+        percent=args.percent,
+        task=args.task,
+        max_tokens=args.max_tokens,
+        n_components=args.n_components,
+        seed=args.seed,
+        n_permutations=args.n_permutations,
+        device=args.device,
+        verbose=args.verbose,
+    )
+    print(result.group.similarity.to_string(index=False))
+    print()
+    print(result.survival.to_string(index=False))
+    print(f"\ntables: {result.files['survival']} and {result.files['similarity']}")
+    return 0

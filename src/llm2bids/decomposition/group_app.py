@@ -72,11 +72,18 @@ class GroupResult:
         The files written, by role (their BIDS suffix).
     subjects : dict of str to SubjectNetworks
         Unit label -> its version of its same-neuron group's networks (dual regression).
+    fits : dict of str to FunctionalNetworks
+        Unit label -> its own decomposition (whose networks the matches number from 1).
+    temporal_matches, spatial_matches : pandas.DataFrame
+        The tables of ``temporalmatches.tsv`` and ``spatialmatches.tsv``.
     """
 
     similarity: pd.DataFrame
     files: dict[str, list[Path]] = field(default_factory=dict)
     subjects: dict[str, SubjectNetworks] = field(default_factory=dict)
+    fits: dict[str, FunctionalNetworks] = field(default_factory=dict)
+    temporal_matches: pd.DataFrame = field(default_factory=pd.DataFrame)
+    spatial_matches: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def nearest(self, unit: str) -> str:
         """The unit most similar to ``unit`` (the highest ``similarity``).
@@ -195,7 +202,14 @@ def run_group_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     written = writer.tables(_similarity(temporal, spatial), temporal, spatial)
     for g, members in groups.items():
         written += writer.group_fit(group_fits[g], g, members, subjects)
-    return GroupResult(_similarity(temporal, spatial), by_role(written), subjects)
+    return GroupResult(
+        _similarity(temporal, spatial),
+        by_role(written),
+        subjects,
+        {u.label: fits[u] for u in units},
+        temporal,
+        spatial,
+    )
 
 
 @dataclass
