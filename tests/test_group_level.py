@@ -144,3 +144,109 @@ def test_group_level_from_the_command_line(lineage, tmp_path, capsys):
     ]
     assert table.similarity.iloc[0] == pytest.approx(expected.similarity.iloc[0], abs=1e-4)
     shutil.rmtree(out)
+
+
+# -- planted word classes, two real tokenizers --------------------------------------------
+WORD_CLASSES = {  # shared by both models: what a word is, whatever its tokens
+    "capital": lambda w: w[:1].isupper(),
+    "punctuated": lambda w: w[-1:] in ".,;:!?",
+    "long": lambda w: len(w.strip(".,;:!?\"'()")) >= 7,
+}
+
+
+def _smollm2_tiny(folder, width=24):
+    """A tiny random llama with SmolLM2's own tokenizer (49,152 tokens) and ``width`` neurons."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llm2bids.models.loading import embedded_model_path
+
+    gguf = embedded_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=width,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    torch.manual_seed(3)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _plant(bids, subject, groups: dict, seed: int) -> None:
+    """Drive each neuron group of ``subject``'s runs by a word-level signal: a word class of
+    ``WORD_CLASSES``, or (name ``own``) a random value per word that no other model shares."""
+    import re
+
+    import nibabel as nib
+    import numpy as np
+
+    from llm2bids.bids.events import read_events
+    from llm2bids.bids.nifti import write_run
+    from llm2bids.bids.reader import events_path
+
+    rng = np.random.default_rng(seed)
+    own: dict = {}
+    for bold in llm2bids.find_runs(bids, subject=subject):
+        run = llm2bids.load_run(bold)
+        events = read_events(events_path(bold))
+        block = np.asarray(run.geometry.volume_to_block(np.asarray(nib.load(bold).dataobj)))
+        flat = block[:, :, : run.geometry.n_neurons].reshape(len(block), -1).copy()
+        for name, neurons in groups.items():
+            signal = np.zeros(len(events))
+            for t, (doc, word) in enumerate(zip(events.stim_file, events.word)):
+                if pd.isna(word):
+                    continue
+                words = re.findall(r"\S+", (bids / "stimuli" / doc).read_text())
+                if name == "own":
+                    own.setdefault((doc, int(word)), rng.standard_normal())
+                    signal[t] = own[(doc, int(word))]
+                else:
+                    signal[t] = float(WORD_CLASSES[name](words[int(word)]))
+            signal = (signal - signal.mean()) / max(signal.std(), 1e-9)
+            flat[:, neurons] += 4 * flat[:, neurons].std(axis=0) * signal[:, None]
+        block[:, :, : run.geometry.n_neurons] = flat.reshape(len(block), run.geometry.n_layers, -1)
+        write_run(bold, np.ascontiguousarray(block, dtype=np.float32), run.geometry)
+
+
+def test_planted_word_classes_are_matched_across_tokenizers_and_nothing_else_is(tmp_path, tiny_dir):
+    """Two tiny models with different tokenizers (the tests' byte-level BPE, SmolLM2's) and
+    widths (40 and 24 neurons a layer): in each, three neuron groups follow the same three
+    word classes of the stimuli and one group a signal of its own. The group level matches
+    every planted pair beyond the null and neither model's own network."""
+    import numpy as np
+
+    bids = tmp_path / "bids"
+    folders = {"bpe": tiny_dir("llama"), "smol": _smollm2_tiny(tmp_path / "smol")}
+    for subject, folder in folders.items():
+        llm2bids.record(bids, model=str(folder), subject=subject, task="narrative", verbose=0)
+    rng = np.random.default_rng(0)
+    names = [*WORD_CLASSES, "own"]
+    planted = {}
+    for subject, (n_total, size, seed) in {"bpe": (120, 6, 1), "smol": (72, 5, 2)}.items():
+        chosen = rng.permutation(n_total)[: size * len(names)].reshape(len(names), size)
+        planted[subject] = dict(zip(names, chosen))
+        _plant(bids, subject, planted[subject], seed)
+    result = llm2bids.run_group_networks(
+        bids, tmp_path / "out", n_components=4, n_permutations=200, verbose=0
+    )
+    found = {}  # subject -> planted name -> its fitted network (from 1)
+    for subject in folders:
+        fit = result.fits[f"sub-{subject}"]
+        flat_of = fit.geometry_.masker_order  # masker position -> layer * width + neuron
+        found[subject] = {}
+        for name, neurons in planted[subject].items():
+            at = np.isin(flat_of, neurons)
+            found[subject][name] = int(np.abs(fit.components_[:, at]).mean(axis=1).argmax()) + 1
+        assert len(set(found[subject].values())) == len(names)  # each group its own network
+    matches = result.temporal_matches.set_index("network_a")
+    for name in WORD_CLASSES:
+        row = matches.loc[found["bpe"][name]]
+        assert row.network_b == found["smol"][name] and row.matched, name
+    assert not matches.loc[found["bpe"]["own"]].matched
+    assert not matches.set_index("network_b").loc[found["smol"]["own"]].matched
