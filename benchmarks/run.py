@@ -359,6 +359,7 @@ SECTIONS = (
     "masking",
     "gpu",
     "atsize",
+    "compare",
 )
 
 
@@ -423,6 +424,10 @@ def measure(quick: bool, sections=SECTIONS) -> dict:
 
         geometries = list(GEOMETRIES)[:2] if quick else list(GEOMETRIES)
         out["atsize"] = bench_atsize(geometries, *(QUICK_SIZE if quick else SIZE), WORK)
+    if "compare" in sections:
+        from compare import bench_compare
+
+        out["compare"] = bench_compare()
     shutil.rmtree(WORK, ignore_errors=True)
     return out | {
         "command": f"python benchmarks/run.py{' --quick' if quick else ''}"
@@ -483,6 +488,9 @@ is a latency ratio (< 1 is faster).
 ## 7. Analysis at research scale (synthetic datasets of real model geometries)
 
 {_atsize_section(r.get("atsize", []))}
+## 8. Comparing models
+
+{_compare_section(r.get("compare", []))}
 ## Targets
 
 {_targets(r["recording"], r["memory"], r["masking"])}
@@ -522,6 +530,14 @@ def _atsize_section(rows) -> str:
             + ("met." if peak <= 16 else "missed.")
         )
     return text + "\n" + "\n".join(lines) + "\n"
+
+
+def _compare_section(rows) -> str:
+    if not rows:
+        return "Not measured yet: `python benchmarks/run.py --only compare`.\n"
+    from compare import __doc__ as method
+
+    return method.split("\n\n", 2)[2].strip() + "\n\n" + _table(rows)
 
 
 def _remeasured(results: dict) -> str:

@@ -250,3 +250,21 @@ def test_planted_word_classes_are_matched_across_tokenizers_and_nothing_else_is(
         assert row.network_b == found["smol"][name] and row.matched, name
     assert not matches.loc[found["bpe"]["own"]].matched
     assert not matches.set_index("network_b").loc[found["smol"]["own"]].matched
+
+
+def test_group_report_shows_the_similarity_and_matched_time_courses(lineage, tmp_path, valid):
+    import shutil as sh
+
+    from llm2bids.cli.main import main
+
+    _, out, result = lineage
+    copy = tmp_path / "derivatives"
+    sh.copytree(out, copy)
+    assert main(["-q", "report", str(copy)]) == 0
+    page = (copy / "group.html").read_text()
+    assert "llm2bids group report" in page and page.count("<img") >= 2  # matrix, time courses
+    closest = result.similarity.sort_values("similarity", ascending=False).iloc[0]
+    assert f"{closest.unit_a} and {closest.unit_b}" in page
+    assert (copy / "figures" / "group" / "similarity.png").exists()
+    assert not list(copy.glob("sub-*.html"))  # the units have only group-level files
+    valid(copy)

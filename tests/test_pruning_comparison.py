@@ -35,6 +35,7 @@ def test_pruning_comparison_tables_and_datasets(tmp_path, tiny_dir, valid):
     # the pruned model has half the neurons of each layer; both datasets are valid
     pruned_run = llm2bids.find_runs(result.files["bids"], subject="pruned50")[0]
     assert llm2bids.load_run(pruned_run).geometry.n_neurons == 20
+    assert "sub-intact and sub-" in result.files["report"].read_text()
     valid(result.files["bids"])
     valid(result.files["derivatives"])
 

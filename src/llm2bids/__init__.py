@@ -19,6 +19,7 @@ from ._version import __version__
 _EXPORTS = {
     "FunctionalNetworks": "decomposition",
     "VoxelGeometry": "bids",
+    "build_group_report": "report",
     "build_report": "report",
     "compare_pruning": "pruning_comparison",
     "dask_cluster": "_parallel",

@@ -38,6 +38,7 @@ from .exceptions import InputError
 from .models import LoadedModel, load_model
 from .models.loading import wrap_model
 from .recording import record
+from .report import build_group_report
 
 logger = logging.getLogger("llm2bids.pruning_comparison")
 
@@ -56,8 +57,8 @@ class PruningComparison:
     group : GroupResult
         The group level's result (``similarity``: one row per pair of the three).
     files : dict of str to Path
-        ``survival`` (the table), ``similarity``, ``bids`` (the raw dataset) and
-        ``derivatives``.
+        ``survival`` (the table), ``similarity``, ``report`` (the group report), ``bids`` (the
+        raw dataset) and ``derivatives``.
     """
 
     survival: pd.DataFrame
@@ -161,6 +162,7 @@ def compare_pruning(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     files = {
         "survival": path,
         "similarity": group.files["similarity"][0],
+        "report": build_group_report(deriv),
         "bids": bids,
         "derivatives": deriv,
     }

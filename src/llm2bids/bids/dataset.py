@@ -83,6 +83,8 @@ DERIVATIVES_BIDSIGNORE = "\n".join(
         "*_pruning.json",
         "*_replication.tsv",
         "*_replication.json",
+        "*_wordtimecourses.tsv",
+        "*_wordtimecourses.json",
         "*_survival.tsv",
         "*_survival.json",
         "*_similarity.tsv",

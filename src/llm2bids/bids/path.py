@@ -171,6 +171,28 @@ class BIDSPath:
             return False
         return self.extension is None or other.extension == self.extension
 
+    def match_dataset_level(self, root: str | os.PathLike | None = None) -> list[BIDSPath]:
+        """The files at the top of ``root`` (no subject: group-level derivatives) whose names
+        have this path's entities, sorted by name.
+
+        Parameters
+        ----------
+        root : path-like or None, default=None
+            The dataset; ``None`` takes this path's root.
+        """
+        root = Path(root) if root is not None else self._require_root()
+        found = []
+        for path in sorted(root.iterdir()):
+            if path.name.startswith(".") or not path.is_file():
+                continue
+            try:
+                candidate = BIDSPath.from_path(path, root=root)
+            except DatasetError:
+                continue
+            if candidate.subject is None and self.matches(candidate):
+                found.append(candidate)
+        return found
+
     def match(self, root: str | os.PathLike | None = None) -> list[BIDSPath]:
         """The files under ``root`` whose names have this path's entities (a query).
 

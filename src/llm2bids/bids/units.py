@@ -43,6 +43,22 @@ class Unit:
         return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
 
 
+def parse_unit_label(label: str) -> tuple[str, str | None]:
+    """The subject and session (or ``None``) of a unit label (``sub-X`` or ``sub-X_ses-Y``).
+
+    Parameters
+    ----------
+    label : str
+
+    Examples
+    --------
+    >>> parse_unit_label("sub-base_ses-step300")
+    ('base', 'step300')
+    """
+    subject, _, session = label.partition("_")
+    return strip_prefix(subject), strip_prefix(session, "ses-") if session else None
+
+
 @fill_doc
 def group_units(
     bids_dir: str | Path,

@@ -15,7 +15,7 @@ from pathlib import Path
 import llm2bids
 
 from ..bids.names import strip_prefix
-from ..bids.path import participant_id, subjects
+from ..bids.path import BIDSPath, participant_id, subjects
 from ..decomposition import METHODS
 from ..decomposition.networks import SCOPES, SIDES, SOLVERS
 from ..evaluation import MODES
@@ -569,8 +569,19 @@ def _report(args) -> int:
     if not labels:
         raise DatasetError(f"{args.output_dir} holds no sub-* folders: is it a derivatives folder?")
     for label in labels:
-        print(llm2bids.build_report(args.output_dir, label))
+        if args.participant_label or _has_participant_derivatives(args.output_dir, label):
+            print(llm2bids.build_report(args.output_dir, label))
+    if not args.participant_label and list(Path(args.output_dir).glob("*_similarity.tsv")):
+        print(llm2bids.build_group_report(args.output_dir))
     return 0
+
+
+def _has_participant_derivatives(root, label: str) -> bool:
+    """Whether a subject has files of its own beyond what the group level wrote for it."""
+    return any(
+        not (p.description or "").startswith("group") and p.suffix != "wordtimecourses"
+        for p in BIDSPath(subject=label, root=root).match()
+    )
 
 
 def _replicate_args(p):

@@ -23,6 +23,7 @@ written in its own folder with the same ``desc``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 from collections.abc import Sequence
@@ -200,6 +201,7 @@ def run_group_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
         {"n_permutations": n_permutations, "min_correlation": min_correlation},
     )
     written = writer.tables(_similarity(temporal, spatial), temporal, spatial)
+    written += writer.word_courses(study.words)
     for g, members in groups.items():
         written += writer.group_fit(group_fits[g], g, members, subjects)
     return GroupResult(
@@ -227,9 +229,14 @@ class _Study:
         """Units by architecture and geometry: those whose neuron (layer, j) is one unit."""
         return same_neuron_groups(self.units, self.kinds)
 
+    @functools.cached_property
+    def words(self) -> dict[Unit, pd.DataFrame]:
+        """Each unit's network time courses on the words of its stimuli."""
+        return {u: words_of_mixing(self.fits[u].mixing_, list(u.runs)) for u in self.units}
+
     def temporal_matches(self) -> pd.DataFrame:
         """Every pair of units matched on the words both read."""
-        words = {u: words_of_mixing(self.fits[u].mixing_, list(u.runs)) for u in self.units}
+        words = self.words
         rows = []
         for a, b in itertools.combinations(self.units, 2):
             matching, _ = compare_models(words[a], words[b], self.n_permutations, self.seed)
@@ -344,6 +351,26 @@ class _GroupWriter:
                     },
                 )
             )
+        return out
+
+    def word_courses(self, words: dict) -> list[Path]:
+        """Each unit's own network time courses on words (what the matching compared)."""
+        out = []
+        for unit, table in words.items():
+            path = self.root.update(
+                subject=unit.subject,
+                session=unit.session,
+                description=self.template.method,
+                suffix="wordtimecourses",
+                extension=".tsv",
+            ).fpath
+            side = provenance(**self.params) | {
+                "Sources": [bids_uri(r, self.bids_dir) for r in unit.runs],
+                "Description": "This unit's own networks' time courses on words: the mean over "
+                "each word's tokens (special tokens left out), by stimulus file and word index "
+                "(events.tsv's stim_file and word).",
+            }
+            out.append(write_table(path, table.reset_index(), side))
         return out
 
     def group_fit(self, fit, kind: Kind, members, subjects) -> list[Path]:
