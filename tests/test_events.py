@@ -184,3 +184,39 @@ def test_token_spans_and_words_line_up_with_the_text_under_two_tokenizers(tmp_pa
     assert back.word.dropna().tolist() == run.words[run.words >= 0].tolist()
     assert back.char_start.dropna().tolist() == run.spans[run.spans[:, 0] >= 0, 0].tolist()
     assert set(back.stim_file) == {f"task-narrative/{run.document}.txt"}
+
+
+def test_tokens_without_offsets_are_aligned_to_the_text():
+    """A tokenizer without offsets (a slow one) gets each token's span by aligning its decoded
+    text: the words are those the offsets give, on the built-in texts, for the tests' BPE and
+    for SmolLM2's tokenizer."""
+    from transformers import AutoTokenizer
+
+    from llm2bids.models.loading import embedded_model_path
+    from llm2bids.stimuli import builtin_set, tokenize_runs
+    from tiny import tiny_tokenizer
+
+    class Slow:  # the same tokenizer, without offsets
+        def __init__(self, fast):
+            self._fast = fast
+            self.is_fast = False
+
+        def __call__(self, text, add_special_tokens=False, return_offsets_mapping=False):
+            assert not return_offsets_mapping
+            return {"input_ids": self._fast(text, add_special_tokens=False)["input_ids"]}
+
+        def __getattr__(self, name):
+            return getattr(self._fast, name)
+
+    gguf = embedded_model_path()
+    smol = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    for fast in (tiny_tokenizer(), smol):
+        for task in ("narrative", "langloc"):
+            stimuli = builtin_set(task)
+            with_offsets = tokenize_runs(stimuli, fast, max_tokens=256)
+            aligned = tokenize_runs(stimuli, Slow(fast), max_tokens=256)
+            words = np.concatenate([r.words for r in with_offsets])
+            found = np.concatenate([r.words for r in aligned])
+            assert len(found) == len(words)
+            assert np.mean(found == words) >= 0.99, (task, np.mean(found == words))
+            assert (found[found >= 0] == words[found >= 0]).all()  # never the wrong word

@@ -33,7 +33,7 @@ class RunStimulus:
         Whether each token is a special token (BOS and the like).
     spans : numpy.ndarray of int, shape (n_tokens, 2), or None
         Each token's characters ``[start, stop)`` in its document's text (``-1``: none, for
-        special tokens; ``None``: not known, for a tokenizer without offsets).
+        special tokens; from the tokenizer's offsets, or aligned, see :func:`aligned_spans`).
     words : numpy.ndarray of int or None
         The index (from 0, in its document) of the word each token belongs to: the word of the
         first non-space character of its span (``-1``: none, for special tokens and tokens of
@@ -57,24 +57,60 @@ class RunStimulus:
         return len(self.token_ids)
 
 
-def _segment_tokens(doc: Document, tokenizer) -> tuple[list[list[int]], list | None]:
+def _segment_tokens(doc: Document, tokenizer) -> tuple[list[list[int]], list]:
     """Token ids of each segment (joined by a space), ``duration_of`` segments cut to length,
-    and each token's character span in the document's text (None without offsets)."""
+    and each token's character span in the document's text: the tokenizer's offsets where it
+    has them (fast tokenizers), the decoded tokens aligned to the text otherwise."""
     fast = bool(getattr(tokenizer, "is_fast", False))
     tokens, spans, start = [], [], 0
     for i, seg in enumerate(doc.segments):
         text = seg.text if i == 0 else " " + seg.text
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=fast)
         tokens.append(list(encoded["input_ids"]))
-        if fast:
-            spans.append([(start + a, start + b) for a, b in encoded["offset_mapping"]])
+        pairs = encoded["offset_mapping"] if fast else aligned_spans(text, tokens[-1], tokenizer)
+        spans.append([(start + a, start + b) for a, b in pairs])
         start += len(text)
     for i, seg in enumerate(doc.segments):
         if seg.duration_of is not None:
             tokens[i] = tokens[i][: len(tokens[seg.duration_of])]
-            if fast:
-                spans[i] = spans[i][: len(tokens[i])]
-    return tokens, spans if fast else None
+            spans[i] = spans[i][: len(tokens[i])]
+    return tokens, spans
+
+
+#: Characters past the current position where a decoded token is looked for in the text.
+ALIGN_WINDOW = 16
+
+
+def aligned_spans(text: str, token_ids, tokenizer) -> list[tuple[int, int]]:
+    """Each token's ``[start, stop)`` in ``text``, by aligning its decoded text to it.
+
+    For tokenizers without offsets (slow ones): a token's decoded text, stripped of
+    whitespace, is looked for from the end of the previous token on (within
+    :data:`ALIGN_WINDOW` characters, so that one token that does not decode to the text
+    cannot throw the rest out). A token of whitespace alone, a partial character of a
+    byte-level tokenizer, or a token not found gets an empty span (no word).
+
+    Parameters
+    ----------
+    text : str
+    token_ids : sequence of int
+        ``text``'s tokens, in order.
+    tokenizer : transformers tokenizer
+
+    Returns
+    -------
+    list of tuple of int
+    """
+    spans, pos = [], 0
+    for token in token_ids:
+        core = tokenizer.decode([int(token)]).strip()
+        at = text.find(core, pos, pos + len(core) + ALIGN_WINDOW) if core else -1
+        if at < 0 or "\ufffd" in core:
+            spans.append((pos, pos))
+            continue
+        spans.append((at, at + len(core)))
+        pos = at + len(core)
+    return spans
 
 
 def _word_indices(text: str, spans: np.ndarray) -> np.ndarray:
@@ -128,10 +164,8 @@ def tokenize_runs(
             conds.extend([seg.condition] * len(seg_ids))
         if not ids:
             continue
-        spans = words = None
-        if seg_spans is not None:
-            spans = np.asarray([s for part in seg_spans for s in part], dtype=np.int64)
-            words = _word_indices(doc.text, spans)
+        spans = np.asarray([s for part in seg_spans for s in part], dtype=np.int64)
+        words = _word_indices(doc.text, spans)
         n_chunks = math.ceil(len(ids) / room)
         bounds = np.linspace(0, len(ids), n_chunks + 1).round().astype(int)
         for start, stop in zip(bounds[:-1], bounds[1:]):
@@ -140,13 +174,11 @@ def tokenize_runs(
             special[: len(prefix)] = True
             all_special = set(getattr(tokenizer, "all_special_ids", []))
             special |= np.isin(token_ids, list(all_special))
-            run_spans = run_words = None
-            if spans is not None:
-                none = np.full(len(prefix), -1, dtype=np.int64)
-                run_spans = np.vstack([np.full((len(prefix), 2), -1), spans[start:stop]])
-                run_words = np.concatenate([none, words[start:stop]])
-                run_spans[special] = -1  # a special token stands for no text
-                run_words[special] = -1
+            none = np.full(len(prefix), -1, dtype=np.int64)
+            run_spans = np.vstack([np.full((len(prefix), 2), -1), spans[start:stop]])
+            run_words = np.concatenate([none, words[start:stop]])
+            run_spans[special] = -1  # a special token stands for no text
+            run_words[special] = -1
             runs.append(
                 RunStimulus(
                     index=len(runs) + 1,
