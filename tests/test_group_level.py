@@ -268,3 +268,25 @@ def test_group_report_shows_the_similarity_and_matched_time_courses(lineage, tmp
     assert (copy / "figures" / "group" / "similarity.png").exists()
     assert not list(copy.glob("sub-*.html"))  # the units have only group-level files
     valid(copy)
+
+
+def test_sessions_of_one_model_are_units_of_their_own(tmp_path):
+    """Checkpoints of one model are sessions (`record --session`); the group level compares
+    them as units, writes their dual regression in their session folders, and they validate."""
+    # one model id ("tiny", the folder's name): checkpoints of one model
+    base = save_tiny("llama", tmp_path / "step0" / "tiny", seed=0)
+    late, _ = _fine_tune(base, tmp_path / "step100" / "tiny", steps=100)
+    bids = tmp_path / "bids"
+    for session, folder in (("step0", base), ("step100", late)):
+        llm2bids.record(
+            bids, model=str(folder), subject="tiny", session=session, task="narrative", verbose=0
+        )
+    out = tmp_path / "out"
+    result = llm2bids.run_group_networks(bids, out, n_components=3, n_permutations=50, verbose=0)
+    assert set(result.fits) == {"sub-tiny_ses-step0", "sub-tiny_ses-step100"}
+    (row,) = result.similarity.itertuples()
+    assert (row.unit_a, row.unit_b) == ("sub-tiny_ses-step0", "sub-tiny_ses-step100")
+    assert not pd.isna(row.spatial_matched_share)  # one model: the same neurons
+    for session in ("step0", "step100"):
+        assert list((out / "sub-tiny" / f"ses-{session}" / "func").glob("*_components.nii.gz"))
+    assert llm2bids.validate(out).valid
