@@ -114,6 +114,15 @@ def test_group_level_needs_two_units(recorded, tmp_path):
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+def test_units_that_read_no_common_task_are_refused_before_any_fit(tmp_path, tiny_dir):
+    bids = tmp_path / "bids"
+    for subject, task in (("a", "narrative"), ("b", "langloc")):
+        llm2bids.record(bids, model=str(tiny_dir("llama")), subject=subject, task=task, verbose=0)
+    with pytest.raises(InputError, match="no common task"):
+        llm2bids.run_group_networks(bids, tmp_path / "out", n_components=2, verbose=0)
+    assert not (tmp_path / "out").exists()
+
+
 def test_group_level_from_the_command_line(lineage, tmp_path, capsys):
     from llm2bids.cli.main import main
 

@@ -175,6 +175,7 @@ def run_group_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     for unit in units:  # everything is checked before anything is fitted or written
         kinds[unit] = unit_kind(unit)
         check_n_components(n_components, [special_mask(r) for r in unit.runs])
+    _check_shared_tasks(units)
     bar = tqdm(total=len(units), desc="group: units", disable=not verbose)
     fits = {}
     for unit in units:
@@ -212,6 +213,19 @@ def run_group_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
         temporal,
         spatial,
     )
+
+
+def _check_shared_tasks(units: list[Unit]) -> None:
+    """Refuse two units that read no common task: their networks share no words."""
+    tasks = {u: {BIDSPath.from_path(r).task for r in u.runs} for u in units}
+    for a, b in itertools.combinations(units, 2):
+        if not tasks[a] & tasks[b]:
+            raise InputError(
+                f"{a.label} ({', '.join(sorted(tasks[a]))}) and {b.label} "
+                f"({', '.join(sorted(tasks[b]))}) were recorded on no common task, so their "
+                "networks share no words to be compared on: record both on one task, or "
+                "select the units that share one (--participant-label, --tasks)."
+            )
 
 
 @dataclass
