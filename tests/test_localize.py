@@ -176,3 +176,17 @@ def test_second_level_needs_two_models_of_one_geometry(localizer_dataset, tmp_pa
     with pytest.raises(InputError, match="needs two subjects"):
         llm2bids.run_group_localize(root, tmp_path / "out", "synth")
     assert not (tmp_path / "out").exists()
+
+
+def test_second_level_from_the_command_line(group_localizer_dataset, tmp_path, capsys):
+    from llm2bids.cli.main import main
+
+    root, _, _ = group_localizer_dataset
+    out = tmp_path / "cli"
+    assert main(["-q", "localize", str(root), str(out), "group", "--task", "synth"]) == 0
+    assert "units selected" in capsys.readouterr().out
+    assert len(list(out.glob("task-synth_*_stat-z_statmap.nii.gz"))) == 1
+    # a participant-level option at the group level: a one-line error, exit status 2
+    argv = ["-q", "localize", str(root), str(out), "group", "--task", "synth", "--second-level"]
+    assert main(argv) == 2
+    assert "options of the participant level" in capsys.readouterr().err
