@@ -57,6 +57,10 @@ def test_every_option_is_named_after_the_parameter_it_sets():
             params |= set(inspect.signature(group_levels[name]).parameters)
         stray = {a.dest for a in commands.choices[name]._actions} - params - cli_only
         assert not stray, f"{name}: {sorted(stray)} set no parameter of {fn.__name__}"
+    for name, group in group_levels.items():  # one flag, one default, at either level
+        a, b = inspect.signature(calls[name]).parameters, inspect.signature(group).parameters
+        differ = {p for p in set(a) & set(b) if a[p].default != b[p].default}
+        assert not differ, f"{name}: {sorted(differ)} default differently at the group level"
     parser = build_parser()
     old = parser.parse_args(["prune", "--keep", "k.tsv", "--out", "p", "--protect-layers", "0"])
     assert (str(old.output_dir), old.protected_layers) == ("p", [0])

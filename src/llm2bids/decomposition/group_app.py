@@ -116,7 +116,7 @@ def run_group_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     ica_solver: str = "picard",
     ica_max_iter: int | None = None,
     seed: int = 0,
-    n_permutations: int = 200,
+    n_permutations: int = 100,
     min_correlation: float = 0.5,
     hook_point: str = "mlp",
     verbose: int = 1,
@@ -143,9 +143,9 @@ def run_group_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
     ica_max_iter : int or None, default=None
         Iterations of one ICA restart; ``None``: the solver's default.
     %(seed)s
-    n_permutations : int, default=200
+    n_permutations : int, default=100
         Size of the nulls (circular shifts for the word-level matching, permutations for the
-        spatial one).
+        spatial one), as the participant level's.
     min_correlation : float, default=0.5
         Dual regression: least ``|r|`` between a neuron and the unit's network time course
         for the neuron to be a member there (see
