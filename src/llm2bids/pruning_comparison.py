@@ -197,18 +197,18 @@ def _survival(group: GroupResult, keep: np.ndarray, percent: int) -> pd.DataFram
     table["n_members"] = members.sum(axis=1)
     inside = (members & kept).sum(axis=1)
     table["kept_share"] = np.round(np.divide(inside, np.maximum(table.n_members, 1)), 4)
-    temporal = group.temporal_matches
-    for variant in (f"pruned{percent}", f"masked{percent}"):
-        name = variant.rstrip("0123456789")
-        pairs = _pairs_with(temporal, f"sub-{variant}", "network_a", "network_b")
-        table[f"{name}_network"] = table.network.map(pairs.set_index("intact").other)
-        table[f"{name}_r"] = table.network.map(pairs.set_index("intact").correlation)
-        table[f"{name}_null_p95"] = table.network.map(pairs.set_index("intact").null_p95)
-        table[f"{name}_matched"] = table.network.map(pairs.set_index("intact").matched)
+    for name in ("pruned", "masked"):
+        pairs = _pairs_with(
+            group.temporal_matches, f"sub-{name}{percent}", "network_a", "network_b"
+        ).set_index("intact")
+        table[f"{name}_network"] = table.network.map(pairs.other)
+        table[f"{name}_r"] = table.network.map(pairs.correlation)
+        table[f"{name}_null_p95"] = table.network.map(pairs.null_p95)
+        table[f"{name}_matched"] = table.network.map(pairs.matched)
     spatial = _pairs_with(
         group.spatial_matches, f"sub-masked{percent}", "component_a", "component_b"
-    )
-    table["masked_dice"] = table.network.map(spatial.set_index("intact").dice)
+    ).set_index("intact")
+    table["masked_dice"] = table.network.map(spatial.dice)
     return table
 
 

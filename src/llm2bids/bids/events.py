@@ -64,7 +64,9 @@ EVENTS_SIDECAR = {
     },
     "char_start": {
         "Description": "First character of the token in its document's text (stim_file), "
-        "from 0; n/a for special tokens, or where the tokenizer gives no offsets."
+        "from 0: the tokenizer's offsets, or, for a tokenizer without them, the token's "
+        "decoded text aligned to the document (a token that does not align gets an empty "
+        "span, char_start = char_stop); n/a for special tokens."
     },
     "char_stop": {"Description": "One past the token's last character (see char_start)."},
     "word": {
@@ -72,7 +74,7 @@ EVENTS_SIDECAR = {
         "being a run of characters without whitespace: the word of the token's first "
         "non-space character. The same text has the same words under every tokenizer, so "
         "time courses of two models resampled to words (the mean over each word's tokens) "
-        "line up. n/a for special tokens, tokens of whitespace alone, or without offsets."
+        "line up. n/a for special tokens, tokens of whitespace alone (or with an empty span)."
     },
 }
 

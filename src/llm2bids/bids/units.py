@@ -1,7 +1,7 @@
 """The units of a group-level analysis: one recording of one model each.
 
 A unit is a subject (``sub-``), or each of its sessions (``ses-``: checkpoints, revisions)
-when it has several. Units of one architecture and geometry share their neurons: neuron
+where it has them. Units of one architecture and geometry share their neurons: neuron
 ``(layer, j)`` is the same unit of computation in each, so maps can be compared (or tested)
 neuron by neuron; other units share only the stimuli.
 """

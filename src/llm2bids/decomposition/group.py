@@ -54,6 +54,17 @@ def _standardized(data: np.ndarray) -> np.ndarray:
     return np.divide(centered, std, out=np.zeros_like(centered), where=std > 0)
 
 
+def check_min_correlation(min_correlation: float) -> None:
+    """Refuse a ``min_correlation`` outside ``[0, 1)`` (see :func:`dual_regression`).
+
+    Parameters
+    ----------
+    min_correlation : float
+    """
+    if not 0 <= min_correlation < 1:
+        raise InputError(f"min_correlation must lie in [0, 1), got {min_correlation!r}.")
+
+
 def dual_regression(
     fit: FunctionalNetworks, runs: Sequence[str | Path], min_correlation: float = 0.5
 ) -> SubjectNetworks:
@@ -76,8 +87,7 @@ def dual_regression(
     -------
     SubjectNetworks
     """
-    if not 0 <= min_correlation < 1:
-        raise InputError(f"min_correlation must lie in [0, 1), got {min_correlation!r}.")
+    check_min_correlation(min_correlation)
     if not hasattr(fit, "components_"):
         raise InputError("dual_regression needs a fitted FunctionalNetworks (call fit first).")
     runs = [Path(r) for r in runs]

@@ -1,24 +1,25 @@
 """``llm2bids networks BIDS_DIR OUTPUT_DIR group``: networks compared across models.
 
 The unit of the group level is one recording of one model: a subject (``sub-``), or each of
-its sessions (``ses-``: checkpoints, revisions) when it has several. For every unit, its own
+its sessions (``ses-``: checkpoints, revisions) where it has them. For every unit, its own
 decomposition over the selected tasks (as the participant level fits it). Then:
 
 - **every pair of units** is matched on the words of the stimuli both read (the time courses
   brought to words, Hungarian assignment on ``|r|``, a circular-shift null; see
   :mod:`llm2bids.overlap.temporal`): this works across widths, layers and tokenizers;
-- **units of one architecture and geometry** (neuron ``(layer, j)`` is the same unit in each) also get a group
-  decomposition over all their runs, each unit's own version of every group network (dual
-  regression, :func:`~llm2bids.decomposition.dual_regression`), and their own networks
-  matched by spatial correlation and Dice against a permutation null
+- **units of one architecture and geometry** (neuron ``(layer, j)`` is the same unit in
+  each) also get a group decomposition over all their runs, each unit's own version of every
+  group network (dual regression, :func:`~llm2bids.decomposition.dual_regression`), and
+  their own networks matched by spatial correlation and Dice against a permutation null
   (:func:`~llm2bids.overlap.compare_fits`).
 
 Dataset-level files (no ``sub-`` entity) sit at the root of the derivatives:
 ``acq-<hook>_desc-<method>_similarity.tsv`` (one row per pair of units),
 ``..._temporalmatches.tsv`` and ``..._spatialmatches.tsv`` (every matched pair), and per
-same-neuron group the fit over its units, named ``desc-group<arch><L>x<N><method>`` (components,
-mixing, key neurons, layer counts, connectivity, atlas); each unit's dual regression is
-written in its own folder with the same ``desc``.
+same-neuron group the fit over its units, named ``desc-group<arch><L>x<N><method>``
+(components, mixing, key neurons, layer counts, connectivity, atlas); each unit's dual
+regression is written in its own folder with the same ``desc``, beside its word-level time
+courses (``desc-<method>_wordtimecourses.tsv``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from ..derivatives import (
 from ..exceptions import InputError
 from ..overlap import compare_fits, compare_models, words_of_mixing
 from .app import RUNTIME_PARAMS, write_networks
-from .group import SubjectNetworks, dual_regression
+from .group import SubjectNetworks, check_min_correlation, dual_regression
 from .networks import FunctionalNetworks, check_n_components
 
 logger = logging.getLogger("llm2bids.decomposition")
@@ -167,8 +168,7 @@ def run_group_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
         ica_max_iter=ica_max_iter,
     )
     template.check_params()
-    if not 0 <= min_correlation < 1:
-        raise InputError(f"min_correlation must lie in [0, 1), got {min_correlation!r}.")
+    check_min_correlation(min_correlation)
     check_output_dir(bids_dir, output_dir)
     units = group_units(bids_dir, participant_label, tasks, hook_point)
     kinds = {}
@@ -201,12 +201,13 @@ def run_group_networks(  # noqa: PLR0913 (public: keyword options, as the CLI's)
         units,
         {"n_permutations": n_permutations, "min_correlation": min_correlation},
     )
-    written = writer.tables(_similarity(temporal, spatial), temporal, spatial)
+    similarity = _similarity(temporal, spatial)
+    written = writer.tables(similarity, temporal, spatial)
     written += writer.word_courses(study.words)
     for g, members in groups.items():
         written += writer.group_fit(group_fits[g], g, members, subjects)
     return GroupResult(
-        _similarity(temporal, spatial),
+        similarity,
         by_role(written),
         subjects,
         {u.label: fits[u] for u in units},
@@ -258,7 +259,8 @@ class _Study:
         return pd.concat(rows, ignore_index=True)
 
     def spatial_matches(self) -> pd.DataFrame:
-        """Every pair of units of one architecture and geometry matched by their maps and memberships."""
+        """Every pair of units of one architecture and geometry matched by their maps and
+        memberships."""
         rows = []
         for members in self.same_neuron_groups().values():
             for a, b in itertools.combinations(members, 2):
@@ -337,8 +339,9 @@ class _GroupWriter:
                 | {
                     "Description": "Model-by-model similarity: per pair of units, the share "
                     "of networks matched beyond the null on the words both read, the mean "
-                    "|r| of the matched pairs, and for units of one architecture and geometry the share of "
-                    "networks matched by Dice beyond the permutation null.",
+                    "|r| of the matched pairs, their product (similarity), and for units of "
+                    "one architecture and geometry the share of networks matched by Dice "
+                    "beyond the permutation null.",
                 },
             ),
             write_table(
@@ -359,9 +362,9 @@ class _GroupWriter:
                     spatial,
                     side
                     | {
-                        "Description": "Networks of two units of one architecture and geometry matched one "
-                        "to one by spatial correlation, with Dice of their memberships "
-                        "against a permutation null (family-wise p).",
+                        "Description": "Networks of two units of one architecture and "
+                        "geometry matched one to one by spatial correlation, with Dice of "
+                        "their memberships against a permutation null (family-wise p).",
                     },
                 )
             )

@@ -196,8 +196,9 @@ def run_group_localize(  # noqa: PLR0913 (public: keyword options, as the CLI's)
             f"geometry; {[u.label for u in units]} share none. Use the participant level."
         )
     label = contrast_label(contrast)
+    by_label = {group_label(k.architecture, k.geometry, ""): m for k, m in groups.items()}
     results = {
-        group_label(kind.architecture, kind.geometry, ""): localize_group(
+        group: localize_group(
             [list(u.runs) for u in members],
             contrast,
             top_percent,
@@ -206,11 +207,12 @@ def run_group_localize(  # noqa: PLR0913 (public: keyword options, as the CLI's)
             height_control,
             n_jobs=n_jobs,
         )
-        for kind, members in groups.items()
+        for group, members in by_label.items()
     }
     output_dir = init_derivatives(output_dir, bids_dir)
     acq = acquisition_label(hook_point)
-    for members, (group, res) in zip(groups.values(), results.items()):
+    for group, members in by_label.items():
+        res = results[group]
         side = provenance(
             contrast=contrast,
             selection=res.selection,

@@ -197,7 +197,9 @@ def localize(
     geometry, imgs, events, masks = _design(runs, contrast)
     mask_img = geometry.mask_img()
     maps = _fit_contrast(imgs, events, masks, contrast, mask_img, second_level, n_jobs)
-    return _result(contrast, maps, geometry, top_percent, threshold, alpha, height_control)
+    return _result(
+        contrast, maps, geometry, mask_img, (top_percent, threshold, alpha, height_control)
+    )
 
 
 def localize_group(  # noqa: PLR0913 (public: the selection rules, as localize)
@@ -226,8 +228,6 @@ def localize_group(  # noqa: PLR0913 (public: the selection rules, as localize)
     -------
     LocalizerResult
     """
-    from nilearn.glm.first_level import FirstLevelModel
-
     top_percent = _check_selection(top_percent, threshold, alpha, height_control)
     if len(unit_runs) < 2:
         raise InputError(
@@ -236,23 +236,23 @@ def localize_group(  # noqa: PLR0913 (public: the selection rules, as localize)
     designs = [_design(runs, contrast) for runs in unit_runs]
     geometry = check_same_geometry([Path(runs[0]) for runs in unit_runs])
     mask_img = geometry.mask_img()
-    options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img, "n_jobs": n_jobs}
-    effects = []
     with _quiet_glm(), frozen_gc():
-        for _, imgs, events, masks in designs:
-            glm = FirstLevelModel(**options).fit(imgs, events=events, sample_masks=masks)
-            effects.append(glm.compute_contrast(contrast, output_type="effect_size"))
+        effects = [
+            _effect(imgs, events, masks, contrast, mask_img, n_jobs)
+            for _, imgs, events, masks in designs
+        ]
     maps = _one_sample(effects, mask_img)
-    return _result(contrast, maps, geometry, top_percent, threshold, alpha, height_control)
+    return _result(
+        contrast, maps, geometry, mask_img, (top_percent, threshold, alpha, height_control)
+    )
 
 
-def _result(contrast, maps, geometry, top_percent, threshold, alpha, height_control):
+def _result(contrast, maps, geometry, mask_img, rule) -> LocalizerResult:
+    """The result of a contrast's maps: the units the selection ``rule`` (``top_percent``,
+    ``threshold``, ``alpha``, ``height_control``) keeps."""
     z = np.asarray(maps["z"].get_fdata())[geometry.mask]
     t = np.asarray(maps["t"].get_fdata())[geometry.mask]
-    mask_img = geometry.mask_img()
-    selected, selection = _select(
-        maps, z, t, mask_img, top_percent, threshold, alpha, height_control
-    )
+    selected, selection = _select(maps, z, t, mask_img, *rule)
     if not selected.any():
         logger.warning("%s: no unit passes %s.", contrast, selection)
     return LocalizerResult(contrast, maps, z, t, selected, selection, geometry)
@@ -306,21 +306,33 @@ def _check_selection(top_percent, threshold, alpha, height_control) -> float | N
 
 def _fit_contrast(imgs, events, masks, contrast, mask_img, second_level, n_jobs) -> dict:
     """nilearn's GLM of the runs and the contrast's ``z``, ``t`` and ``effect`` maps."""
-    from nilearn.glm.first_level import FirstLevelModel
-
-    options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img, "n_jobs": n_jobs}
     with _quiet_glm(), frozen_gc():
         if second_level and len(imgs) >= 2:
-            effects = []
-            for img, ev, m in zip(imgs, events, masks):
-                glm = FirstLevelModel(**options).fit(img, events=ev, sample_masks=m)
-                effects.append(glm.compute_contrast(contrast, output_type="effect_size"))
+            effects = [
+                _effect(img, ev, m, contrast, mask_img, n_jobs)
+                for img, ev, m in zip(imgs, events, masks)
+            ]
             return _one_sample(effects, mask_img)
         if second_level:
             raise InputError("second_level needs at least two runs.")
-        glm = FirstLevelModel(**options).fit(imgs, events=events, sample_masks=masks)
-        out = glm.compute_contrast(contrast, output_type="all")
+        out = _first_level(imgs, events, masks, mask_img, n_jobs).compute_contrast(
+            contrast, output_type="all"
+        )
     return {"z": out["z_score"], "t": out["stat"], "effect": out["effect_size"]}
+
+
+def _first_level(imgs, events, masks, mask_img, n_jobs):
+    """nilearn's ``FirstLevelModel`` (:data:`FIRST_LEVEL_OPTIONS`) fitted to runs."""
+    from nilearn.glm.first_level import FirstLevelModel
+
+    options = FIRST_LEVEL_OPTIONS | {"mask_img": mask_img, "n_jobs": n_jobs}
+    return FirstLevelModel(**options).fit(imgs, events=events, sample_masks=masks)
+
+
+def _effect(imgs, events, masks, contrast, mask_img, n_jobs):
+    """The contrast's effect map of a first-level model of the runs (fixed effects)."""
+    glm = _first_level(imgs, events, masks, mask_img, n_jobs)
+    return glm.compute_contrast(contrast, output_type="effect_size")
 
 
 def _one_sample(effects, mask_img) -> dict:

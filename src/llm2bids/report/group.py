@@ -90,9 +90,8 @@ def _pair_section(root, figures, acq, method, pair, matches) -> str:
     """One pair of units: their matched networks and word-level time courses."""
     a, b = pair.unit_a, pair.unit_b
     rows = matches[(matches.unit_a == a) & (matches.unit_b == b)]
-    shown = rows[rows.matched].reindex(
-        rows[rows.matched].correlation.abs().sort_values(ascending=False).index
-    )
+    matched = rows[rows.matched]
+    shown = matched.loc[matched.correlation.abs().sort_values(ascending=False).index]
     title = f"{a} and {b}: similarity {pair.similarity:.3f}"
     parts = [f"<h2>{html.escape(title)}</h2>", _table(rows, n=64)]
     courses = {u: _word_courses(root, u, acq, method) for u in (a, b)}
