@@ -153,6 +153,11 @@ def test_group_level_from_the_command_line(lineage, tmp_path, capsys):
     ]
     assert table.similarity.iloc[0] == pytest.approx(expected.similarity.iloc[0], abs=1e-4)
     shutil.rmtree(out)
+    # participant-level options are refused at the group level, before anything is written
+    for flags in (["--scope", "layer"], ["--no-per-run"], ["--n-jobs", "2"]):
+        assert main(["-q", "networks", str(bids), str(out), "group", *flags]) == 2
+        assert "options of the participant level" in capsys.readouterr().err
+    assert not out.exists()
 
 
 # -- planted word classes, two real tokenizers --------------------------------------------

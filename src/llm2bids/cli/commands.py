@@ -290,18 +290,33 @@ def _decomposition_options(args) -> dict:
 
 
 def _group_networks(args) -> int:
+    fn = llm2bids.run_networks
+    participant_only = {
+        "--scope": args.scope != default(fn, "scope"),
+        "--no-per-run": args.per_run != default(fn, "per_run"),
+        "--n-jobs": args.n_jobs != default(fn, "n_jobs"),
+        "--dask-scheduler": args.dask_scheduler is not None,
+    }
+    given = [flag for flag, used in participant_only.items() if used]
+    if given:
+        raise InputError(
+            f"{', '.join(given)}: options of the participant level; the group level fits one "
+            "decomposition over all layers per unit, in this process."
+        )
     options = _decomposition_options(args)
     if isinstance(options["n_components"], list):
         raise InputError(
             "the group level takes one --n-components (a sweep is for the participant level)."
         )
-    fn = llm2bids.run_group_networks
-    result = fn(
+    group = llm2bids.run_group_networks
+    result = group(
         args.bids_dir,
         args.output_dir,
         **options,
         min_correlation=(
-            default(fn, "min_correlation") if args.min_correlation is None else args.min_correlation
+            default(group, "min_correlation")
+            if args.min_correlation is None
+            else args.min_correlation
         ),
     )
     print(result.similarity.to_string(index=False))
