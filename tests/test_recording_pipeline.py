@@ -33,10 +33,12 @@ def test_raw_run_is_byte_identical_to_nibabel(tmp_path, n_neurons, n_tokens):
     assert fast.read_bytes() == reference.read_bytes()
     # the gather writer of CPU recordings: per-layer arrays, laid out by the writes themselves
     layers = [np.ascontiguousarray(block[:, z, :n_neurons]) for z in range(3)]
+    strided = [block[:, z, :n_neurons] for z in range(3)]  # views of the block: not contiguous
     for piece_bytes in (1, 4 * geometry.volume_size + 1, 1 << 23):
-        pieces = (buffers for _, _, buffers in geometry.block_pieces(layers, piece_bytes))
-        gathered = write_run_pieces(tmp_path / "gathered_bold.nii", pieces, geometry, n_tokens)
-        assert gathered.read_bytes() == reference.read_bytes()
+        for given in (layers, strided):
+            pieces = (buffers for _, _, buffers in geometry.block_pieces(given, piece_bytes))
+            gathered = write_run_pieces(tmp_path / "gathered_bold.nii", pieces, geometry, n_tokens)
+            assert gathered.read_bytes() == reference.read_bytes()
     # small rows: assembled into a scratch piece of 1, 2 or more tokens, reused piece by piece
     for scratch_tokens in (1, 2, n_tokens + 1):
         scratch = geometry.empty_block(scratch_tokens)
@@ -174,4 +176,6 @@ def test_finiteness_check_is_exact(bad, scale):
     values[::2] *= -1
     if bad is not None:
         values[3, 4] = bad
-    assert _finite(values) is (bad is None)
+    fine = np.ones((2, 7), dtype=np.float32)
+    assert _finite([fine, values, fine]) is (bad is None)  # any array of a piece counts
+    assert _finite([values]) is (bad is None)

@@ -106,10 +106,11 @@ def write_run_pieces(
     ----------
     path : str or Path
         The run's final ``.nii`` name; it exists only once the whole file is written.
-    pieces : iterable of lists of ndarray
-        Float32 buffers whose bytes, one after the other, are the data block of ``n_tokens``
-        volumes (as :meth:`VoxelGeometry.block_pieces` yields them). Each list is written with
-        one gather write. An exception raised by the iterable removes the partial file.
+    pieces : iterable of lists of ndarray or memoryview
+        Float32 arrays or byte views whose bytes, one after the other, are the data block of
+        ``n_tokens`` volumes (as :meth:`VoxelGeometry.block_pieces` yields them). Each list is
+        written with one gather write. An exception raised by the iterable removes the partial
+        file.
     geometry : VoxelGeometry
     n_tokens : int
     repetition_time : float, default=1.0
@@ -128,9 +129,9 @@ def write_run_pieces(
     return path
 
 
-def _writev_all(f, buffers: list[np.ndarray]) -> int:
+def _writev_all(f, buffers: list) -> int:
     """Write ``buffers`` one after the other with as few system calls as possible."""
-    views = [memoryview(b).cast("B") for b in buffers]
+    views = [b if isinstance(b, memoryview) else memoryview(b).cast("B") for b in buffers]
     total = sum(len(v) for v in views)
     done = os.writev(f.fileno(), views) if hasattr(os, "writev") else 0
     if done < total:  # a short write (or no writev): finish buffer by buffer
