@@ -104,6 +104,38 @@ def plain_write(folder: Path, sizes: list[int], threads: int, sync_files: bool =
     return seconds
 
 
+def buffer_setup(lm, stim, max_tokens, batch_size, staged=False) -> tuple[float, int]:
+    """Seconds to allocate (and, staged, fault in) the memory ``record`` would hold for
+    ``stim``, as it does it; and its bytes.
+
+    Parameters
+    ----------
+    lm : LoadedModel
+    stim : StimulusSet
+    max_tokens, batch_size : int
+        As given to ``record``.
+    staged : bool, default=False
+        Plan the accelerator's path (stage and ring of run buffers) instead of the CPU's.
+    """
+    from llm2bids.bids.geometry import VoxelGeometry
+    from llm2bids.models.hooks import layer_count, neurons_per_layer
+    from llm2bids.recording.pipeline import MemoryPlan, RecordingPipeline
+    from llm2bids.recording.recorder import _plan_batches
+    from llm2bids.stimuli import tokenize_runs
+
+    runs = tokenize_runs(stim, lm.tokenizer, max_tokens)
+    geometry = VoxelGeometry(layer_count(lm.model), neurons_per_layer(lm.model)[0])
+    plan = MemoryPlan.of(
+        geometry, torch.device("cpu"), staged, _plan_batches(runs, batch_size, staged)
+    )
+    start = time.perf_counter()
+    pipeline = RecordingPipeline(plan, list(range(geometry.n_layers)), lm.tokenizer)
+    pipeline.allocate(wait=True)
+    seconds = time.perf_counter() - start
+    pipeline.close()
+    return seconds, plan.host_bytes + plan.device_bytes
+
+
 def recorded_sizes(folder: Path) -> list[int]:
     """Sizes of the bold files a recording wrote."""
     return [p.stat().st_size for p in sorted(Path(folder).rglob("*_bold.nii"))]

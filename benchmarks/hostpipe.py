@@ -27,8 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from common import plain_write, ready_model, recorded_sizes, texts
+from common import buffer_setup, plain_write, ready_model, recorded_sizes, texts
 
 CASES = {"one batch": 4, "64 runs": 64}  # runs (batch 4)
 
@@ -51,27 +50,6 @@ def _bold_sizes(lm, stim, run_tokens, shape) -> list[int]:
 
     volume = VoxelGeometry(*shape).volume_size * 4
     return [352 + len(r) * volume for r in tokenize_runs(stim, lm.tokenizer, run_tokens + 8)]
-
-
-def _setup_seconds(lm, stim, run_tokens, batch_size, staged: bool) -> tuple[float, float]:
-    """Seconds to allocate (and, staged, fault in) the pipeline's memory; its bytes."""
-    from llm2bids.bids.geometry import VoxelGeometry
-    from llm2bids.models.hooks import layer_count, neurons_per_layer
-    from llm2bids.recording.pipeline import MemoryPlan, RecordingPipeline
-    from llm2bids.recording.recorder import _plan_batches
-    from llm2bids.stimuli import tokenize_runs
-
-    runs = tokenize_runs(stim, lm.tokenizer, run_tokens + 8)
-    geometry = VoxelGeometry(layer_count(lm.model), neurons_per_layer(lm.model)[0])
-    plan = MemoryPlan.of(
-        geometry, torch.device("cpu"), staged, _plan_batches(runs, batch_size, staged)
-    )
-    start = time.perf_counter()
-    pipeline = RecordingPipeline(plan, list(range(geometry.n_layers)), lm.tokenizer)
-    pipeline.allocate(wait=True)
-    seconds = time.perf_counter() - start
-    pipeline.close()
-    return seconds, plan.host_bytes + plan.device_bytes
 
 
 def _alternated(work, lm, stim, sizes, threads, run_tokens, batch_size, rounds) -> dict:
@@ -116,7 +94,7 @@ def bench_pipeline(work: Path, shape=(16, 8192), run_tokens=256, batch_size=4, r
                 times = _alternated(work, lm, stim, sizes, threads, run_tokens, batch_size, rounds)
                 gb = sum(sizes) / 1e9
                 t_rec, t_plain = np.median(times["record"]), np.median(times["plain"])
-                setup, nbytes = _setup_seconds(lm, stim, run_tokens, batch_size, staged)
+                setup, nbytes = buffer_setup(lm, stim, run_tokens + 8, batch_size, staged)
                 rows.append(
                     {
                         "path": path,
