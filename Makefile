@@ -10,7 +10,7 @@ REPLICATION_DIR ?= replication_output
 # What a test venv runs on, printed before its suite.
 SHOW_STACK := -c "import sys, numpy, scipy, pandas, nilearn, transformers, torch; print('stack: Python', sys.version.split()[0], 'numpy', numpy.__version__, 'scipy', scipy.__version__, 'pandas', pandas.__version__, 'nilearn', nilearn.__version__, 'transformers', transformers.__version__, 'torch', torch.__version__)"
 
-.PHONY: install test test-all test-lowest test-newest demo readme-demo replication bench bench-quick lint format clean
+.PHONY: install test test-all test-lowest test-newest demo readme-demo replication bench bench-quick gpu-wheels lint format clean
 
 # $(call install_venv,VENV,PIP_ARGS[,PYTHON,TORCH]): a venv with llm2bids and its test extras
 # (PIP_ARGS: e.g. constraints), ready when VENV/.llm2bids-installed exists.
@@ -87,6 +87,15 @@ bench: install
 
 bench-quick: install
 	$(PY) benchmarks/run.py --quick
+
+# What a lent GPU box lacks for benchmarks/gpu_session.sh (it has torch, transformers, numpy,
+# pandas, scipy, scikit-learn, tqdm and pytest; it has no network): wheels for its Python 3.12,
+# into .whl/, which the device call carries.
+GPU_WHEELS ?= nibabel==5.4.2
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -356,6 +356,7 @@ def main(argv=None) -> dict:
     else:
         parser.error("no CUDA device here; --dry-run runs the tiny shape on the CPU")
     work = Path(tempfile.mkdtemp(prefix="llm2bids-gpu-", dir=os.environ.get("LLM2BIDS_WORK")))
+    start = time.perf_counter()
     try:
         row = bench_shape(shape, device, dtype, n_tokens, run_tokens, batch, repeats, work)
     finally:
@@ -367,6 +368,7 @@ def main(argv=None) -> dict:
         "run_tokens": run_tokens,
         "stack": f"Python {platform.python_version()}, torch {torch.__version__}, "
         f"transformers {transformers.__version__}, numpy {np.__version__}",
+        "seconds": time.perf_counter() - start,
         "row": row,
     }
     print(json.dumps(result, indent=1), flush=True)

@@ -250,21 +250,67 @@ def bench_masking(lm, n_tokens, repeats):
     return rows
 
 
+GPU_SHAPES = ("SmolLM2-135M", "Llama-3.2-1B", "Llama-3-8B")
+
+
 def bench_gpu(quick: bool) -> dict | None:
     """The GPU section: ``benchmarks/gpu.py``, one process per shape (``None`` without CUDA)."""
     if not torch.cuda.is_available():
         return None
-    rows, result = [], {}
-    for shape in ("Llama-3.2-1B", "SmolLM2-135M", "Llama-3-8B"):
-        out = WORK / f"gpu-{shape}.json"
+    files = []
+    for shape in GPU_SHAPES:
+        files.append(WORK / f"gpu-{shape}.json")
         tokens = ["--tokens", "8192"] if quick else []
         subprocess.run(
-            [sys.executable, str(HERE / "gpu.py"), "--shape", shape, "--out", str(out), *tokens],
+            [sys.executable, str(HERE / "gpu.py"), "--shape", shape, "--out", str(files[-1])]
+            + tokens,
             check=True,
         )
-        result = json.loads(out.read_text())
-        rows.append(result.pop("row"))
-    return result | {"rows": rows}
+    return gpu_results(files)
+
+
+def gpu_results(files: list[Path]) -> dict:
+    """The GPU section from ``gpu.py``'s JSON files (one per shape), smallest shape first.
+
+    Each row keeps the device it ran on: timings compare within a device only.
+    """
+    order = {shape: i for i, shape in enumerate(GPU_SHAPES)}
+    results = [json.loads(Path(f).read_text()) for f in files]
+    results.sort(key=lambda r: order.get(r["row"]["shape"], -1))
+    rows = [{"shape": r["row"]["shape"], "device": r["device"]} | r["row"] for r in results]
+    devices = sorted({r["device"] for r in results})
+    return {
+        "device": " and ".join(devices),
+        "dtype": results[-1]["dtype"],
+        "batch_size": results[-1]["batch_size"],
+        "run_tokens": results[-1]["run_tokens"],
+        "stack": results[-1]["stack"],
+        "seconds": sum(r.get("seconds", 0.0) for r in results),
+        "rows": rows,
+    }
+
+
+def merge_gpu_results(results: dict, folder: Path) -> dict:
+    """``results`` with its GPU section replaced by the rows ``gpu_session.sh`` left in
+    ``folder`` (``gpu-SHAPE.json``); the header says where they come from."""
+    files = sorted(Path(folder).glob("gpu-*.json"))
+    if not files:
+        raise SystemExit(
+            f"no gpu-SHAPE.json in {folder}: run `bash benchmarks/gpu_session.sh SHAPE ...` on "
+            "the GPU box and fetch its OUT folder first."
+        )
+    gpu = gpu_results(files)
+    shapes = " ".join(r["shape"] for r in gpu["rows"])
+    results["gpu"] = gpu
+    results.setdefault("remeasured", []).append(
+        {
+            "command": f"bash benchmarks/gpu_session.sh {shapes}",
+            "date": time.strftime("%Y-%m-%d", time.gmtime(max(f.stat().st_mtime for f in files))),
+            "seconds": gpu["seconds"],
+            "machine": gpu["device"],
+        }
+    )
+    return results
 
 
 def _gpu_section(gpu) -> str:
@@ -272,7 +318,10 @@ def _gpu_section(gpu) -> str:
         return (
             "Not run: no CUDA device in this run (this task was not lent a GPU machine). On one, "
             "`python benchmarks/run.py --only gpu` fills this section, running "
-            "`benchmarks/gpu.py --shape SHAPE` once per shape in its own process (the script "
+            "`benchmarks/gpu.py --shape SHAPE` once per shape in its own process; on a lent GPU "
+            "box, which has no network, `bash benchmarks/gpu_session.sh SHAPE ...` (with the "
+            "wheels of `make gpu-wheels`) runs the same and the GPU tests, and "
+            "`python benchmarks/run.py --gpu-results DIR` puts its rows here (the script "
             "runs standalone on a box with torch, transformers, numpy, pandas and nibabel): "
             "random-weight SmolLM2-135M, Llama-3.2-1B and Llama-3-8B shapes in bfloat16, batch "
             "16, runs of 512 tokens; buffer setup, bare forward, `record` (first and later), the "
@@ -281,7 +330,9 @@ def _gpu_section(gpu) -> str:
         )
     from gpu import __doc__ as method
 
-    rows = [{"what": key} | {r["shape"]: r[key] for r in gpu["rows"]} for key in gpu["rows"][0]]
+    rows = [
+        {"what": key} | {r["shape"]: r.get(key, "") for r in gpu["rows"]} for key in gpu["rows"][0]
+    ]
     return (
         f"Device: {gpu['device']}, {gpu['dtype']}, batch {gpu['batch_size']}, runs of "
         f"{gpu['run_tokens']} tokens; {gpu['stack']}.\n\n"
@@ -310,6 +361,8 @@ def _table(rows):
 RECORD_VS_FORWARD = 0.95  # issue 26's targets
 PIPELINE_VS_PLAIN = 0.9
 MASKED_VS_UNMASKED = 0.98
+GPU_RECORD_VS_REFERENCE = 0.9  # issue 26, on an H100/H200
+GPU_MASKED_VS_UNMASKED = 0.97
 
 
 def _cold_memory(row: dict) -> str:
@@ -326,7 +379,7 @@ def _cold_memory(row: dict) -> str:
     return text
 
 
-def _targets(rec_rows, mem_rows, mask_rows, pipe_rows=()) -> str:
+def _targets(rec_rows, mem_rows, mask_rows, pipe_rows=(), gpu=None) -> str:
     """Each target of the issues, met or missed, by how much, and why."""
     lines = []
     smol = [r for r in rec_rows if r["model"].startswith("SmolLM2")]
@@ -414,7 +467,41 @@ def _targets(rec_rows, mem_rows, mask_rows, pipe_rows=()) -> str:
         f"- Pruned (30% removed) faster than dense: latency ratio {pruned30:.3f} -- "
         + ("met." if pruned30 < 1 else "missed.")
     )
+    lines += _gpu_targets(gpu)
     return "\n".join(lines)
+
+
+def _gpu_targets(gpu) -> list[str]:
+    """Issue 26's GPU targets, a line per shape (none without a GPU section)."""
+    lines = []
+    for r in gpu["rows"] if gpu else []:
+        checks = [
+            ("record >= 0.9 x reference", r["record_vs_reference"] >= GPU_RECORD_VS_REFERENCE),
+            ("ahead of the papers' extractor", r["record_vs_paper_style"] > 1),
+            (
+                f"masked >= {GPU_MASKED_VS_UNMASKED} x unmasked",
+                r["masked_folded_vs_unmasked"] >= GPU_MASKED_VS_UNMASKED,
+            ),
+            (
+                "reserved device memory back",
+                _same_before_after(r["reserved_device_before_after_MB"]),
+            ),
+        ]
+        lines.append(
+            f"- GPU, {r['shape']} on {r['device']}: record / reference "
+            f"{r['record_vs_reference']:.2f}, / papers' extractor {r['record_vs_paper_style']:.2f}, "
+            f"masked / unmasked {r['masked_folded_vs_unmasked']:.3f}, reserved before / after "
+            f"{r['reserved_device_before_after_MB']} MB -- "
+            + "; ".join(f"{what}: {'met' if ok else 'missed'}" for what, ok in checks)
+            + "."
+        )
+    return lines
+
+
+def _same_before_after(pair: str) -> bool:
+    """Whether a ``"before / after"`` pair of ``gpu.py`` holds the same two numbers."""
+    before, _, after = pair.partition(" / ")
+    return bool(after) and before == after
 
 
 SECTIONS = (
@@ -565,7 +652,7 @@ is a latency ratio (< 1 is faster).
 {_compare_section(r.get("compare", []))}
 ## Targets
 
-{_targets(r["recording"], r["memory"], r["masking"], r.get("pipeline", []))}
+{_targets(r["recording"], r["memory"], r["masking"], r.get("pipeline", []), r.get("gpu"))}
 {_notes(r.get("notes", []))}"""
 
 
@@ -639,6 +726,13 @@ def main():
         help="only rewrite OUTPUT from the results.json beside it (no measurement)",
     )
     parser.add_argument(
+        "--gpu-results",
+        type=Path,
+        metavar="DIR",
+        help="put the rows benchmarks/gpu_session.sh wrote into DIR (gpu-SHAPE.json) into the "
+        "GPU section of the results.json beside OUTPUT (no measurement)",
+    )
+    parser.add_argument(
         "--only",
         nargs="+",
         choices=SECTIONS,
@@ -648,6 +742,8 @@ def main():
     raw = args.output.with_name("results.json")
     if args.render:
         results = json.loads(raw.read_text())
+    elif args.gpu_results:
+        results = merge_gpu_results(json.loads(raw.read_text()), args.gpu_results)
     elif args.only:
         # Re-measure what a change touched; the other sections keep their rows, and the
         # header says which sections come from which command.
@@ -659,7 +755,7 @@ def main():
         )
     else:
         results = measure(args.quick) | {"notes": _previous_notes(raw)}
-    if not args.render:
+    if not args.render:  # (--gpu-results writes too)
         raw.write_text(json.dumps(results, indent=1) + "\n")
     args.output.write_text(render(results))
     print(f"wrote {args.output} and {raw}")

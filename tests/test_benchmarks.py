@@ -91,3 +91,46 @@ def test_host_pipeline_benchmark_times_record_on_ready_tensors(tmp_path):
     assert len(timed) == 4 and all(r["record_vs_plain"] > 0 for r in timed)
     assert {r["runs"] for r in timed} == {4, 64}
     assert len([r for r in rows if r["case"].endswith("buffer setup")]) == 4
+
+
+def test_gpu_session_rehearses_on_the_cpu_and_its_rows_reach_results(tmp_path):
+    """``gpu_session.sh --dry-run`` runs the benchmark and the GPU tests (which skip, saying
+    why), and ``run.py --gpu-results`` puts its row into the GPU section and its targets."""
+    import os
+    import shutil
+
+    out = tmp_path / "out"
+    env = os.environ | {
+        "OUT": str(out),
+        "PYTHON": sys.executable,
+        "WHEELS": str(tmp_path / "no-wheels"),
+        "LLM2BIDS_WORK": str(tmp_path),
+    }
+    done = subprocess.run(
+        ["bash", str(BENCH / "gpu_session.sh"), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert "no CUDA device" in (out / "stack.txt").read_text()
+    log = (out / "pytest-gpu.log").read_text()
+    assert "SKIPPED" in log and "needs CUDA" in log and "failed" not in log and "error" not in log
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(BENCH / "results.json", results)
+    subprocess.run(
+        [sys.executable, str(BENCH / "run.py"), "--gpu-results", str(out)]
+        + ["--output", str(results / "RESULTS.md")],
+        check=True,
+        capture_output=True,
+    )
+    gpu_rows = json.loads((results / "results.json").read_text())["gpu"]["rows"]
+    row = json.loads((out / "gpu-tiny.json").read_text())["row"]
+    assert gpu_rows == [{"shape": "tiny", "device": "CPU (dry run)"} | row]
+    text = (results / "RESULTS.md").read_text()
+    assert "Then `bash benchmarks/gpu_session.sh tiny`" in text
+    assert (
+        f"- GPU, tiny on CPU (dry run): record / reference {row['record_vs_reference']:.2f}" in text
+    )
