@@ -11,7 +11,9 @@ summarised by medians:
 
 - ``buffer_setup_s``: the recording's memory allocated, faulted in and page-locked, alone;
 - the bare forward pass (the backbone, as recording runs it);
-- ``record`` (the first call of the process apart from the later ones);
+- ``record`` (the first call of the process apart from the later ones), and ``record`` with
+  drop-behind (:mod:`llm2bids._writeback`), which staged recordings do not use unless it
+  proves faster here (``drop_behind_vs_buffered`` > 1);
 - a reference pipeline rebuilt here: forward pre-hooks copy each layer into one device buffer
   laid out as the NIfTI data block, finiteness checked on the device, one pinned
   device-to-host copy per run into a pool of two batches of run buffers (a run's buffer is
@@ -219,6 +221,7 @@ def bench_shape(shape, device, dtype, n_tokens, run_tokens, batch_size, repeats,
     from llm2bids import record
     from llm2bids.evaluation import mask_neurons
     from llm2bids.models.hooks import layer_count, neurons_per_layer
+    from llm2bids.recording import pipeline
     from llm2bids.recording.writer import default_writers
     from llm2bids.stimuli import tokenize_runs
 
@@ -254,11 +257,19 @@ def bench_shape(shape, device, dtype, n_tokens, run_tokens, batch_size, repeats,
     pinned_after = pinned_host_bytes()
     reserved_after = torch.cuda.memory_reserved() if device.type == "cuda" else 0
 
-    times = {"forward": [], "record": [], "reference": []}
+    def rec_drop_behind():  # staged recordings write buffered unless this is faster
+        pipeline.STAGED_DROP_BEHIND = True
+        try:
+            rec()
+        finally:
+            pipeline.STAGED_DROP_BEHIND = False
+
+    times = {"forward": [], "record": [], "record_drop_behind": [], "reference": []}
     for _ in range(repeats):  # alternated: drift hits every side alike
         times["forward"].append(timed(lambda: bare_forward(lm, runs, batch_size)))
-        times["record"].append(timed(rec))
-        shutil.rmtree(work / "record")
+        for name, fn in (("record", rec), ("record_drop_behind", rec_drop_behind)):
+            times[name].append(timed(fn))
+            shutil.rmtree(work / "record")
         times["reference"].append(
             timed(lambda: reference_pipeline(lm, runs, batch_size, work / "reference"))
         )
@@ -300,12 +311,14 @@ def bench_shape(shape, device, dtype, n_tokens, run_tokens, batch_size, repeats,
         "record_first_tok_s": total / t_first,
         "record_tok_s": total / t["record"],
         "record_GB_s": gb / t["record"],
+        "record_drop_behind_tok_s": total / t["record_drop_behind"],
         "reference_tok_s": total / t["reference"],
         "paper_style_tok_s": total / t_paper,
         "record_vs_reference": t["reference"] / t["record"],
         "record_vs_forward": t["forward"] / t["record"],
         "record_vs_paper_style": t_paper / t["record"],
         "second_vs_first_record": t_first / t["record"],
+        "drop_behind_vs_buffered": t["record"] / t["record_drop_behind"],
     }
     for (threads, fsync), seconds in plain.items():
         row[

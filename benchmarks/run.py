@@ -491,7 +491,8 @@ def _gpu_targets(gpu) -> list[str]:
             f"- GPU, {r['shape']} on {r['device']}: record / reference "
             f"{r['record_vs_reference']:.2f}, / papers' extractor {r['record_vs_paper_style']:.2f}, "
             f"masked / unmasked {r['masked_folded_vs_unmasked']:.3f}, reserved before / after "
-            f"{r['reserved_device_before_after_MB']} MB -- "
+            f"{r['reserved_device_before_after_MB']} MB, with drop-behind / without "
+            f"{r.get('drop_behind_vs_buffered', float('nan')):.2f} -- "
             + "; ".join(f"{what}: {'met' if ok else 'missed'}" for what, ok in checks)
             + "."
         )

@@ -58,9 +58,10 @@ runpy.run_path({str(BENCH / "gpu.py")!r}, run_name="__main__")
     row = json.loads(out.read_text())["row"]
     assert row["shape"] == "tiny" and row["tokens"] > 400
     speeds = [v for k, v in row.items() if k.endswith(("_tok_s", "_GB_s"))]
-    assert len(speeds) == 10 and all(np.isfinite(v) and v > 0 for v in speeds)
+    assert len(speeds) == 11 and all(np.isfinite(v) and v > 0 for v in speeds)
     assert row["peak_host_during_record_MB"] >= row["host_after_load_MB"] > 0
-    for ratio in ("record_vs_reference", "record_vs_forward", "masked_folded_vs_unmasked"):
+    ratios = ("record_vs_reference", "record_vs_forward", "masked_folded_vs_unmasked")
+    for ratio in (*ratios, "drop_behind_vs_buffered"):
         assert np.isfinite(row[ratio]) and row[ratio] > 0
     assert row["buffer_setup_s"] >= 0
 

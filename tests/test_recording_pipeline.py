@@ -51,6 +51,62 @@ def test_raw_run_is_byte_identical_to_nibabel(tmp_path, n_neurons, n_tokens):
     )
 
 
+def test_drop_behind_writes_the_same_bytes_and_starts_writeback_ahead_of_each_drop(
+    tmp_path, monkeypatch
+):
+    """Drop-behind only advises the kernel: the file is the same, every byte's writeback is
+    started once, in order, and a chunk is dropped only two chunks after its writeback began."""
+    import os
+
+    from llm2bids import _writeback
+
+    calls = []
+
+    def sync_file_range(fd, offset, length, flags):
+        calls.append(("writeback", offset, length))
+        return 0
+
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd, offset, length, advice):
+        calls.append(("drop", offset, length))
+        real_fadvise(fd, offset, length, advice)
+
+    chunk = 1 << 16
+    monkeypatch.setattr(_writeback, "CHUNK_BYTES", chunk)
+    monkeypatch.setattr(_writeback, "_sync_file_range", lambda: sync_file_range)
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    geometry = VoxelGeometry(3, 1000)
+    block = geometry.empty_block(40)
+    block[:, :, :1000] = np.random.default_rng(0).standard_normal((40, 3, 1000))
+    layers = [np.ascontiguousarray(block[:, z, :1000]) for z in range(3)]
+    files = {}
+    for drop in (False, True):
+        pieces = (b for _, _, b in geometry.block_pieces(layers, piece_bytes=5000))
+        path = tmp_path / f"drop{drop}_bold.nii"
+        files[drop] = write_run_pieces(path, pieces, geometry, 40, drop_behind=drop).read_bytes()
+    assert files[True] == files[False] and len(files[True]) > 5 * chunk
+    started = [(o, n) for what, o, n in calls if what == "writeback"]
+    assert started[0][0] == 0 and sum(n for _, n in started) == len(files[True])
+    assert all(o + n == o2 for (o, n), (o2, _) in zip(started, started[1:]))  # in order, once
+    drops = [(i, o, n) for i, (what, o, n) in enumerate(calls) if what == "drop"]
+    for i, offset, length in drops[:-1]:
+        begun = sum(n for what, _, n in calls[:i] if what == "writeback")
+        assert length == chunk and offset + length <= begun - 2 * chunk
+    assert drops[-1][2] == 0  # the rest, once the file is complete
+    # the kernel's own calls (Linux) take the advice: drop-behind stays on for the whole file
+    monkeypatch.undo()
+    monkeypatch.setattr(_writeback, "CHUNK_BYTES", chunk)
+    with open(tmp_path / "real.bin", "wb", buffering=0) as f:
+        behind = _writeback.DropBehind(f.fileno())
+        for _ in range(6):
+            behind.wrote(f.write(bytes(chunk)))
+        behind.close()
+        if sys.platform.startswith("linux"):
+            assert (behind.started, behind.dropped) == (6 * chunk, 4 * chunk)
+            assert behind._start is not None
+
+
 def test_activations_modified_after_the_hook_are_recorded_as_the_hook_saw_them(tmp_path):
     """A model that changes its hooked tensor in place later in the forward pass.
 

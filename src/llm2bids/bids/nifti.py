@@ -12,6 +12,7 @@ import numpy as np
 
 from .._docs import fill_doc
 from .._io import atomic_path
+from .._writeback import DropBehind
 from ..exceptions import DatasetError
 from .geometry import VoxelGeometry
 
@@ -67,6 +68,7 @@ def write_run(
     block: np.ndarray,
     geometry: VoxelGeometry,
     repetition_time: float = 1.0,
+    drop_behind: bool = False,
 ) -> Path:
     """Write one run atomically (``.nii`` or ``.nii.gz`` by the extension of ``path``).
 
@@ -78,6 +80,8 @@ def write_run(
         The NIfTI data block in C order (see :mod:`.geometry`).
     geometry : VoxelGeometry
     repetition_time : float, default=1.0
+    drop_behind : bool, default=False
+        ``.nii``: see :func:`write_run_pieces`.
 
     Notes
     -----
@@ -87,7 +91,9 @@ def write_run(
     """
     path = Path(path)
     if path.name.endswith(".nii") and block.dtype == np.float32 and block.flags.c_contiguous:
-        return write_run_pieces(path, [[block]], geometry, block.shape[0], repetition_time)
+        return write_run_pieces(
+            path, [[block]], geometry, block.shape[0], repetition_time, drop_behind
+        )
     with atomic_path(path) as tmp:
         run_image(block, geometry, repetition_time).to_filename(tmp)
     return path
@@ -99,6 +105,7 @@ def write_run_pieces(
     geometry: VoxelGeometry,
     n_tokens: int,
     repetition_time: float = 1.0,
+    drop_behind: bool = False,
 ) -> Path:
     """Write one uncompressed run atomically from pieces of its data block, in file order.
 
@@ -114,6 +121,9 @@ def write_run_pieces(
     geometry : VoxelGeometry
     n_tokens : int
     repetition_time : float, default=1.0
+    drop_behind : bool, default=False
+        Start the file's writeback as it is written and drop what was written back from the
+        page cache (see :mod:`llm2bids._writeback`): for data that is not read back soon.
     """
     path = Path(path)
     if not path.name.endswith(".nii"):
@@ -121,11 +131,20 @@ def write_run_pieces(
     expected = n_tokens * geometry.volume_size * 4
     written = 0
     with atomic_path(path) as tmp, open(tmp, "wb", buffering=0) as f:
-        _write_all(f, memoryview(header_bytes(geometry, n_tokens, float(repetition_time))))
+        header = memoryview(header_bytes(geometry, n_tokens, float(repetition_time)))
+        _write_all(f, header)
+        behind = DropBehind(f.fileno()) if drop_behind else None
+        if behind is not None:
+            behind.wrote(len(header))
         for buffers in pieces:
-            written += _writev_all(f, buffers)
+            n = _writev_all(f, buffers)
+            written += n
+            if behind is not None:
+                behind.wrote(n)
         if written != expected:
             raise ValueError(f"{path.name}: the pieces hold {written} bytes, expected {expected}.")
+        if behind is not None:
+            behind.close()
     return path
 
 

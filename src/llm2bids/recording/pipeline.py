@@ -42,6 +42,9 @@ from .capture import BatchCapture, CapturedBatch
 from .writer import RunWriter, WriterPool, default_writers
 
 RING_BYTES = 2 << 30  # host bytes in flight the ring aims at (within its bounds, see MemoryPlan)
+#: Whether staged recordings write with drop-behind too (see MemoryPlan.drops_behind); to be
+#: decided by the GPU benchmark, which times both.
+STAGED_DROP_BEHIND = False
 
 
 def stages_on(device: torch.device) -> bool:
@@ -111,6 +114,19 @@ class MemoryPlan:
         return max(1, min(self.n_runs, max(low, min(wanted, self.batch_rows))))
 
     @property
+    def drops_behind(self) -> bool:
+        """Whether bold files are written with drop-behind (:mod:`llm2bids._writeback`).
+
+        On the CPU, activations come at the forward pass's pace (SmolLM2 on two cores: about
+        80 MB/s), which a disk keeps up with: the page cache would only fill with a recording
+        nobody reads back soon, and on this project's VM every cold page it takes costs a
+        hypervisor fault (SmolLM2 recorded in 10.9 s instead of 12.8 s at 4k tokens and 40 s
+        instead of 44 s at 16k, medians of two alternated repeats). Staged on an accelerator, activations come at gigabytes a second, bursts
+        that the page cache absorbs faster than a disk: :data:`STAGED_DROP_BEHIND`.
+        """
+        return STAGED_DROP_BEHIND if self.staged else True
+
+    @property
     def keeps_model_tensors(self) -> bool:
         """CPU: whether each layer's batch is kept as the model made it (large) or copied into
         a slab (small; see :mod:`.buffers`)."""
@@ -151,7 +167,7 @@ class RecordingPipeline:
     def __init__(self, plan: MemoryPlan, layers: list[int], tokenizer):
         self.plan = plan
         self.cells = TokenCells(tokenizer)
-        self.run_writer = RunWriter(plan.geometry, layers)
+        self.run_writer = RunWriter(plan.geometry, layers, plan.drops_behind)
         self.writers = WriterPool(plan.n_writers)
         self._layers = layers
         self._capture: BatchCapture | None = None

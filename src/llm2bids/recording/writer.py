@@ -107,11 +107,14 @@ class RunWriter:
     geometry : VoxelGeometry
     layers : list of int
         The recorded layers (named in the error for a non-finite activation).
+    drop_behind : bool, default=False
+        Write ``.nii`` files with drop-behind (see :mod:`llm2bids._writeback`).
     """
 
-    def __init__(self, geometry: VoxelGeometry, layers: list[int]):
+    def __init__(self, geometry: VoxelGeometry, layers: list[int], drop_behind: bool = False):
         self.geometry = geometry
         self.layers = layers
+        self.drop_behind = drop_behind
         self._local = threading.local()  # each writer thread's scratch piece
 
     def block_task(self, block, finite: bool, run: RunStimulus, paths, landed=None):
@@ -151,7 +154,7 @@ class RunWriter:
             self._fail(
                 [array[:, z, : self.geometry.n_neurons] for z in range(array.shape[1])], run, paths
             )
-        write_run(paths[0], array, self.geometry, REPETITION_TIME)
+        write_run(paths[0], array, self.geometry, REPETITION_TIME, self.drop_behind)
 
     def _write_layers(self, layers, run, paths) -> None:
         bold = paths[0]
@@ -165,7 +168,9 @@ class RunWriter:
                 write_run(bold, block, self.geometry, REPETITION_TIME)
             else:  # laid out by the writes themselves, each piece checked as it goes
                 pieces = self._checked_pieces(layers, run)
-                write_run_pieces(bold, pieces, self.geometry, len(run), REPETITION_TIME)
+                write_run_pieces(
+                    bold, pieces, self.geometry, len(run), REPETITION_TIME, self.drop_behind
+                )
         except NumericalError:
             Path(paths[1]).unlink(missing_ok=True)  # nothing of the run stays
             raise
