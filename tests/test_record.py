@@ -162,6 +162,23 @@ def test_resume_and_parameter_clash(tmp_path, tiny_dir):
     assert sorted(find_runs(root)) == sorted(replaced)
 
 
+@pytest.mark.parametrize("compress", [False, True])
+def test_resume_records_again_a_run_cut_short_by_a_crash(tmp_path, tiny_dir, compress):
+    """After a crash the rename of a run can reach the disk before its data: resuming must
+    not keep that run. It is recorded again, the others are left as they are."""
+    root = tmp_path / "bids"
+    options = dict(model=str(tiny_dir("llama")), task="narrative", max_tokens=64, verbose=0)
+    first = llm2bids.record(root, compress=compress, **options)
+    original = {p: p.read_bytes() for p in first}
+    cut = first[1]
+    cut.write_bytes(original[cut][: len(original[cut]) // 2])
+    stamp = {p: p.stat().st_mtime_ns for p in first if p != cut}
+    again = llm2bids.record(root, compress=compress, **options)
+    assert again == first
+    assert {p: p.stat().st_mtime_ns for p in first if p != cut} == stamp  # not rewritten
+    assert {p: p.read_bytes() for p in first} == original  # the cut run is whole again
+
+
 def test_task_name_clash_with_other_stimuli(tmp_path, tiny_dir):
     root = tmp_path / "bids"
     text = tmp_path / "a.txt"

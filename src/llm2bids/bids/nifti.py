@@ -148,6 +148,35 @@ def write_run_pieces(
     return path
 
 
+def run_file_complete(path: str | Path, geometry: VoxelGeometry, n_tokens: int) -> bool:
+    """Whether a run's file holds all of its bytes, judged from its size alone (no read).
+
+    A renamed file can still be short after a crash: the rename may reach the disk before the
+    data does. A ``.nii`` must be exactly its header and ``n_tokens`` volumes; a ``.nii.gz``
+    must end with the gzip trailer of that many bytes (ISIZE, the size modulo 2**32), which a
+    cut-off file has only by chance.
+
+    Parameters
+    ----------
+    path : str or Path
+    geometry : VoxelGeometry
+    n_tokens : int
+    """
+    path = Path(path)
+    expected = _VOX_OFFSET + n_tokens * geometry.volume_size * 4
+    try:
+        size = path.stat().st_size
+        if not path.name.endswith(".gz"):
+            return size == expected
+        if size < 18:  # a gzip header and trailer
+            return False
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return int.from_bytes(f.read(4), "little") == expected % (1 << 32)
+    except FileNotFoundError:
+        return False
+
+
 def _writev_all(f, buffers: list) -> int:
     """Write ``buffers`` one after the other with as few system calls as possible."""
     views = [b if isinstance(b, memoryview) else memoryview(b).cast("B") for b in buffers]

@@ -17,6 +17,7 @@ from ..bids import dataset as bids_dataset
 from ..bids.events import EVENTS_COLUMNS
 from ..bids.geometry import VoxelGeometry
 from ..bids.names import acquisition_label, check_label, strip_prefix
+from ..bids.nifti import run_file_complete
 from ..bids.path import BIDSPath, participant_id
 from ..bids.reader import find_runs
 from ..exceptions import (
@@ -381,8 +382,13 @@ def _plan_task(setup: _Setup, stimset: StimulusSet, runs: list[RunStimulus], bat
         for r in runs
     }
     done = set()
-    if resume:
-        done = {i for i, (bold, events) in paths.items() if bold.exists() and events.exists()}
+    if resume:  # a run cut short by a crash is recorded again
+        done = {
+            r.index
+            for r in runs
+            if paths[r.index][1].exists()
+            and run_file_complete(paths[r.index][0], setup.geometry, len(r))
+        }
     return _Task(stimset, runs, batches, recording, params, resume, paths, done)
 
 
