@@ -79,18 +79,26 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def plain_write(folder: Path, sizes: list[int], threads: int, sync_files: bool = False) -> float:
+def plain_write(
+    folder: Path, sizes: list[int], threads: int, sync_files: bool = False, check: bool = False
+) -> float:
     """Write files of ``sizes`` bytes with ``threads`` threads; return the seconds taken.
 
-    The disk's own speed for the same bytes in the same number of files as a recording.
+    The disk's own speed for the same bytes in the same number of files as a recording; with
+    ``check``, each thread also checks its file's values finite first, as ``record``'s writers
+    must (reading them once more).
     """
     from llm2bids.bids.nifti import _write_all
+    from llm2bids.recording.writer import _finite
 
     folder.mkdir(parents=True, exist_ok=True)
-    data = memoryview(np.ones(max(sizes), dtype=np.uint8)).cast("B")
+    values = np.ones(max(sizes) // 4 + 1, dtype=np.float32)
+    data = memoryview(values).cast("B")
     os.sync()  # start from a clean page cache, as every measurement does
 
     def one(i):
+        if check and not _finite([values[: sizes[i] // 4]]):
+            raise AssertionError("ones are finite")
         with open(folder / f"plain{i}.bin", "wb", buffering=0) as f:
             _write_all(f, data[: sizes[i]])
             if sync_files:

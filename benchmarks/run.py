@@ -459,6 +459,12 @@ def _targets(rec_rows, mem_rows, mask_rows, pipe_rows=(), gpu=None) -> str:
                 if ratio >= PIPELINE_VS_PLAIN
                 else f"missed by {PIPELINE_VS_PLAIN - ratio:.2f}"
             )
+            + (
+                f" (against a plain write that also checks finiteness, as record must: "
+                f"{r['record_vs_checked_plain']:.2f})"
+                if "record_vs_checked_plain" in r
+                else ""
+            )
             + f"; a later record / the first: {again:.2f} -- "
             + ("met (within 10%)." if abs(again - 1) <= 0.1 else "missed (beyond 10%).")
         )

@@ -85,6 +85,7 @@ def test_drop_behind_writes_the_same_bytes_and_starts_writeback_ahead_of_each_dr
         pieces = (b for _, _, b in geometry.block_pieces(layers, piece_bytes=5000))
         path = tmp_path / f"drop{drop}_bold.nii"
         files[drop] = write_run_pieces(path, pieces, geometry, 40, drop_behind=drop).read_bytes()
+    assert _writeback.wait_for_advice(timeout=60)  # given by the background thread
     assert files[True] == files[False] and len(files[True]) > 5 * chunk
     started = [(o, n) for what, o, n in calls if what == "writeback"]
     assert started[0][0] == 0 and sum(n for _, n in started) == len(files[True])
@@ -94,17 +95,22 @@ def test_drop_behind_writes_the_same_bytes_and_starts_writeback_ahead_of_each_dr
         begun = sum(n for what, _, n in calls[:i] if what == "writeback")
         assert length == chunk and offset + length <= begun - 2 * chunk
     assert drops[-1][2] == 0  # the rest, once the file is complete
-    # the kernel's own calls (Linux) take the advice: drop-behind stays on for the whole file
+    # the kernel's own calls (Linux) take the advice: drop-behind stays on for the whole file,
+    # and the background thread's descriptor is closed once it is done
     monkeypatch.undo()
     monkeypatch.setattr(_writeback, "CHUNK_BYTES", chunk)
+    open_fds = len(os.listdir("/proc/self/fd")) if sys.platform.startswith("linux") else 0
     with open(tmp_path / "real.bin", "wb", buffering=0) as f:
         behind = _writeback.DropBehind(f.fileno())
         for _ in range(6):
             behind.wrote(f.write(bytes(chunk)))
+        advised = behind._file
         behind.close()
-        if sys.platform.startswith("linux"):
-            assert (behind.started, behind.dropped) == (6 * chunk, 4 * chunk)
-            assert behind._start is not None
+    assert _writeback.wait_for_advice(timeout=60)
+    if sys.platform.startswith("linux"):
+        assert (behind.started, behind.dropped) == (6 * chunk, 4 * chunk)
+        assert not advised.refused
+        assert len(os.listdir("/proc/self/fd")) == open_fds
 
 
 def test_activations_modified_after_the_hook_are_recorded_as_the_hook_saw_them(tmp_path):

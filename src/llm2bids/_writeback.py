@@ -8,12 +8,14 @@ the host, about 3.5 s of CPU per GB (measured: 800 MB written in 2.7-3.5 s of CP
 drop-behind the file's writeback is started every :data:`CHUNK_BYTES` and the chunk written
 two chunks earlier, clean by then, is dropped from the cache: the pages the next writes take
 are the ones just freed, still resident, and the cache holds a few chunks per file instead of
-the whole recording (the same 800 MB in 0.3-0.9 s of CPU). Nothing ever waits for the disk
-here: a chunk still being written back when its turn comes is left in the cache, as without
-drop-behind. Starting writeback can wait for the disk's queue, though: a producer faster than
-the disk (ready tensors on the CPU path, in the host-pipeline benchmark) is held to the disk's
-speed, which is why staged recordings, whose activations come at the bus's pace, do not use it
-(see :attr:`llm2bids.recording.pipeline.MemoryPlan.drops_behind`).
+the whole recording (the same 800 MB in 0.3-0.9 s of CPU).
+
+Nothing waits for the disk: the writer only queues its advice, and one background thread
+(:class:`_Flusher`, per process) gives it to the kernel. Starting writeback can wait for the
+disk's queue; a writer faster than the disk would be held to the disk's speed if it did that
+itself (ready tensors on the CPU path were, in the host-pipeline benchmark: 0.23 of a plain
+write instead of 0.5). A chunk still being written back when its drop comes is left in the
+cache, as without drop-behind.
 
 Linux only (``sync_file_range``, ``posix_fadvise``); elsewhere writes stay plain buffered
 writes.
@@ -21,10 +23,13 @@ writes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import functools
 import os
+import queue
+import threading
 
 CHUNK_BYTES = 64 << 20
 _SYNC_FILE_RANGE_WRITE = 2  # start writeback of dirty pages in the range, do not wait
@@ -56,42 +61,109 @@ class DropBehind:
     Notes
     -----
     Call :meth:`wrote` after each write with the bytes it wrote, and :meth:`close` once the
-    file is complete. Both only advise the kernel: a refusal (a file system without
-    writeback, ``EINVAL``) turns drop-behind off for the file and leaves the data as written.
+    file is complete. Both only queue advice for the background thread, which works on its
+    own duplicate of ``fd`` (so ``fd`` may be closed at once). A refusal (a file system
+    without writeback, ``EINVAL``) turns drop-behind off for the file; the data stays as
+    written either way.
     """
 
     def __init__(self, fd: int):
-        self.fd = fd
         self.written = 0
-        self.started = 0  # writeback started for [0, started)
-        self.dropped = 0  # dropped from the cache: [0, dropped)
-        self._start = _sync_file_range()
+        self.started = 0  # writeback asked for [0, started)
+        self.dropped = 0  # dropping asked for [0, dropped)
+        self._file: _AdvisedFile | None = None
+        self._fd = fd
 
     def wrote(self, n_bytes: int) -> None:
         """Account for ``n_bytes`` more written; start and drop whole chunks behind them."""
         self.written += n_bytes
-        while self._start is not None and self.written - self.started >= CHUNK_BYTES:
-            self._writeback(self.started, CHUNK_BYTES)
+        while self.written - self.started >= CHUNK_BYTES:
+            if self._advise("writeback", self.started, CHUNK_BYTES) is None:
+                return
             self.started += CHUNK_BYTES
             if self.started - self.dropped >= 3 * CHUNK_BYTES:
-                self._drop(self.dropped, CHUNK_BYTES)
+                self._advise("drop", self.dropped, CHUNK_BYTES)
                 self.dropped += CHUNK_BYTES
 
     def close(self) -> None:
-        """Start writeback of the rest and drop what is already clean (files of less than
-        a chunk are left as written: there is little to gain)."""
-        if self._start is None or self.started == 0 or self.written == self.started:
+        """Start writeback of the rest and drop what is clean by then (files of less than a
+        chunk are left as written: there is little to gain)."""
+        if self._file is None:
             return
-        self._writeback(self.started, self.written - self.started)
-        self.started = self.written
-        self._drop(self.dropped, 0)  # to the end: pages still being written back stay
+        if self.written > self.started:
+            self._advise("writeback", self.started, self.written - self.started)
+            self.started = self.written
+        self._advise("drop", self.dropped, 0)  # to the end: pages still written back stay
+        self._advise("close", 0, 0)
+        self._file = None
 
-    def _writeback(self, offset: int, length: int) -> None:
-        if self._start(self.fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0:
-            self._start = None
+    def _advise(self, what: str, offset: int, length: int):
+        if self._file is None:
+            start = _sync_file_range()
+            if start is None:
+                return None
+            self._file = _AdvisedFile(os.dup(self._fd), start)
+        _flusher().put((self._file, what, offset, length))
+        return self._file
 
-    def _drop(self, offset: int, length: int) -> None:
-        try:
-            os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
-        except OSError:
-            self._start = None
+
+class _AdvisedFile:
+    """A duplicate descriptor of a file being written, and the kernel call that starts its
+    writeback; used by the background thread only."""
+
+    def __init__(self, fd: int, start):
+        self.fd = fd
+        self.start = start
+        self.refused = False
+
+    def advise(self, what: str, offset: int, length: int) -> None:
+        if what == "close":
+            os.close(self.fd)
+        elif self.refused:
+            return
+        elif what == "writeback":
+            self.refused = self.start(self.fd, offset, length, _SYNC_FILE_RANGE_WRITE) != 0
+        else:
+            try:
+                os.posix_fadvise(self.fd, offset, length, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                self.refused = True
+
+
+class _Flusher:
+    """The process's background thread that gives queued advice to the kernel, in order."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = threading.Condition()
+        self._pending = 0
+        threading.Thread(target=self._run, name="llm2bids-writeback", daemon=True).start()
+
+    def put(self, item) -> None:
+        with self._idle:
+            self._pending += 1
+        self._queue.put(item)
+
+    def _run(self) -> None:
+        while True:
+            advised, what, offset, length = self._queue.get()
+            with contextlib.suppress(OSError):  # advice only: the data is written already
+                advised.advise(what, offset, length)
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every queued piece of advice is given; whether it was in time."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+
+@functools.cache
+def _flusher() -> _Flusher:
+    return _Flusher()
+
+
+def wait_for_advice(timeout: float | None = None) -> bool:
+    """Block until the background thread has given the kernel all queued advice (tests)."""
+    return _flusher().wait(timeout)
