@@ -6,7 +6,9 @@ A stand-in model (:class:`common.ReadyActivations`) hands ready tensors of a rea
 buffer setup, sidecars, events, capture, writer threads), shows what limits recording when the
 forward pass is fast, as it is on a GPU. Against it, plain writes of the same bytes into the
 same number of files with as many threads as ``record`` has writers, alternated with it in the
-same run (ABBA order, medians), each after a ``sync``. Rows:
+same run (rotating order, medians), each after a ``sync``; and the same plain writes with each
+thread checking its file's values finite first, as ``record``'s writers must (an exact check
+reads every byte once more: the best a checked recording can do on the CPU path). Rows:
 
 - a one-batch recording and one of 64 runs;
 - each on the CPU path (what ``record`` does on the CPU) and on the staged path (the
@@ -53,7 +55,8 @@ def _bold_sizes(lm, stim, run_tokens, shape) -> list[int]:
 
 
 def _alternated(work, lm, stim, sizes, threads, run_tokens, batch_size, rounds) -> dict:
-    """First ``record()`` apart, then ``rounds`` ABBA rounds of record and plain write."""
+    """First ``record()`` apart, then ``rounds`` rounds of record, plain write and checked plain
+    write, in rotating order."""
     folder = work / "pipe"
 
     def rec():
@@ -65,11 +68,14 @@ def _alternated(work, lm, stim, sizes, threads, run_tokens, batch_size, rounds) 
     def plain():
         return plain_write(work / "plain", sizes, threads)
 
+    def checked():
+        return plain_write(work / "plain", sizes, threads, check=True)
+
     plain()  # the page cache in its steady state
-    times = {"first": [rec()], "record": [], "plain": []}
-    pair = [("record", rec), ("plain", plain)]
-    for k in range(rounds):  # ABBA: each side goes first as often as the other
-        for name, fn in pair if k % 2 == 0 else pair[::-1]:
+    times = {"first": [rec()], "record": [], "plain": [], "checked": []}
+    order = [("record", rec), ("plain", plain), ("checked", checked)]
+    for k in range(rounds):  # each side first as often as the others
+        for name, fn in order[k % 3 :] + order[: k % 3]:
             times[name].append(fn())
     return times
 
@@ -94,6 +100,7 @@ def bench_pipeline(work: Path, shape=(16, 8192), run_tokens=256, batch_size=4, r
                 times = _alternated(work, lm, stim, sizes, threads, run_tokens, batch_size, rounds)
                 gb = sum(sizes) / 1e9
                 t_rec, t_plain = np.median(times["record"]), np.median(times["plain"])
+                t_checked = np.median(times["checked"])
                 setup, nbytes = buffer_setup(lm, stim, run_tokens + 8, batch_size, staged)
                 rows.append(
                     {
@@ -105,6 +112,8 @@ def bench_pipeline(work: Path, shape=(16, 8192), run_tokens=256, batch_size=4, r
                         "record_GB_s": gb / t_rec,
                         "plain_write_GB_s": gb / t_plain,
                         "record_vs_plain": float(t_plain / t_rec),
+                        "checked_plain_write_GB_s": gb / t_checked,
+                        "record_vs_checked_plain": float(t_checked / t_rec),
                         "first_record_s": times["first"][0],
                         "later_record_s": float(t_rec),
                         "later_vs_first": float(t_rec / times["first"][0]),

@@ -90,6 +90,7 @@ def test_host_pipeline_benchmark_times_record_on_ready_tensors(tmp_path):
     assert {r["path"] for r in rows} == {"CPU", "staged (on the CPU)"}
     timed = [r for r in rows if "record_vs_plain" in r]
     assert len(timed) == 4 and all(r["record_vs_plain"] > 0 for r in timed)
+    assert all(r["record_vs_checked_plain"] > 0 for r in timed)
     assert {r["runs"] for r in timed} == {4, 64}
     assert len([r for r in rows if r["case"].endswith("buffer setup")]) == 4
 
