@@ -111,6 +111,20 @@ def test_drop_behind_writes_the_same_bytes_and_starts_writeback_ahead_of_each_dr
         assert (behind.started, behind.dropped) == (6 * chunk, 4 * chunk)
         assert not advised.refused
         assert len(os.listdir("/proc/self/fd")) == open_fds
+    # a write that fails half way lets go of the file too (no descriptor is left open)
+
+    def failing():
+        for _, stop, buffers in geometry.block_pieces(layers, piece_bytes=5000):
+            if stop > 30:  # several chunks written and advised
+                raise KeyboardInterrupt
+            yield buffers
+
+    with pytest.raises(KeyboardInterrupt):
+        write_run_pieces(tmp_path / "cut_bold.nii", failing(), geometry, 40, drop_behind=True)
+    assert _writeback.wait_for_advice(timeout=60)
+    assert not list(tmp_path.glob("*cut_bold*"))
+    if sys.platform.startswith("linux"):
+        assert len(os.listdir("/proc/self/fd")) == open_fds
 
 
 def test_activations_modified_after_the_hook_are_recorded_as_the_hook_saw_them(tmp_path):

@@ -57,27 +57,41 @@ class DropBehind:
     ----------
     fd : int
         A file opened for writing, written sequentially from offset 0.
+    enabled : bool, default=True
+        ``False``: every call does nothing (plain buffered writes).
 
     Notes
     -----
     Call :meth:`wrote` after each write with the bytes it wrote, and :meth:`close` once the
-    file is complete. Both only queue advice for the background thread, which works on its
-    own duplicate of ``fd`` (so ``fd`` may be closed at once). A refusal (a file system
-    without writeback, ``EINVAL``) turns drop-behind off for the file; the data stays as
-    written either way.
+    file is complete (or use it as a context manager, which closes it on success and only
+    lets go of the file on an exception). Both only queue advice for the background thread,
+    which works on its own duplicate of ``fd`` (so ``fd`` may be closed at once). A refusal
+    (a file system without writeback, ``EINVAL``) turns drop-behind off for the file; the
+    data stays as written either way.
     """
 
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, enabled: bool = True):
         self.written = 0
         self.started = 0  # writeback asked for [0, started)
         self.dropped = 0  # dropping asked for [0, dropped)
         self._file: _AdvisedFile | None = None
         self._fd = fd
+        self.enabled = enabled
+
+    def __enter__(self) -> DropBehind:
+        return self
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if kind is None:
+            self.close()
+        elif self._file is not None:  # the file is being removed: nothing more to advise
+            self._advise("close", 0, 0)
+            self._file = None
 
     def wrote(self, n_bytes: int) -> None:
         """Account for ``n_bytes`` more written; start and drop whole chunks behind them."""
         self.written += n_bytes
-        while self.written - self.started >= CHUNK_BYTES:
+        while self.enabled and self.written - self.started >= CHUNK_BYTES:
             if self._advise("writeback", self.started, CHUNK_BYTES) is None:
                 return
             self.started += CHUNK_BYTES

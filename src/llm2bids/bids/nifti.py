@@ -130,21 +130,20 @@ def write_run_pieces(
         raise ValueError(f"write_run_pieces writes uncompressed .nii files, got {path.name}.")
     expected = n_tokens * geometry.volume_size * 4
     written = 0
-    with atomic_path(path) as tmp, open(tmp, "wb", buffering=0) as f:
+    with (
+        atomic_path(path) as tmp,
+        open(tmp, "wb", buffering=0) as f,
+        DropBehind(f.fileno(), enabled=drop_behind) as behind,
+    ):
         header = memoryview(header_bytes(geometry, n_tokens, float(repetition_time)))
         _write_all(f, header)
-        behind = DropBehind(f.fileno()) if drop_behind else None
-        if behind is not None:
-            behind.wrote(len(header))
+        behind.wrote(len(header))
         for buffers in pieces:
             n = _writev_all(f, buffers)
             written += n
-            if behind is not None:
-                behind.wrote(n)
+            behind.wrote(n)
         if written != expected:
             raise ValueError(f"{path.name}: the pieces hold {written} bytes, expected {expected}.")
-        if behind is not None:
-            behind.close()
     return path
 
 
