@@ -1,5 +1,6 @@
 """The recording pipeline: raw NIfTI writes, memory planning and release, CUDA capture."""
 
+import os
 import sys
 
 import nibabel as nib
@@ -56,8 +57,6 @@ def test_drop_behind_writes_the_same_bytes_and_starts_writeback_ahead_of_each_dr
 ):
     """Drop-behind only advises the kernel: the file is the same, every byte's writeback is
     started once, in order, and a chunk is dropped only two chunks after its writeback began."""
-    import os
-
     from llm2bids import _writeback
 
     calls = []
@@ -125,6 +124,33 @@ def test_drop_behind_writes_the_same_bytes_and_starts_writeback_ahead_of_each_dr
     assert not list(tmp_path.glob("*cut_bold*"))
     if sys.platform.startswith("linux"):
         assert len(os.listdir("/proc/self/fd")) == open_fds
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs Linux (fork, /proc)")
+def test_drop_behind_in_a_forked_child_has_its_own_thread(tmp_path, monkeypatch):
+    """A child forked after the parent's background thread started gets its own: its advice
+    is given and its descriptors closed (the parent's thread does not exist in the child)."""
+    from llm2bids import _writeback
+
+    monkeypatch.setattr(_writeback, "CHUNK_BYTES", 1 << 16)
+
+    def write(path):
+        with open(path, "wb", buffering=0) as f, _writeback.DropBehind(f.fileno()) as behind:
+            for _ in range(6):
+                behind.wrote(f.write(bytes(1 << 16)))
+
+    write(tmp_path / "parent.bin")
+    assert _writeback.wait_for_advice(timeout=60)
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 only if its advice was given and nothing leaked
+        try:
+            before = len(os.listdir("/proc/self/fd"))
+            write(tmp_path / "child.bin")
+            ok = _writeback.wait_for_advice(timeout=30)
+            os._exit(0 if ok and len(os.listdir("/proc/self/fd")) == before else 1)
+        finally:
+            os._exit(2)
+    assert os.waitpid(pid, 0)[1] == 0
 
 
 def test_activations_modified_after_the_hook_are_recorded_as_the_hook_saw_them(tmp_path):

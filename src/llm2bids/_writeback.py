@@ -178,6 +178,10 @@ def _flusher() -> _Flusher:
     return _Flusher()
 
 
+if hasattr(os, "register_at_fork"):  # a forked child has no copy of the thread: its own
+    os.register_at_fork(after_in_child=_flusher.cache_clear)
+
+
 def wait_for_advice(timeout: float | None = None) -> bool:
     """Block until the background thread has given the kernel all queued advice (tests)."""
     return _flusher().wait(timeout)
