@@ -331,6 +331,7 @@ def bench_shape(shape, device, dtype, n_tokens, run_tokens, batch_size, repeats,
         "host_after_record_minus_before_MB": host_after - host_before,
         "pinned_host_before_after_MB": _pair(pinned_before, pinned_after),
         "reserved_device_before_after_MB": _pair(reserved_before, reserved_after),
+        "reserved_device_back": reserved_after <= reserved_before,
         "masked_folded_vs_unmasked": m["plain"] / m["weights"],
         "masked_hooked_vs_unmasked": m["plain"] / m["hook"],
     }

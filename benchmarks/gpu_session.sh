@@ -12,8 +12,9 @@
 # its own process, its row written to $OUT/gpu-SHAPE.json; then `pytest -m gpu` (the GPU tests
 # of recording, masking and pruning), its log in $OUT/pytest-gpu.log. Back here,
 # `python benchmarks/run.py --gpu-results DIR` puts the rows into benchmarks/RESULTS.md.
-# Environment: OUT (default gpu_out), PYTHON (default python3), WHEELS (default .whl), SHAPE_TIMEOUT (seconds a shape
-# may take, default 240), TESTS_TIMEOUT (default 180), GPU_TOKENS (tokens a shape records,
+# Environment: OUT (default gpu_out), PYTHON (default python3), WHEELS (default .whl),
+# SHAPE_TIMEOUT (seconds a shape may take, default 240), TESTS_TIMEOUT (default 180),
+# GPU_TOKENS (tokens a shape records,
 # default gpu.py's 16384; 8192 keeps the 8B shape's 30 GB recordings to half), GPU_TESTS=0
 # (benchmark only: the tests ran in an earlier call).
 set -uo pipefail

@@ -48,10 +48,13 @@ def _record(lm, stim, folder: Path, run_tokens: int, batch_size: int) -> float:
 def _bold_sizes(lm, stim, run_tokens, shape) -> list[int]:
     """The sizes of the bold files ``record`` writes for ``stim``."""
     from llm2bids.bids.geometry import VoxelGeometry
+    from llm2bids.bids.nifti import run_file_bytes
     from llm2bids.stimuli import tokenize_runs
 
-    volume = VoxelGeometry(*shape).volume_size * 4
-    return [352 + len(r) * volume for r in tokenize_runs(stim, lm.tokenizer, run_tokens + 8)]
+    geometry = VoxelGeometry(*shape)
+    return [
+        run_file_bytes(geometry, len(r)) for r in tokenize_runs(stim, lm.tokenizer, run_tokens + 8)
+    ]
 
 
 def _alternated(work, lm, stim, sizes, threads, run_tokens, batch_size, rounds) -> dict:

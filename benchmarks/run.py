@@ -39,6 +39,7 @@ from common import (  # noqa: E402
 
 def bench_recording(lm, name, sizes, run_tokens, batch_size, repeats, rows):
     from llm2bids import record
+    from llm2bids.bids.nifti import run_file_bytes
     from llm2bids.recording.writer import default_writers
     from llm2bids.stimuli import tokenize_runs
 
@@ -84,7 +85,7 @@ def bench_recording(lm, name, sizes, run_tokens, batch_size, repeats, rows):
         warm, _ = buffer_setup(lm, stim, run_tokens + 8, batch_size)
         # and what a plain write of the recording's bytes costs there (the page cache is fresh
         # memory too)
-        sizes = [352 + len(r) * _volume_bytes(lm) for r in runs]
+        sizes = [run_file_bytes(_geometry(lm), len(r)) for r in runs]
         forward(False)
         write_cold = plain_write(WORK / "plain", sizes, default_writers())
         write_warm = plain_write(WORK / "plain", sizes, default_writers())
@@ -108,12 +109,12 @@ def bench_recording(lm, name, sizes, run_tokens, batch_size, repeats, rows):
         print(rows[-1], flush=True)
 
 
-def _volume_bytes(lm) -> int:
-    """Bytes of one volume (token) of ``lm``'s MLP recording."""
+def _geometry(lm):
+    """The voxel geometry of ``lm``'s MLP recording."""
     from llm2bids.bids.geometry import VoxelGeometry
     from llm2bids.models.hooks import layer_count, neurons_per_layer
 
-    return VoxelGeometry(layer_count(lm.model), neurons_per_layer(lm.model)[0]).volume_size * 4
+    return VoxelGeometry(layer_count(lm.model), neurons_per_layer(lm.model)[0])
 
 
 def _child_peak(code):
@@ -482,16 +483,16 @@ def _gpu_targets(gpu) -> list[str]:
     lines = []
     for r in gpu["rows"] if gpu else []:
         checks = [
-            ("record >= 0.9 x reference", r["record_vs_reference"] >= GPU_RECORD_VS_REFERENCE),
+            (
+                f"record >= {GPU_RECORD_VS_REFERENCE} x reference",
+                r["record_vs_reference"] >= GPU_RECORD_VS_REFERENCE,
+            ),
             ("ahead of the papers' extractor", r["record_vs_paper_style"] > 1),
             (
                 f"masked >= {GPU_MASKED_VS_UNMASKED} x unmasked",
                 r["masked_folded_vs_unmasked"] >= GPU_MASKED_VS_UNMASKED,
             ),
-            (
-                "reserved device memory back",
-                _same_before_after(r["reserved_device_before_after_MB"]),
-            ),
+            ("reserved device memory back", r["reserved_device_back"]),
         ]
         lines.append(
             f"- GPU, {r['shape']} on {r['device']}: record / reference "
@@ -503,12 +504,6 @@ def _gpu_targets(gpu) -> list[str]:
             + "."
         )
     return lines
-
-
-def _same_before_after(pair: str) -> bool:
-    """Whether a ``"before / after"`` pair of ``gpu.py`` holds the same two numbers."""
-    before, _, after = pair.partition(" / ")
-    return bool(after) and before == after
 
 
 SECTIONS = (

@@ -147,6 +147,11 @@ def write_run_pieces(
     return path
 
 
+def run_file_bytes(geometry: VoxelGeometry, n_tokens: int) -> int:
+    """Bytes of a ``.nii`` run of ``n_tokens`` volumes: its header and its data block."""
+    return _VOX_OFFSET + n_tokens * geometry.volume_size * 4
+
+
 def run_file_complete(path: str | Path, geometry: VoxelGeometry, n_tokens: int) -> bool:
     """Whether a run's file holds all of its bytes, judged from its size alone (no read).
 
@@ -162,7 +167,7 @@ def run_file_complete(path: str | Path, geometry: VoxelGeometry, n_tokens: int) 
     n_tokens : int
     """
     path = Path(path)
-    expected = _VOX_OFFSET + n_tokens * geometry.volume_size * 4
+    expected = run_file_bytes(geometry, n_tokens)
     try:
         size = path.stat().st_size
         if not path.name.endswith(".gz"):

@@ -121,8 +121,9 @@ class MemoryPlan:
         80 MB/s), which a disk keeps up with: the page cache would only fill with a recording
         nobody reads back soon, and on this project's VM every cold page it takes costs a
         hypervisor fault (SmolLM2 recorded 16k tokens in 39 s instead of 43 s, 4k in 11.4 s
-        instead of 11.6 s, medians of four alternated repeats). Staged on an accelerator, activations come at gigabytes a second, bursts
-        that the page cache absorbs faster than a disk: :data:`STAGED_DROP_BEHIND`.
+        instead of 11.6 s, medians of four alternated repeats). Staged on an accelerator,
+        activations come at gigabytes a second, bursts that the page cache absorbs faster
+        than a disk: :data:`STAGED_DROP_BEHIND`.
         """
         return STAGED_DROP_BEHIND if self.staged else True
 
