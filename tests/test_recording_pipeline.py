@@ -184,6 +184,33 @@ def test_activations_modified_after_the_hook_are_recorded_as_the_hook_saw_them(t
         np.testing.assert_array_equal(load_run(bold).by_layer(), want)
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_cpu_writers_run_below_the_forward_pass_and_leave_its_priority_alone(tmp_path, monkeypatch):
+    """On the CPU the writers share the cores with the forward pass: they run at a higher
+    niceness, the recording's own thread (which computes the forward pass) keeps its own."""
+    from llm2bids.recording import writer
+
+    seen = []
+    write_layers = writer.RunWriter._write_layers
+
+    def spy(self, *args):
+        seen.append(os.getpriority(os.PRIO_PROCESS, 0))  # 0: the calling thread on Linux
+        write_layers(self, *args)
+
+    monkeypatch.setattr(writer.RunWriter, "_write_layers", spy)
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    paths = llm2bids.record(
+        tmp_path / "bids", model=_wide_llama(), task="narrative", max_tokens=32, verbose=0
+    )
+    assert len(seen) == len(paths) > 1
+    assert set(seen) == {min(19, before + writer.CPU_WRITER_NICENESS)} != {before}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+    pool, plain = writer.WriterPool(1), []  # a pool asked for no niceness: the caller's
+    pool.wait([pool.submit(lambda: plain.append(os.getpriority(os.PRIO_PROCESS, 0)))])
+    pool.close()
+    assert plain == [before]
+
+
 def test_batch_that_does_not_fit_in_memory_is_refused_before_writing(
     tmp_path, tiny_dir, monkeypatch
 ):

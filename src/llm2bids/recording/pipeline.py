@@ -39,7 +39,7 @@ from ..bids.geometry import VoxelGeometry
 from ..stimuli import RunStimulus
 from .buffers import KEEP_ABOVE, RING_PER_WRITER, SLOTS, DeviceStage, LayerSlabs, RunRing
 from .capture import BatchCapture, CapturedBatch
-from .writer import RunWriter, WriterPool, default_writers
+from .writer import CPU_WRITER_NICENESS, RunWriter, WriterPool, default_writers
 
 RING_BYTES = 2 << 30  # host bytes in flight the ring aims at (within its bounds, see MemoryPlan)
 #: Whether staged recordings write with drop-behind too (see MemoryPlan.drops_behind); to be
@@ -128,6 +128,14 @@ class MemoryPlan:
         return STAGED_DROP_BEHIND if self.staged else True
 
     @property
+    def writer_niceness(self) -> int:
+        """How much lower than the forward pass the writer threads run (see
+        :class:`~.writer.WriterPool`): :data:`~.writer.CPU_WRITER_NICENESS` when the forward
+        pass computes on the CPU, whose cores the writers share; staged, 0 (the forward pass
+        runs on the accelerator; left to the GPU benchmark to say otherwise)."""
+        return 0 if self.staged else CPU_WRITER_NICENESS
+
+    @property
     def keeps_model_tensors(self) -> bool:
         """CPU: whether each layer's batch is kept as the model made it (large) or copied into
         a slab (small; see :mod:`.buffers`)."""
@@ -169,7 +177,7 @@ class RecordingPipeline:
         self.plan = plan
         self.cells = TokenCells(tokenizer)
         self.run_writer = RunWriter(plan.geometry, layers, plan.drops_behind)
-        self.writers = WriterPool(plan.n_writers)
+        self.writers = WriterPool(plan.n_writers, plan.writer_niceness)
         self._layers = layers
         self._capture: BatchCapture | None = None
         self._memory: list = []  # stage, ring, slabs: whatever was allocated
