@@ -27,6 +27,8 @@ from nilearn.decomposition import CanICA
 from sklearn.decomposition import fastica
 from sklearn.utils import check_random_state
 
+from .networks import DEFAULT_MAX_ITER
+
 
 def cube(x: np.ndarray, fun_args=None) -> tuple[np.ndarray, np.ndarray]:
     """FastICA's cube contrast: ``g(x) = x**3`` and the mean of ``g'(x) = 3 x**2`` per row."""
@@ -60,13 +62,15 @@ class RestartedCanICA(CanICA):
     """:class:`nilearn.decomposition.CanICA`, with the ICA solver of each restart chosen.
 
     Takes CanICA's parameters. Set ``solver`` (``"picard"``, the default, or ``"fastica"``)
-    and ``max_iter`` (iterations of one restart) as attributes after construction;
+    and ``max_iter`` (iterations of one restart; ``None``, the default, takes the solver's own
+    default, :data:`~llm2bids.decomposition.networks.DEFAULT_MAX_ITER`) as attributes after
+    construction;
     ``threshold`` other than ``None`` falls back to nilearn's own unmixing unchanged
     (llm2bids thresholds z-scored maps itself).
     """
 
     solver = "picard"
-    max_iter = 500
+    max_iter: int | None = None
 
     def _unmix_components(self, components) -> None:
         if self.threshold is not None:
@@ -78,8 +82,9 @@ class RestartedCanICA(CanICA):
             np.iinfo(np.int32).max, size=self.n_init
         )
         solve = {"picard": _picard_maps, "fastica": _fastica_maps}[self.solver]
+        max_iter = self.max_iter or DEFAULT_MAX_ITER[self.solver]
         results = Parallel(n_jobs=self.n_jobs, verbose=self.verbose)(
-            delayed(solve)(components.astype(np.float64), seed, self.max_iter) for seed in seeds
+            delayed(solve)(components.astype(np.float64), seed, max_iter) for seed in seeds
         )
         maps = min(results, key=lambda m: np.abs(m).sum(axis=1).max())
         self.components_ = maps.astype(self.components_.dtype)
