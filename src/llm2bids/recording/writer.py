@@ -41,9 +41,10 @@ SCRATCH_BYTES = 4 << 20
 #: Niceness of the writer threads of a recording whose forward pass runs on the CPU (the
 #: highest: they take the cores the forward pass leaves, and all of them between batches and
 #: at the end). Writers at the forward pass's priority preempt its intra-op threads, which
-#: then wait for each other: on the 2-core VM, SmolLM2 recorded 4k tokens in 11.7 s with two
-#: writers at the same priority, 10.3-10.6 s with one or with two at niceness 19, against a
-#: bare backbone pass of 9.1 s (medians of 6 alternated repeats).
+#: then wait for each other: on the 2-core VM, SmolLM2 recorded 4k tokens in 12.4 s with two
+#: writers at niceness 0, 11.2 / 11.0 / 10.6 s at 5 / 10 / 19, against a bare backbone pass
+#: of 9.7 s (medians of 7 rotated repeats). The price: on a machine busy with other
+#: processes, the writers yield to those too.
 CPU_WRITER_NICENESS = 19
 
 
