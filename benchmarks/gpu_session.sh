@@ -14,9 +14,8 @@
 # `python benchmarks/run.py --gpu-results DIR` puts the rows into benchmarks/RESULTS.md.
 # Environment: OUT (default gpu_out), PYTHON (default python3), WHEELS (default .whl),
 # SHAPE_TIMEOUT (seconds a shape may take, default 240), TESTS_TIMEOUT (default 180),
-# GPU_TOKENS (tokens a shape records,
-# default gpu.py's 16384; 8192 keeps the 8B shape's 30 GB recordings to half), GPU_TESTS=0
-# (benchmark only: the tests ran in an earlier call).
+# GPU_TOKENS (tokens a shape records, default gpu.py's 16384; 8192 keeps the 8B shape's 30 GB
+# recordings to half), GPU_TESTS=0 (benchmark only: the tests ran in an earlier call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}

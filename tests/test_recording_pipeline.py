@@ -199,6 +199,8 @@ def test_cpu_writers_run_below_the_forward_pass_and_leave_its_priority_alone(tmp
 
     monkeypatch.setattr(writer.RunWriter, "_write_layers", spy)
     before = os.getpriority(os.PRIO_PROCESS, 0)
+    if before >= 19:
+        pytest.skip("the tests run at the lowest priority already: the writers cannot go lower")
     paths = llm2bids.record(
         tmp_path / "bids", model=_wide_llama(), task="narrative", max_tokens=32, verbose=0
     )
